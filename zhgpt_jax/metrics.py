@@ -1,0 +1,75 @@
+"""Where training numbers go: TensorBoard events, metrics.jsonl, and a loss-curve PNG.
+
+Only process 0 writes (`enabled=False` elsewhere), so a multi-host run logs once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+class MetricsWriter:
+  """Appends {'step', 'split', ...scalars} records; `close` also draws loss_curve.png."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.workdir = workdir
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      os.makedirs(workdir, exist_ok=True)
+      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+
+  def scalars(self, step: int, split: str, values: dict) -> None:
+    if not self.enabled:
+      return
+    values = {k: float(v) for k, v in values.items()}
+    for k, v in values.items():
+      self._tb.add_scalar(f'{split}/{k}', v, step)
+    with open(self.path, 'a', encoding='utf-8') as f:
+      f.write(json.dumps({'step': step, 'split': split, **values}, ensure_ascii=False) + '\n')
+
+  def text(self, step: int, tag: str, text: str) -> None:
+    if not self.enabled:
+      return
+    self._tb.add_text(tag, text, step)
+    with open(self.path, 'a', encoding='utf-8') as f:
+      f.write(json.dumps({'step': step, 'split': 'text', tag: text}, ensure_ascii=False) + '\n')
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    self._tb.close()
+    plot_loss_curve(self.path, os.path.join(self.workdir, 'loss_curve.png'))
+
+
+def read_metrics(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(metrics_path: str, png_path: str) -> None:
+  """Train and val loss against step, from metrics.jsonl (a resumed run's too)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  records = read_metrics(metrics_path)
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for split, style in (('train', '-'), ('val', 'o-')):
+    points = sorted({r['step']: r['loss'] for r in records
+                     if r.get('split') == split and 'loss' in r}.items())
+    if points:
+      ax.plot(*zip(*points), style, label=split)
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss (nats/token)')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  tmp = png_path + '.tmp.png'
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, png_path)

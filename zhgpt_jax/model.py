@@ -1,0 +1,340 @@
+"""The GPT: GPT-2 by default, Llama-style and DeepSeek-style MoE variants by config switch.
+
+A Flax Linen module whose params are a plain pytree and whose `apply` is pure. Names carry
+shapes: B batch, L query length, S key length (cache size when decoding), D model width,
+N query heads, K key/value heads, H head width, F hidden width, E experts, V vocab.
+
+Parameter names follow GPT-2's layout (`wte`, `wpe`, `h_{i}`, `ln_f`) so the export mapping
+to HuggingFace stays a table, not a puzzle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  """Everything the model needs; built from `config.model` and the tokenizer by `model_config`."""
+  vocab_size: int               # padded; ids >= real_vocab_size never occur in data
+  real_vocab_size: int
+  n_layer: int
+  n_head: int
+  n_kv_head: int
+  d_model: int
+  seq_len: int
+  dropout: float = 0.0
+  bias: bool = True
+  position: str = 'learned'
+  rope_theta: float = 10000.0
+  mlp: str = 'gelu'
+  mlp_hidden: int = 0
+  norm: str = 'layernorm'
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  attention: str = 'xla'
+  dtype: str = 'float32'
+  remat: str = 'none'
+  moe_routed: int = 8
+  moe_shared: int = 1
+  moe_top_k: int = 2
+  moe_gate: str = 'softmax'
+  moe_hidden: int = 0
+  moe_every: int = 1
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_head
+
+  def is_moe_layer(self, i: int) -> bool:
+    return self.mlp == 'moe' and (i + 1) % self.moe_every == 0
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def model_config(model_cfg, vocab_size: int) -> GPTConfig:
+  """Builds a GPTConfig from `config.model` and the tokenizer's vocab size (never typed by hand)."""
+  hidden = int(model_cfg.mlp_ratio * model_cfg.d_model)
+  if model_cfg.mlp in ('swiglu', 'moe'):
+    # Two input matrices instead of one: 2/3 of the width keeps the parameter count (Llama).
+    hidden = _round_up(int(2 * hidden / 3), 64)
+  moe = model_cfg.moe
+  return GPTConfig(
+      vocab_size=_round_up(vocab_size, model_cfg.vocab_multiple),
+      real_vocab_size=vocab_size,
+      n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
+      n_kv_head=model_cfg.n_kv_head or model_cfg.n_head, d_model=model_cfg.d_model,
+      seq_len=model_cfg.seq_len, dropout=model_cfg.dropout, bias=model_cfg.bias,
+      position=model_cfg.position, rope_theta=model_cfg.rope_theta, mlp=model_cfg.mlp,
+      mlp_hidden=hidden, norm=model_cfg.norm, norm_eps=model_cfg.norm_eps,
+      tie_embeddings=model_cfg.tie_embeddings, attention=model_cfg.attention,
+      dtype=model_cfg.dtype, remat=model_cfg.remat,
+      moe_routed=moe.n_routed, moe_shared=moe.n_shared, moe_top_k=moe.top_k, moe_gate=moe.gate,
+      moe_hidden=moe.expert_hidden or max(64, _round_up(hidden // moe.top_k, 64)),
+      moe_every=moe.every)
+
+
+def _init(std: float):
+  return nn.initializers.normal(stddev=std)
+
+
+def _residual_std(cfg: GPTConfig) -> float:
+  # GPT-2: each block adds two residual branches; scaling their output projections by
+  # 1/sqrt(2·n_layer) keeps the residual stream's variance flat with depth.
+  return 0.02 / math.sqrt(2 * cfg.n_layer)
+
+
+def _dense(cfg: GPTConfig, features: int, name: str, std: float = 0.02, bias: bool | None = None):
+  return nn.Dense(features, use_bias=cfg.bias if bias is None else bias, dtype=cfg.dtype,
+                  param_dtype=jnp.float32, kernel_init=_init(std), name=name)
+
+
+def _norm(cfg: GPTConfig, name: str):
+  if cfg.norm == 'rmsnorm':
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=jnp.float32, name=name)
+  return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.bias, dtype=cfg.dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+def rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding, rotate-half layout (HF Llama's convention)."""
+  h = x_BxLxNxH.shape[-1]
+  inv_freq_H2 = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  angle_BxLxH2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_H2
+  cos_BxLx1xH = jnp.cos(jnp.concatenate([angle_BxLxH2] * 2, -1))[:, :, None, :]
+  sin_BxLx1xH = jnp.sin(jnp.concatenate([angle_BxLxH2] * 2, -1))[:, :, None, :]
+  x = x_BxLxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos_BxLx1xH + rotated * sin_BxLx1xH).astype(x_BxLxNxH.dtype)
+
+
+class Attention(nn.Module):
+  cfg: GPTConfig
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxS, cache):
+    cfg = self.cfg
+    n, k, h = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    b, l, _ = x_BxLxD.shape
+    q_BxLxNxH = _dense(cfg, n * h, 'q')(x_BxLxD).reshape(b, l, n, h)
+    k_BxLxKxH = _dense(cfg, k * h, 'k')(x_BxLxD).reshape(b, l, k, h)
+    v_BxLxKxH = _dense(cfg, k * h, 'v')(x_BxLxD).reshape(b, l, k, h)
+    if cfg.position == 'rope':
+      q_BxLxNxH = rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
+      k_BxLxKxH = rope(k_BxLxKxH, positions_BxL, cfg.rope_theta)
+    new_cache = None
+    if cache is not None:
+      # Decoding: write this step's keys/values at cache['index'] and attend over the buffer.
+      idx = cache['index']
+      k_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BxLxKxH.astype(cache['k'].dtype), idx, 1)
+      v_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_BxLxKxH.astype(cache['v'].dtype), idx, 1)
+      new_cache = dict(k=k_BxSxKxH, v=v_BxSxKxH, index=idx + l)
+      k_BxLxKxH, v_BxLxKxH = k_BxSxKxH, v_BxSxKxH
+    if mask_Bx1xLxS is None:
+      y_BxLxNxH = jax.nn.dot_product_attention(
+          q_BxLxNxH, k_BxLxKxH.astype(q_BxLxNxH.dtype), v_BxLxKxH.astype(q_BxLxNxH.dtype),
+          is_causal=True, implementation=cfg.attention)
+    else:
+      # Packed segments and cached decoding need an explicit mask: XLA's implementation.
+      y_BxLxNxH = jax.nn.dot_product_attention(
+          q_BxLxNxH, k_BxLxKxH.astype(q_BxLxNxH.dtype), v_BxLxKxH.astype(q_BxLxNxH.dtype),
+          mask=mask_Bx1xLxS, implementation='xla')
+    y_BxLxD = _dense(cfg, cfg.d_model, 'o', std=_residual_std(cfg))(y_BxLxNxH.reshape(b, l, n * h))
+    return nn.Dropout(cfg.dropout, deterministic=not self.train)(y_BxLxD), new_cache
+
+
+class MLP(nn.Module):
+  """GELU (GPT-2) or SwiGLU (Llama) feed-forward."""
+  cfg: GPTConfig
+  hidden: int
+  train: bool = False
+  bias: bool | None = None
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    if cfg.mlp == 'gelu':
+      h_BxLxF = nn.gelu(_dense(cfg, self.hidden, 'fc', bias=self.bias)(x_BxLxD), approximate=True)
+      y_BxLxD = _dense(cfg, cfg.d_model, 'proj', std=_residual_std(cfg), bias=self.bias)(h_BxLxF)
+    else:
+      gate_BxLxF = _dense(cfg, self.hidden, 'gate', bias=self.bias)(x_BxLxD)
+      up_BxLxF = _dense(cfg, self.hidden, 'up', bias=self.bias)(x_BxLxD)
+      y_BxLxD = _dense(cfg, cfg.d_model, 'down', std=_residual_std(cfg), bias=self.bias)(
+          nn.silu(gate_BxLxF) * up_BxLxF)
+    return nn.Dropout(cfg.dropout, deterministic=not self.train)(y_BxLxD)
+
+
+class MoE(nn.Module):
+  """DeepSeekMoE: fine-grained routed SwiGLU experts plus always-on shared experts.
+
+  Dense dispatch: every expert runs on every token and the top-k gates (zero elsewhere)
+  weight the outputs, one einsum per matrix. It is exact and simple, has no capacity and so
+  drops no tokens, and on small expert counts costs E/k times the routed FLOPs; a sorted
+  grouped matmul would remove that factor for large E.
+  """
+  cfg: GPTConfig
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    e, f, d = cfg.moe_routed, cfg.moe_hidden, cfg.d_model
+    logits_BxLxE = _dense(cfg, e, 'router', bias=False)(x_BxLxD).astype(jnp.float32)
+    if cfg.moe_gate == 'softmax':
+      scores_BxLxE = jax.nn.softmax(logits_BxLxE, axis=-1)
+    else:
+      scores_BxLxE = jax.nn.sigmoid(logits_BxLxE)
+    top_BxLxk, top_idx_BxLxk = jax.lax.top_k(scores_BxLxE, cfg.moe_top_k)
+    if cfg.moe_gate == 'sigmoid':  # sigmoid scores are independent: renormalise the chosen k
+      top_BxLxk = top_BxLxk / jnp.sum(top_BxLxk, axis=-1, keepdims=True)
+    chosen_BxLxkxE = jax.nn.one_hot(top_idx_BxLxk, e, dtype=jnp.float32)
+    gates_BxLxE = jnp.einsum('blk,blke->ble', top_BxLxk, chosen_BxLxkxE)
+
+    w_gate_ExDxF = self.param('w_gate', _init(0.02), (e, d, f), jnp.float32)
+    w_up_ExDxF = self.param('w_up', _init(0.02), (e, d, f), jnp.float32)
+    w_down_ExFxD = self.param('w_down', _init(_residual_std(cfg)), (e, f, d), jnp.float32)
+    x = x_BxLxD.astype(cfg.dtype)
+    h_BxLxExF = nn.silu(jnp.einsum('bld,edf->blef', x, w_gate_ExDxF.astype(cfg.dtype))) * \
+        jnp.einsum('bld,edf->blef', x, w_up_ExDxF.astype(cfg.dtype))
+    y_BxLxExD = jnp.einsum('blef,efd->bled', h_BxLxExF, w_down_ExFxD.astype(cfg.dtype))
+    y_BxLxD = jnp.einsum('bled,ble->bld', y_BxLxExD, gates_BxLxE.astype(cfg.dtype))
+    if cfg.moe_shared:
+      # n_shared experts of width f are one SwiGLU of width n_shared·f.
+      y_BxLxD = y_BxLxD + MLP(dataclasses.replace(cfg, mlp='swiglu'), cfg.moe_shared * f,
+                              bias=False, name='shared')(x_BxLxD)
+
+    # Switch-Transformer balance loss: E · Σ_e (fraction of top-k picks to e) · (mean score of e);
+    # it is 1 at uniform routing, its minimum. z-loss keeps router logits small (ST-MoE).
+    load_E = jnp.mean(chosen_BxLxkxE.sum(axis=2), axis=(0, 1)) / cfg.moe_top_k
+    probs_E = jnp.mean(scores_BxLxE / jnp.sum(scores_BxLxE, -1, keepdims=True), axis=(0, 1))
+    aux = dict(balance=e * jnp.sum(load_E * probs_E),
+               z=jnp.mean(jax.nn.logsumexp(logits_BxLxE, axis=-1) ** 2),
+               load=load_E)
+    return nn.Dropout(cfg.dropout, deterministic=not self.train)(y_BxLxD), aux
+
+
+class Block(nn.Module):
+  cfg: GPTConfig
+  moe: bool = False
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxS, cache):
+    cfg = self.cfg
+    y_BxLxD, new_cache = Attention(cfg, self.train, name='attn')(
+        _norm(cfg, 'ln_1')(x_BxLxD), positions_BxL, mask_Bx1xLxS, cache)
+    x_BxLxD = x_BxLxD + y_BxLxD
+    h_BxLxD = _norm(cfg, 'ln_2')(x_BxLxD)
+    if self.moe:
+      y_BxLxD, aux = MoE(cfg, self.train, name='moe')(h_BxLxD)
+    else:
+      y_BxLxD, aux = MLP(cfg, cfg.mlp_hidden, self.train, name='mlp')(h_BxLxD), {}
+    return x_BxLxD + y_BxLxD, new_cache, aux
+
+
+class GPT(nn.Module):
+  """The language model. `__call__` returns float32 logits and a dict of auxiliary outputs.
+
+  Training: `apply(params, tokens_BxL, train=True, rngs={'dropout': key})`; packed rows pass
+  `segment_ids_BxL` (0 = padding) and `positions_BxL`. Decoding passes `cache` (from
+  `init_cache`) and `kv_mask_BxS` (which cache slots hold real tokens); aux['cache'] is the
+  updated cache.
+  """
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, cache=None,
+               kv_mask_BxS=None, train: bool = False):
+    cfg = self.cfg
+    b, l = tokens_BxL.shape
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
+    wte = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=_init(0.02),
+                   param_dtype=jnp.float32, name='wte')
+    x_BxLxD = wte(tokens_BxL)
+    if cfg.position == 'learned':
+      x_BxLxD = x_BxLxD + nn.Embed(cfg.seq_len, cfg.d_model, embedding_init=_init(0.01),
+                                   param_dtype=jnp.float32, name='wpe')(positions_BxL)
+    x_BxLxD = nn.Dropout(cfg.dropout, deterministic=not train)(x_BxLxD).astype(cfg.dtype)
+
+    mask_Bx1xLxS = None
+    if cache is not None:
+      # Query at absolute slot index+i sees valid slots up to and including itself.
+      slots_S = jnp.arange(kv_mask_BxS.shape[1])
+      query_slots_L = cache[0]['index'] + jnp.arange(l)
+      causal_LxS = slots_S[None, :] <= query_slots_L[:, None]
+      mask_Bx1xLxS = (causal_LxS[None] & kv_mask_BxS[:, None, :])[:, None]
+    elif segment_ids_BxL is not None:
+      same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+      causal_LxL = jnp.tril(jnp.ones((l, l), bool))
+      mask_Bx1xLxS = (same_BxLxL & causal_LxL[None])[:, None]
+
+    block_cls = nn.remat(Block) if cfg.remat == 'block' and train else Block
+    new_cache, moe_aux = [], []
+    for i in range(cfg.n_layer):
+      x_BxLxD, layer_cache, aux = block_cls(cfg, cfg.is_moe_layer(i), train, name=f'h_{i}')(
+          x_BxLxD, positions_BxL, mask_Bx1xLxS, None if cache is None else cache[i])
+      new_cache.append(layer_cache)
+      if aux:
+        moe_aux.append(aux)
+    x_BxLxD = _norm(cfg, 'ln_f')(x_BxLxD)
+    if cfg.tie_embeddings:
+      head_DxV = wte.embedding.T
+    else:
+      head_DxV = self.param('lm_head', _init(0.02), (cfg.d_model, cfg.vocab_size), jnp.float32)
+    logits_BxLxV = jnp.einsum('bld,dv->blv', x_BxLxD, head_DxV.astype(cfg.dtype),
+                              preferred_element_type=jnp.float32)
+    out: dict[str, Any] = {}
+    if cache is not None:
+      out['cache'] = new_cache
+    if moe_aux:
+      out['moe_balance'] = jnp.mean(jnp.stack([a['balance'] for a in moe_aux]))
+      out['moe_z'] = jnp.mean(jnp.stack([a['z'] for a in moe_aux]))
+      out['moe_load'] = jnp.stack([a['load'] for a in moe_aux])   # [moe layers, E]
+    return logits_BxLxV, out
+
+
+def init_cache(cfg: GPTConfig, batch: int, size: int, dtype=jnp.float32) -> list[dict]:
+  """An empty key/value cache of `size` slots per layer."""
+  shape = (batch, size, cfg.n_kv_head, cfg.head_dim)
+  return [dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), index=jnp.int32(0))
+          for _ in range(cfg.n_layer)]
+
+
+def init_params(cfg: GPTConfig, rng: jax.Array) -> Any:
+  """Float32 parameters for `cfg`, a plain nested dict."""
+  tokens = jnp.zeros((1, min(8, cfg.seq_len)), jnp.int32)
+  return jax.jit(GPT(cfg).init)(rng, tokens)['params']
+
+
+def count_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def active_params(cfg: GPTConfig, params) -> int:
+  """Parameters one token uses: all, less the routed experts it is not sent to."""
+  n = count_params(params)
+  per_expert = 3 * cfg.d_model * cfg.moe_hidden
+  n_moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layer))
+  return n - n_moe_layers * (cfg.moe_routed - cfg.moe_top_k) * per_expert
+
+
+def flops_per_token(cfg: GPTConfig, params) -> float:
+  """Training FLOPs per token: 6N (matmuls, fwd+bwd) + 12·L·D·T (attention scores), as in PaLM.
+
+  N excludes the position table, which is a lookup, not a matmul.
+  """
+  n = active_params(cfg, params)
+  if cfg.position == 'learned':
+    n -= cfg.seq_len * cfg.d_model
+  return 6 * n + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len
