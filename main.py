@@ -8,7 +8,7 @@ and exits 2.
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 COMMANDS = ('train', 'prepare', 'eval', 'sample', 'chat', 'export')
@@ -69,6 +69,8 @@ def main(argv):
   command = argv[1] if len(argv) > 1 else 'train'
   if command not in COMMANDS or len(argv) > 2:
     _fail(f'unknown command {" ".join(argv[1:])!r}; expected one of {", ".join(COMMANDS)}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
   config = _CONFIG.value
   if config is None:
     _fail('--config is required (e.g. --config configs/tiny.py), or --workdir of a saved run')
@@ -96,7 +98,7 @@ def dispatch(command, config, workdir):
   validate(config)
   if command == 'prepare':
     from zhgpt_jax import shards
-    print(shards.prepare(config, workdir))
+    shards.prepare(config, workdir)
   elif command == 'train':
     from zhgpt_jax import train
     train.train_and_evaluate(config, workdir)

@@ -63,6 +63,10 @@ class TokenWindows(grain.sources.RandomAccessDataSource):
     start = int(index) * self.seq_len
     return self.tokens(start, start + self.seq_len + 1)
 
+  def __repr__(self) -> str:
+    # grain checks a restored iterator against the source by repr; make it stable.
+    return f'TokenWindows({len(self.paths)} shards, {self.n_tokens} tokens, seq_len={self.seq_len})'
+
   def __getstate__(self):
     return {**self.__dict__, '_maps': None}
 

@@ -78,8 +78,7 @@ def make_train_step(model, optimizer, lr_schedule, moe_cfg) -> Callable:
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    count = optax.tree_utils.tree_get(state['opt_state'], 'count')
-    metrics.update(grad_norm=grad_norm, lr=lr_schedule(count), skipped=1.0 - ok)
+    metrics.update(grad_norm=grad_norm, lr=lr_schedule(state['step']), skipped=1.0 - ok)
     new_state = dict(step=state['step'] + 1, rng=state['rng'],
                      params=keep(params, state['params']),
                      opt_state=keep(opt_state, state['opt_state']))
@@ -184,7 +183,7 @@ def build(config, workdir: str, with_data: bool = True) -> Run:
   data_dir = None
   if with_data and config.task == 'pretrain':
     if jax.process_index() == 0:
-      print(shards.prepare(config, workdir))
+      shards.prepare(config, workdir)
     parallel.sync('prepare')
     data_dir = shards.data_dir(config, workdir)
     tokenizer_dir = tokenizer_dir or os.path.join(data_dir, 'tokenizer')
