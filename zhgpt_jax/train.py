@@ -347,6 +347,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   def do_save(step, state, result=None):
     host_state = parallel.unreplicate(state)
+    if not all(np.isfinite(x).all() for x in jax.tree.leaves(host_state['params'])):
+      raise UserError(f'step {step}: parameters are not finite; not saving over the last good '
+                      'checkpoint')
     meta = dict(step=step, tokenizer_hash=tok_hash, val=result)
     ckpt.save(step, host_state, train_iter, meta,
               val_loss=None if result is None else result['loss'])
