@@ -101,5 +101,15 @@ def test_too_small_split_is_a_clear_error(tmp_path):
   with pytest.raises(UserError, match='no meta.json'):
     data.TokenWindows(str(tmp_path / 'missing'), T)
   split = write_split(tmp_path / 'small', [40])
-  with pytest.raises(UserError, match='cannot fill one batch'):
+  with pytest.raises(UserError, match='cannot fill one global batch'):
     loader(split, per_device_batch=8)
+
+
+def test_global_batch_is_the_same_for_any_process_layout(tmp_path):
+  split = write_split(tmp_path / 'train', [3000])
+  one = iter(loader(split, local_devices=4, process_count=1))
+  two = [iter(loader(split, local_devices=2, process_index=p, process_count=2)) for p in range(2)]
+  for _ in range(60):   # past an epoch boundary (374 windows, 46 global batches of 8)
+    whole = next(one)['inputs']
+    halves = np.concatenate([next(it)['inputs'] for it in two], axis=0)
+    np.testing.assert_array_equal(whole, halves)

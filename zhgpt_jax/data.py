@@ -4,13 +4,14 @@ The token stream of a split (documents joined by <|endoftext|>) is cut into wind
 seq_len + 1 tokens with stride seq_len, so every token is a target exactly once. Training
 shuffles windows deterministically from the seed, gives each process its own slice, and
 batches them to [local_devices, grad_accum, per_device_batch, seq_len] inputs and targets
-(the window shifted by one). The loader's
-iterator state is checkpointed with the run, so a resumed run continues the same order.
+(the window shifted by one). The iterator's state is checkpointed with the run, so a
+resumed run continues in the same order.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import glob
 import json
 import os
@@ -73,31 +74,58 @@ class TokenWindows(grain.sources.RandomAccessDataSource):
 
 def train_loader(split_dir: str, seq_len: int, *, per_device_batch: int, grad_accum: int,
                  local_devices: int, seed: int, process_index: int, process_count: int,
-                 workers: int = 0, prefetch: int = 2) -> grain.DataLoader:
-  """An endless, shuffled grain loader of {'inputs', 'targets'}: int32 [devices, accum, batch, seq_len]."""
+                 workers: int = 0, prefetch: int = 2) -> grain.IterDataset:
+  """An endless, shuffled grain dataset of {'inputs', 'targets'}: int32 [devices, accum, batch, seq_len].
+
+  All processes walk one global shuffled order (reshuffled every epoch); each global batch
+  is cut into consecutive per-process slices, and process p reads only its own slice. So
+  the batch every device sees is the same for 1 process × 4 devices and 2 processes × 2
+  devices, and processes never read the same window in an epoch.
+  """
   source = TokenWindows(split_dir, seq_len)
-  shard = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
   per_process = local_devices * grad_accum * per_device_batch
-  if len(source) // process_count < per_process:
+  if len(source) < per_process * process_count:
     raise UserError(f'{split_dir}: {len(source)} windows of {seq_len + 1} tokens cannot fill '
-                    f'one batch of {per_process} per process; lower train.per_device_batch')
-  sampler = grain.samplers.IndexSampler(len(source), shard_options=shard, shuffle=True,
-                                        num_epochs=None, seed=seed)
+                    f'one global batch of {per_process * process_count}; lower '
+                    'train.per_device_batch')
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+  ds = _ProcessSlice(ds, per_process, process_count, process_index, len(source))
   shape = (local_devices, grad_accum, per_device_batch, seq_len + 1)
-  return grain.DataLoader(
-      data_source=source, sampler=sampler,
-      operations=[grain.transforms.Batch(per_process, drop_remainder=True),
-                  _ToBatch(shape)],
-      worker_count=workers, worker_buffer_size=prefetch)
+  ds = ds.batch(per_process, drop_remainder=True).map(functools.partial(_to_batch, shape=shape))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=prefetch))
+  if workers:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return it
 
 
-class _ToBatch(grain.transforms.Map):
-  def __init__(self, shape):
-    self.shape = shape
+class _ProcessSlice(grain.MapDataset):
+  """Element j of process p = element (j // k)·K + p·k + j % k of the global order.
 
-  def map(self, windows):
-    windows = windows.reshape(self.shape)
-    return {'inputs': windows[..., :-1], 'targets': windows[..., 1:]}
+  k = per-process batch, K = k · processes. Each epoch drops its last partial global batch
+  so that epochs stay aligned across processes.
+  """
+
+  def __init__(self, parent, per_process: int, processes: int, index: int, epoch_len: int):
+    super().__init__(parent)
+    self.k, self.p, self.i = per_process, processes, index
+    self.epoch_len = epoch_len
+    self.batches_per_epoch = epoch_len // (per_process * processes)
+
+  def __len__(self):
+    return self._parent.__len__() // self.p
+
+  def __getitem__(self, j):
+    batch, offset = divmod(j, self.k)
+    epoch, b = divmod(batch, self.batches_per_epoch)
+    return self._parent[epoch * self.epoch_len + (b * self.p + self.i) * self.k + offset]
+
+  def __str__(self):
+    return f'ProcessSlice(k={self.k}, processes={self.p}, index={self.i})'
+
+
+def _to_batch(windows, shape):
+  windows = np.asarray(windows).reshape(shape)
+  return {'inputs': windows[..., :-1], 'targets': windows[..., 1:]}
 
 
 def eval_batches(split_dir: str, seq_len: int, *, batch: int, local_devices: int,
