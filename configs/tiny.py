@@ -6,7 +6,6 @@ from zhgpt_jax.config import default_config
 def get_config():
   c = default_config('tiny')
   c.tokenizer.vocab_size = 8000
-  c.tokenizer.max_train_chars = 20_000_000
   c.model.seq_len = 128
   c.model.attention = 'xla'
   c.model.dtype = 'float32'
