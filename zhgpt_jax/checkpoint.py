@@ -9,6 +9,7 @@ mid-save leaves nothing that a later run would load.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -140,3 +141,15 @@ def load_params(workdir: str, step: int | None = None):
   finally:
     ckpt.close()
   return config, jax.tree.map(lambda x: x, params), meta
+
+
+def load_model(workdir: str, step: int | None = None):
+  """What sampling, chat and export need from a workdir: (GPTConfig, params, tokenizer, config)."""
+  from zhgpt_jax import model as model_lib
+  from zhgpt_jax import tokenizer as tok_lib
+  config, params, _ = load_params(workdir, step)
+  tokenizer = tok_lib.load_tokenizer(os.path.join(workdir, 'tokenizer'))
+  cfg = model_lib.model_config(config.model, tokenizer.get_vocab_size())
+  if cfg.attention == 'cudnn' and jax.default_backend() != 'gpu':
+    cfg = dataclasses.replace(cfg, attention='xla')
+  return cfg, params, tokenizer, config
