@@ -212,3 +212,27 @@ def test_short_context_keeps_the_tokens():
   cut = train.short_context({'inputs': x}, 8)['inputs']
   assert cut.shape == (1, 2, 12, 8)
   np.testing.assert_array_equal(cut.reshape(x.shape), x)
+
+
+def test_cli_eval_sample_and_export(reference, tmp_path):
+  workdir, result = reference
+  out = run_cli(['eval', '--workdir', workdir]).communicate(timeout=300)[0]
+  assert f'step {STEPS}: loss {result["loss"]:.4f}' in out, out[-2000:]
+  out = run_cli(['sample', '--workdir', workdir, '--prompt', '村民们都很高兴',
+                 '--config.sample.max_new_tokens=6', '--config.sample.temperature=0']
+                ).communicate(timeout=300)[0]
+  assert out.splitlines()[-1].startswith('村民们都很高兴'), out[-2000:]
+  hf_dir = str(tmp_path / 'hf')
+  proc = run_cli(['export', '--workdir', workdir, '--out', hf_dir])
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out[-2000:]
+  assert {'config.json', 'model.safetensors', 'tokenizer.json'} <= set(os.listdir(hf_dir))
+  proc = run_cli(['export', '--workdir', workdir, '--out', hf_dir])
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 2 and 'overwrite' in out, out[-2000:]
+  empty = str(tmp_path / 'empty')
+  os.makedirs(empty)
+  proc = run_cli(['export', '--config', os.path.join(ROOT, 'configs', 'tiny.py'), '--workdir',
+                  empty, '--out', str(tmp_path / 'hf2')])
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 2 and 'no checkpoints' in out, out[-2000:]
