@@ -16,7 +16,7 @@ class UserError(Exception):
 
 # (n_layer, n_head, d_model). small..xl are the GPT-2 family.
 PRESETS = {
-    'tiny': (4, 4, 256),
+    'tiny': (4, 4, 128),
     'small': (12, 12, 768),
     'medium': (24, 16, 1024),
     'large': (36, 20, 1280),
