@@ -84,6 +84,14 @@ def main(argv):
   except KeyboardInterrupt:
     print('interrupted', file=sys.stderr)
     sys.exit(130)
+  except Exception as e:  # pylint: disable=broad-except
+    from zhgpt_jax import parallel
+    line = parallel.peer_failure(e)
+    if line is None:
+      raise
+    print(f'main.py: error: {line}', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # not sys.exit: jax's exit hook would wait on the lost process, then abort
 
 
 def _config_name(serialized: str) -> str:

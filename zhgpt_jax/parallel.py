@@ -35,8 +35,49 @@ def initialize(dist_cfg) -> None:
   kwargs = dict(initialization_timeout=dist_cfg.timeout_s,
                 heartbeat_timeout_seconds=dist_cfg.timeout_s)
   if coordinator:
-    kwargs.update(coordinator_address=coordinator, num_processes=num, process_id=pid)
+    kwargs.update(coordinator_address=coordinator, num_processes=num or None,
+                  process_id=pid if pid >= 0 else None)
+  # Said before joining: a process whose peers never come is aborted by jax after timeout_s.
+  print(f'joining a multi-process run via {coordinator or "SLURM"}; waiting up to '
+        f'{dist_cfg.timeout_s}s for every process', flush=True)
   jax.distributed.initialize(**kwargs)
+  # gloo (CPU) gives up after 30 s at the first collective of a device group whose peers are
+  # late. Meet at both groups used later (all devices; one per process, for barriers) now,
+  # while every process is here, so later waits (process 0 preparing data) may be long.
+  ones = np.ones(jax.local_device_count(), np.float32)
+  jax.pmap(lambda x: jax.lax.psum(x, AXIS), axis_name=AXIS)(ones).block_until_ready()
+  sync('initialize')
+
+
+# Words of a runtime error that mean another process of the run died or stopped answering.
+_PEER_LOST = ('gloo', 'nccl', 'connection reset', 'connection refused', 'broken pipe',
+              'unavailable', 'deadline_exceeded', 'heartbeat', 'coordination service')
+
+
+def peer_failure(e: BaseException) -> str | None:
+  """One line for an error that means another process of a multi-process run is gone.
+
+  Returns None for any other error, and in a single-process run.
+  """
+  if not jax.distributed.is_initialized() or not isinstance(e, jax.errors.JaxRuntimeError):
+    return None
+  first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  if not any(w in first.lower() for w in _PEER_LOST):
+    return None
+  return (f'process {jax.process_index()} of {jax.process_count()}: another process of this '
+          f'run died or stopped answering ({first}); see its log, then start every process '
+          'again with the same command to resume from the last checkpoint')
+
+
+def preempted(step: int) -> bool:
+  """True on every process at the same step once any process got SIGTERM; False with one.
+
+  Must be called at every step by every process (jax's preemption sync protocol).
+  """
+  if jax.process_count() == 1:
+    return False
+  from jax.experimental import multihost_utils
+  return multihost_utils.reached_preemption_sync_point(step)
 
 
 def replicate(tree):

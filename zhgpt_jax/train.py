@@ -270,7 +270,10 @@ class _StopFlag:
     self._old = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # Processes of a multi-process run must stop at the same step: there jax's preemption
+    # service catches SIGTERM and picks that step (parallel.preempted); a handler here would
+    # stop one process alone and leave the others waiting in a collective.
+    for sig in (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else ():
       self._old[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -391,7 +394,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         last_eval = do_eval(step, state)
       if step % t.ckpt_every == 0 or step == t.steps:
         do_save(step, state, last_eval if last_eval and step % t.eval_every == 0 else None)
-      if stop.signal:
+      if stop.signal or parallel.preempted(step):
+        stop.signal = stop.signal or 'SIGTERM'
         break
   bar.close()
   if pending is not None:
