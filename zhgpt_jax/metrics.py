@@ -54,11 +54,11 @@ def read_metrics(path: str) -> list[dict]:
 
 def plot_loss_curve(metrics_path: str, png_path: str) -> None:
   """Train and val loss against step, from metrics.jsonl (a resumed run's too)."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  # A bare Figure draws without touching pyplot's backend, so notebooks keep inline plots.
+  from matplotlib.figure import Figure
   records = read_metrics(metrics_path)
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig = Figure(figsize=(7, 4))
+  ax = fig.subplots()
   for split, style in (('train', '-'), ('val', 'o-')):
     points = sorted({r['step']: r['loss'] for r in records
                      if r.get('split') == split and 'loss' in r}.items())
@@ -71,5 +71,4 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> None:
   fig.tight_layout()
   tmp = png_path + '.tmp.png'
   fig.savefig(tmp, dpi=100)
-  plt.close(fig)
   os.replace(tmp, png_path)

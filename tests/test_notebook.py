@@ -1,0 +1,76 @@
+"""notebooks/quickstart.ipynb runs top to bottom (quick mode) and shows what it claims."""
+
+import math
+import os
+import re
+
+import pytest
+
+nbformat = pytest.importorskip('nbformat')
+nbclient = pytest.importorskip('nbclient')
+pytest.importorskip('ipykernel')
+pytest.importorskip('torch')
+pytest.importorskip('transformers')
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(ROOT, 'notebooks', 'quickstart.ipynb')
+PROMPTS = ('村民们都很高兴', '中国人民', '今天的天气')
+
+
+def test_notebook_is_saved_without_outputs():
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  nbformat.validate(nb)
+  code = [c for c in nb.cells if c.cell_type == 'code']
+  assert code and all(not c.outputs and c.execution_count is None for c in code)
+  assert nb.metadata.kernelspec.name == 'python3'
+
+
+@pytest.fixture(scope='module')
+def executed(tmp_path_factory):
+  """(the executed notebook, its workdir)."""
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  workdir = str(tmp_path_factory.mktemp('notebook'))
+  pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH')) if p)
+  env = dict(os.environ, PYTHONPATH=pythonpath, JAX_PLATFORMS='cpu', ZHGPT_NOTEBOOK_QUICK='1',
+             ZHGPT_NOTEBOOK_WORKDIR=workdir)
+  # 'python3' is ipykernel on this interpreter: jupyter_client runs a spec's 'python' as
+  # sys.executable, and uses ipykernel's own spec when none is installed.
+  client = nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
+                                   resources={'metadata': {'path': os.path.dirname(NOTEBOOK)}})
+  client.execute(env=env)
+  return nb, workdir
+
+
+def stdout(cells) -> str:
+  return ''.join(o.text for c in cells for o in c.outputs
+                 if o.output_type == 'stream' and o.name == 'stdout')
+
+
+def value(text: str, label: str) -> str:
+  """What follows `label: ` on the line that starts with it."""
+  m = re.search(rf'^{re.escape(label)}: *(.*)$', text, re.M)
+  assert m, f'no {label!r} line in the outputs'
+  return m.group(1).strip()
+
+
+def test_notebook_trains_plots_samples_and_matches_transformers(executed):
+  nb, workdir = executed
+  code = [c for c in nb.cells if c.cell_type == 'code']
+  text = stdout(code)
+  assert (value(text, 'quick'), value(text, 'workdir')) == ('True', workdir)
+
+  first, final = float(value(text, 'first train loss')), float(value(text, 'final val loss'))
+  assert math.isfinite(final) and final < first - 0.3, (first, final)
+
+  plots = [c for c in code if any('image/png' in o.get('data', {}) for o in c.outputs)]
+  assert len(plots) == 1 and 'read_metrics' in plots[0].source
+
+  samples = [line for line in text.splitlines() if line.startswith(PROMPTS)]
+  assert len(samples) >= len(PROMPTS) and any(s not in PROMPTS for s in samples), samples
+
+  assert 'GPT2LMHeadModel' in text.splitlines()
+  assert value(text, 'tokenizer ids match') == 'True'
+  assert value(text, 'greedy tokens match') == 'True'
+  assert float(value(text, 'max |logit difference|')) < 1e-4
+  assert os.path.exists(os.path.join(workdir, 'hf', 'model.safetensors'))
+  assert re.search(r'^notebook ran in \d+ s$', text, re.M)
