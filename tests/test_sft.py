@@ -202,8 +202,10 @@ def test_pack_places_every_item_once_within_capacity(lengths):
   assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
   assert all(sum(lengths[i] for i in row) <= 32 for row in rows)
   assert sft.pack(lengths, 32) == rows
-  # Best-fit decreasing is never worse than 11/9 OPT + 1; OPT >= total / capacity.
-  assert len(rows) <= 11 / 9 * -(-sum(lengths) // 32) + 1
+  # Any-fit packing never leaves two rows that would fit together: when a row was opened,
+  # its first item did not fit in any earlier row.
+  loads = [sum(lengths[i] for i in row) for row in rows]
+  assert all(a + b > 32 for i, a in enumerate(loads) for b in loads[i + 1:])
 
 
 def test_packed_conversations_never_attend_across(encoder):
