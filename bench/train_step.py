@@ -125,7 +125,8 @@ def main(argv) -> None:
   flops_tok = model_lib.flops_per_token(cfg, params)
   schedule = optim.schedule(config.optim, t.steps)
   optimizer = optim.make_optimizer(config.optim, t.steps)
-  step_fn = train.make_train_step(model_lib.GPT(cfg), optimizer, schedule, config.model.moe)
+  step_fn = train.make_train_step(model_lib.GPT(cfg), optimizer, schedule, config.model.moe,
+                                  config.train.loss_chunk)
 
   ref = torch_from_params(cfg, params)
   n_torch = sum(p.numel() for p in ref.parameters())

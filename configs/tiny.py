@@ -17,10 +17,12 @@ def get_config():
   c.train.steps = 1200
   c.train.per_device_batch = 16
   c.train.short_seq_steps = 0
+  c.train.loss_chunk = 256      # the 8k-vocab head + cross-entropy in chunks: ~8% faster here
   c.train.log_every = 50
   c.train.eval_every = 400
   c.train.ckpt_every = 400
   c.train.peak_flops = 0.0  # 0 = MFU against a float32 matmul measured on this device
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 60
+  c.sample.max_new_tokens = 64  # leaves room for a prompt in the 128-token context
   return c

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from helpers import tiny_cfg
 from zhgpt_jax import export as E
 from zhgpt_jax import model as M
 from zhgpt_jax import tokenizer as T
-from zhgpt_jax.config import UserError, default_config
+from zhgpt_jax.config import UserError
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -38,15 +39,6 @@ VARIANTS = {
     'moe_shared0': (dict(ROPE, mlp='moe', moe=dict(n_routed=4, top_k=2, n_shared=0)),
                     'Qwen2MoeForCausalLM'),
 }
-
-
-def tiny_cfg(vocab=300, **overrides) -> M.GPTConfig:
-  c = default_config('tiny')
-  c.model.update(n_layer=2, n_head=4, d_model=64, seq_len=64)
-  moe = overrides.pop('moe', {})
-  c.model.update(overrides)
-  c.model.moe.update(moe)
-  return M.model_config(c.model, vocab)
 
 
 def random_params(cfg, seed=0):

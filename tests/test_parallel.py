@@ -1,9 +1,15 @@
-"""Data parallelism: the pmapped step on 4 simulated devices equals 1 device, same global batch."""
+"""Data parallelism: the pmapped step on 4 simulated devices equals 1 device, same global batch;
+how a process finds the run it joins (flags, environment, SLURM)."""
 
 import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
+
+from zhgpt_jax import parallel
+from zhgpt_jax.config import UserError, default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,3 +61,60 @@ def test_four_devices_match_one_device():
                        timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'OK' in out.stdout
+
+
+# ----------------------------------------------------------------------------- joining a run
+
+SLURM = dict(SLURM_JOB_ID='77', SLURM_STEP_NODELIST='gpu[01-04]', SLURM_NTASKS='4',
+             SLURM_PROCID='2', SLURM_LOCALID='0', SLURM_NODEID='2')
+
+
+def dist(**overrides):
+  d = default_config().dist
+  d.update(overrides)
+  return d
+
+
+def test_distributed_args_from_flags_or_environment():
+  assert parallel.distributed_args(dist(), {}) is None           # one process: nothing to join
+  want = dict(coordinator_address='host0:12345', num_processes=2, process_id=1,
+              initialization_timeout=300, heartbeat_timeout_seconds=300)
+  flags = dist(coordinator='host0:12345', num_processes=2, process_id=1)
+  assert parallel.distributed_args(flags, {}) == want
+  env = dict(JAX_COORDINATOR_ADDRESS='host0:12345', JAX_NUM_PROCESSES='2', JAX_PROCESS_ID='1')
+  assert parallel.distributed_args(dist(), env) == want
+  assert parallel.distributed_args(dist(process_id=0), env)['process_id'] == 0  # flags win
+  with pytest.raises(UserError, match='also give --config.dist.num_processes'):
+    parallel.distributed_args(dist(coordinator='host0:12345'), {})
+
+
+@pytest.mark.parametrize('env, gpus', [
+    # One task per node (srun --ntasks-per-node=1): all the GPUs SLURM gave it, which CUDA
+    # numbers from 0 whatever their physical numbers.
+    (dict(SLURM_STEP_TASKS_PER_NODE='1(x4)', CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7'),
+     list(range(8))),
+    (dict(SLURM_STEP_TASKS_PER_NODE='1(x4)', CUDA_VISIBLE_DEVICES='4,5,6,7'), [0, 1, 2, 3]),
+    (dict(SLURM_TASKS_PER_NODE='1(x4)', SLURM_GPUS_ON_NODE='4'), [0, 1, 2, 3]),
+    (dict(SLURM_STEP_TASKS_PER_NODE='2(x2),1', CUDA_VISIBLE_DEVICES='0,1'), [0, 1]),  # node 2
+    # jax's own choice, GPU SLURM_LOCALID: one task per GPU, or the user said, or no GPUs.
+    (dict(SLURM_STEP_TASKS_PER_NODE='8(x4)', CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7'), None),
+    (dict(SLURM_STEP_TASKS_PER_NODE='2,2,1,2', SLURM_NODEID='0', CUDA_VISIBLE_DEVICES='0,1'),
+     None),
+    (dict(SLURM_STEP_TASKS_PER_NODE='1(x4)', CUDA_VISIBLE_DEVICES='0,1',
+          JAX_LOCAL_DEVICE_IDS='0'), None),
+    (dict(SLURM_STEP_TASKS_PER_NODE='1(x4)', CUDA_VISIBLE_DEVICES='0'), None),
+    (dict(SLURM_STEP_TASKS_PER_NODE='1(x4)', CUDA_VISIBLE_DEVICES='NoDevFiles'), None),
+    (dict(SLURM_STEP_TASKS_PER_NODE='1(x4)'), None),
+])
+def test_slurm_one_task_per_node_drives_every_gpu(env, gpus):
+  args = parallel.distributed_args(dist(), dict(SLURM, **env))
+  # The coordinator, process count and id are left to jax's SLURM detection.
+  assert set(args) - {'local_device_ids'} == {'initialization_timeout',
+                                               'heartbeat_timeout_seconds'}
+  assert args.get('local_device_ids') == gpus
+
+
+def test_slurm_with_one_task_is_a_single_process():
+  assert parallel.distributed_args(dist(), dict(SLURM, SLURM_NTASKS='1')) is None
+  partial = {k: v for k, v in SLURM.items() if k != 'SLURM_STEP_NODELIST'}  # not an srun step
+  assert parallel.distributed_args(dist(), partial) is None

@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import VOCAB, tiny_cfg
 from zhgpt_jax import model as M
 from zhgpt_jax import sample as S
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.config import UserError, default_config
 
-VOCAB = 300
 NEW = 10
 VARIANTS = {
     'gpt2': dict(),
@@ -26,13 +26,6 @@ VARIANTS = {
 }
 PROMPTS = [[5, 17, 200, 3, 99, 42, 7], [250, 1], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 SAMPLED = dict(temperature=1.0, top_k=50, top_p=0.95)   # one compiled program for all of them
-
-
-def tiny_cfg(**overrides) -> M.GPTConfig:
-  c = default_config('tiny')
-  c.model.update(n_layer=2, n_head=4, d_model=64, seq_len=64)
-  c.model.update(overrides)
-  return M.model_config(c.model, VOCAB)
 
 
 @functools.lru_cache(maxsize=None)

@@ -117,11 +117,14 @@ def test_bad_records_are_counted_per_reason(tmp_path):
 
 
 def test_bad_data_spec_is_one_user_error(tmp_path, tok_dir, encoder):
+  read = lambda spec: list(sft.read_conversations(spec, sft.SftStats()))
   with pytest.raises(UserError, match='config.sft.data: .*nope.jsonl does not exist'):
-    sft.resolve_paths(str(tmp_path / 'nope.jsonl'))
+    read(str(tmp_path / 'nope.jsonl'))
   (tmp_path / 'notes.txt').write_text('x')
-  with pytest.raises(UserError, match='holds no .jsonl'):
-    sft.resolve_paths(str(tmp_path / 'notes.txt'))
+  with pytest.raises(UserError, match='sft.data: .*notes.txt is not a .jsonl/.jsonl.gz file'):
+    read(str(tmp_path / 'notes.txt'))
+  with pytest.raises(UserError, match='sft.data: directory .* has no .jsonl/.jsonl.gz files'):
+    read(str(tmp_path))
   path = write_jsonl(tmp_path / 'bad.jsonl', [b'nope\n', {'messages': []}])
   with pytest.raises(UserError, match=r"no usable conversations \(0 conversations; skipped 1 "
                                       r'malformed JSON, 1 without an assistant turn'):

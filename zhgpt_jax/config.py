@@ -79,6 +79,9 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
       attention='xla',           # 'xla' | 'cudnn' (jax.nn.dot_product_attention implementation)
       dtype='float32',           # compute dtype: 'float32' | 'bfloat16' (params stay float32)
       remat='none',              # 'none' | 'block'
+      # Init std of the residual output projections, as a multiple of GPT-2's
+      # 0.02/sqrt(2·n_layer); 0 starts each block as the identity.
+      residual_init=1.0,
       moe=ml_collections.ConfigDict(dict(
           n_routed=8,            # fine-grained routed experts
           n_shared=1,            # always-on shared experts
@@ -107,6 +110,9 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
       steps=20_000,
       per_device_batch=16,
       grad_accum=1,
+      # > 0: the output head and cross-entropy run over chunks of this many tokens, never
+      # holding the [tokens, vocab] logits (less memory; ~8% faster on CPU). 0 = full logits.
+      loss_chunk=0,
       # ORIGIN.md's lesson: begin with a short context. The first short_seq_steps steps cut
       # every seq_len window into seq_len / short_seq_len rows (same tokens per step).
       short_seq_len=256,
@@ -120,7 +126,7 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
       max_nonfinite=10,          # stop after this many consecutive non-finite steps
       peak_flops=989e12,         # per-device peak for MFU (H100 bf16 dense); set per device
       prompt='村民们都很高兴',
-      sample_tokens=64,
+      sample_tokens=64,          # tokens of the eval-time continuations (0 = none)
   ))
 
   c.sample = ml_collections.ConfigDict(dict(
@@ -196,6 +202,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail('model.n_kv_head', f'must divide model.n_head={m.n_head}')
   if m.position == 'rope' and (m.d_model // m.n_head) % 2:
     fail('model.d_model', 'rope needs an even head dimension')
+  if m.residual_init < 0:
+    fail('model.residual_init', 'must be >= 0')
   if not 0.0 <= m.dropout < 1.0:
     fail('model.dropout', 'must be in [0, 1)')
   if m.mlp == 'moe' and m.moe.top_k > m.moe.n_routed:
@@ -216,6 +224,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   t = config.train
   if t.short_seq_steps > 0 and (t.short_seq_len <= 0 or m.seq_len % t.short_seq_len):
     fail('train.short_seq_len', f'must divide model.seq_len={m.seq_len}')
+  if t.loss_chunk < 0:
+    fail('train.loss_chunk', 'must be >= 0 (0 = full logits)')
   s = config.sample
   if s.temperature < 0:
     fail('sample.temperature', 'must be >= 0 (0 = greedy)')
@@ -225,3 +235,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail('sample.top_k', 'must be >= 0 (0 = off)')
   if s.repetition_penalty <= 0:
     fail('sample.repetition_penalty', 'must be > 0 (1 = off)')
+  d = config.dist
+  host, _, port = d.coordinator.rpartition(':')
+  if d.coordinator and not (host and port.isdigit()):
+    fail('dist.coordinator', "must be 'host:port' (e.g. 10.0.0.1:1234), or '' for none")
+  if d.num_processes < 0:
+    fail('dist.num_processes', 'must be >= 0 (0 = from the environment)')
+  if d.process_id < -1 or 0 < d.num_processes <= d.process_id:
+    fail('dist.process_id', f'must be in [0, dist.num_processes={d.num_processes}), or -1 '
+         '(from the environment)')
+  if d.timeout_s <= 0:
+    fail('dist.timeout_s', 'must be > 0')

@@ -162,50 +162,53 @@ def cut(text: str, max_chars: int) -> list[str]:
   return [text[i:i + max_chars] for i in range(0, len(text), max_chars)] or ['']
 
 
-def resolve_paths(corpus: str) -> list[str]:
+def resolve_paths(spec: str, key: str = 'config.data.corpus',
+                  suffixes: tuple[str, ...] = SUFFIXES) -> list[str]:
   """Expands a comma-separated list of files, directories and globs into sorted file paths.
 
-  Raises UserError naming the entry that is missing, has no readable files, or is not a
-  .jsonl/.jsonl.gz/.txt file.
+  `key` names the config field in errors; only files ending in `suffixes` count. Raises
+  UserError naming the entry that is missing, has no such files, or is not such a file.
   """
+  kinds = '/'.join(suffixes)
   paths = []
-  for entry in (e.strip() for e in corpus.split(',')):
+  for entry in (e.strip() for e in spec.split(',')):
     if not entry:
       continue
     if os.path.isdir(entry):
       found = sorted(os.path.join(d, f) for d, _, fs in os.walk(entry) for f in fs
-                     if f.endswith(SUFFIXES))
+                     if f.endswith(suffixes))
       if not found:
-        raise UserError(f'config.data.corpus: directory {entry} has no {"/".join(SUFFIXES)} files')
+        raise UserError(f'{key}: directory {entry} has no {kinds} files')
     elif os.path.isfile(entry):
-      if not entry.endswith(SUFFIXES):
-        raise UserError(f'config.data.corpus: {entry} is not a {"/".join(SUFFIXES)} file')
+      if not entry.endswith(suffixes):
+        raise UserError(f'{key}: {entry} is not a {kinds} file')
       found = [entry]
     elif glob.has_magic(entry):
       found = sorted(p for p in glob.glob(entry, recursive=True)
-                     if os.path.isfile(p) and p.endswith(SUFFIXES))
+                     if os.path.isfile(p) and p.endswith(suffixes))
       if not found:
-        raise UserError(f'config.data.corpus: glob {entry} matches no {"/".join(SUFFIXES)} files')
+        raise UserError(f'{key}: glob {entry} matches no {kinds} files')
     else:
-      raise UserError(f'config.data.corpus: {entry} does not exist')
+      raise UserError(f'{key}: {entry} does not exist')
     paths.extend(p for p in found if p not in paths)
   if not paths:
-    raise UserError(f'config.data.corpus={corpus!r} names no files')
+    raise UserError(f'{key}={spec!r} names no files')
   return paths
 
 
-def _raw_lines(path: str) -> Iterator[bytes]:
+def raw_lines(path: str) -> Iterator[bytes]:
+  """The lines of a file (gunzipped if it ends in .gz) as bytes; UserError if unreadable."""
   try:
     opener = gzip.open if path.endswith('.gz') else open
     with opener(path, 'rb') as f:
       yield from f
   except (OSError, EOFError) as e:  # unreadable, or a truncated/corrupt .gz
-    raise UserError(f'cannot read corpus file {path}: {e}') from e
+    raise UserError(f'cannot read {path}: {e}') from e
 
 
 def _decoded_lines(path: str) -> Iterator[str | None]:
   """Each line as text, or None when it is not valid UTF-8 (the caller counts it)."""
-  for raw in _raw_lines(path):
+  for raw in raw_lines(path):
     try:
       yield raw.decode('utf-8')
     except UnicodeDecodeError:

@@ -41,6 +41,7 @@ class GPTConfig:
   attention: str = 'xla'
   dtype: str = 'float32'
   remat: str = 'none'
+  residual_init: float = 1.0    # x GPT-2's 0.02/sqrt(2·n_layer) for output projections (0 = zeros)
   moe_routed: int = 8
   moe_shared: int = 1
   moe_top_k: int = 2
@@ -76,7 +77,7 @@ def model_config(model_cfg, vocab_size: int) -> GPTConfig:
       position=model_cfg.position, rope_theta=model_cfg.rope_theta, mlp=model_cfg.mlp,
       mlp_hidden=hidden, norm=model_cfg.norm, norm_eps=model_cfg.norm_eps,
       tie_embeddings=model_cfg.tie_embeddings, attention=model_cfg.attention,
-      dtype=model_cfg.dtype, remat=model_cfg.remat,
+      dtype=model_cfg.dtype, remat=model_cfg.remat, residual_init=model_cfg.residual_init,
       moe_routed=moe.n_routed, moe_shared=moe.n_shared, moe_top_k=moe.top_k, moe_gate=moe.gate,
       moe_hidden=moe.expert_hidden or max(64, _round_up(hidden // moe.top_k, 64)),
       moe_every=moe.every)
@@ -88,8 +89,9 @@ def _init(std: float):
 
 def _residual_std(cfg: GPTConfig) -> float:
   # GPT-2: each block adds two residual branches; scaling their output projections by
-  # 1/sqrt(2·n_layer) keeps the residual stream's variance flat with depth.
-  return 0.02 / math.sqrt(2 * cfg.n_layer)
+  # 1/sqrt(2·n_layer) keeps the residual stream's variance flat with depth. residual_init=0
+  # starts every block as the identity, so the untrained model is a bigram model.
+  return cfg.residual_init * 0.02 / math.sqrt(2 * cfg.n_layer)
 
 
 def _dense(cfg: GPTConfig, features: int, name: str, std: float = 0.02, bias: bool | None = None):
@@ -248,13 +250,14 @@ class GPT(nn.Module):
   Training: `apply(params, tokens_BxL, train=True, rngs={'dropout': key})`; packed rows pass
   `segment_ids_BxL` (0 = padding) and `positions_BxL`. Decoding passes `cache` (from
   `init_cache`) and `kv_mask_BxS` (which cache slots hold real tokens); aux['cache'] is the
-  updated cache.
+  updated cache. `hidden=True` returns the final normed hidden states [B, L, D] instead of
+  logits, with the head matrix in aux['head_DxV'] (for `train.chunked_cross_entropy`).
   """
   cfg: GPTConfig
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, cache=None,
-               kv_mask_BxS=None, train: bool = False):
+               kv_mask_BxS=None, train: bool = False, hidden: bool = False):
     cfg = self.cfg
     b, l = tokens_BxL.shape
     if positions_BxL is None:
@@ -292,9 +295,13 @@ class GPT(nn.Module):
       head_DxV = wte.embedding.T
     else:
       head_DxV = self.param('lm_head', _init(0.02), (cfg.d_model, cfg.vocab_size), jnp.float32)
-    logits_BxLxV = jnp.einsum('bld,dv->blv', x_BxLxD, head_DxV.astype(cfg.dtype),
-                              preferred_element_type=jnp.float32)
     out: dict[str, Any] = {}
+    if hidden:   # the loss applies the head itself, a chunk of tokens at a time
+      out['head_DxV'] = head_DxV
+      logits_BxLxV = x_BxLxD
+    else:
+      logits_BxLxV = jnp.einsum('bld,dv->blv', x_BxLxD, head_DxV.astype(cfg.dtype),
+                                preferred_element_type=jnp.float32)
     if cache is not None:
       out['cache'] = new_cache
     if moe_aux:

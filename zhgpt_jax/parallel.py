@@ -8,9 +8,12 @@ processes the same pmapped step spans every device of every host. A jit + NamedS
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import numpy as np
+
+from zhgpt_jax.config import UserError
 
 AXIS = 'batch'
 
@@ -18,28 +21,20 @@ AXIS = 'batch'
 def initialize(dist_cfg) -> None:
   """Joins a multi-process run when one is configured (config.dist or the environment).
 
-  Single-process runs need nothing. Otherwise the coordinator address, process count and
-  id come from config.dist, else from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-  JAX_PROCESS_ID, else from what jax.distributed detects itself (SLURM, for example).
+  Single-process runs need nothing; see `distributed_args` for where the settings come from.
   """
-  coordinator = dist_cfg.coordinator or os.environ.get('JAX_COORDINATOR_ADDRESS', '')
-  num = dist_cfg.num_processes or int(os.environ.get('JAX_NUM_PROCESSES', '0'))
-  pid = dist_cfg.process_id if dist_cfg.process_id >= 0 else int(os.environ.get('JAX_PROCESS_ID', '-1'))
-  in_slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1
-  if not coordinator and not in_slurm:
+  kwargs = distributed_args(dist_cfg, os.environ)
+  if kwargs is None:
     return
   if jax.distributed.is_initialized():
     return
   # CPU devices need a collectives backend to talk across processes; GPUs use NCCL.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  kwargs = dict(initialization_timeout=dist_cfg.timeout_s,
-                heartbeat_timeout_seconds=dist_cfg.timeout_s)
-  if coordinator:
-    kwargs.update(coordinator_address=coordinator, num_processes=num or None,
-                  process_id=pid if pid >= 0 else None)
+  gpus = kwargs.get('local_device_ids')
   # Said before joining: a process whose peers never come is aborted by jax after timeout_s.
-  print(f'joining a multi-process run via {coordinator or "SLURM"}; waiting up to '
-        f'{dist_cfg.timeout_s}s for every process', flush=True)
+  print(f'joining a multi-process run via {kwargs.get("coordinator_address", "SLURM")}; '
+        f'waiting up to {dist_cfg.timeout_s}s for every process'
+        + (f'; this task drives GPUs {",".join(map(str, gpus))}' if gpus else ''), flush=True)
   jax.distributed.initialize(**kwargs)
   # gloo (CPU) gives up after 30 s at the first collective of a device group whose peers are
   # late. Meet at both groups used later (all devices; one per process, for barriers) now,
@@ -47,6 +42,71 @@ def initialize(dist_cfg) -> None:
   ones = np.ones(jax.local_device_count(), np.float32)
   jax.pmap(lambda x: jax.lax.psum(x, AXIS), axis_name=AXIS)(ones).block_until_ready()
   sync('initialize')
+
+
+# What jax.distributed looks for to detect SLURM (jax/_src/clusters/slurm_cluster.py).
+_SLURM_VARS = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
+               'SLURM_LOCALID')
+
+
+def distributed_args(dist_cfg, env) -> dict | None:
+  """jax.distributed.initialize's keyword arguments for this process; None with one process.
+
+  The coordinator address, process count and id come from config.dist, else from
+  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (`env`), else jax detects
+  them itself (SLURM, when it runs more than one task). Raises UserError when a coordinator
+  is given without the count and id and there is nothing to detect them from.
+  """
+  coordinator = dist_cfg.coordinator or env.get('JAX_COORDINATOR_ADDRESS', '')
+  num = dist_cfg.num_processes or int(env.get('JAX_NUM_PROCESSES', '0'))
+  pid = dist_cfg.process_id if dist_cfg.process_id >= 0 else int(env.get('JAX_PROCESS_ID', '-1'))
+  in_slurm = all(v in env for v in _SLURM_VARS)
+  if not coordinator and not (in_slurm and int(env['SLURM_NTASKS']) > 1):
+    return None
+  if coordinator and not in_slurm and (num < 1 or pid < 0):
+    raise UserError(f'dist.coordinator={coordinator}: also give --config.dist.num_processes and '
+                    '--config.dist.process_id (or JAX_NUM_PROCESSES and JAX_PROCESS_ID)')
+  kwargs = dict(initialization_timeout=dist_cfg.timeout_s,
+                heartbeat_timeout_seconds=dist_cfg.timeout_s)
+  if coordinator:
+    kwargs.update(coordinator_address=coordinator, num_processes=num or None,
+                  process_id=pid if pid >= 0 else None)
+  gpus = slurm_local_device_ids(env) if in_slurm else None
+  if gpus is not None:
+    kwargs['local_device_ids'] = gpus
+  return kwargs
+
+
+def slurm_local_device_ids(env) -> list[int] | None:
+  """Every GPU a SLURM task sees, when it is its node's only task; None to leave jax's choice.
+
+  Under SLURM, jax gives each task one GPU, the one numbered SLURM_LOCALID: right for one
+  task per GPU, but a single task per node would drive GPU 0 alone. The GPUs a task sees are
+  CUDA_VISIBLE_DEVICES (set by SLURM to the node's allocated GPUs, which CUDA then numbers
+  0, 1, ...), else SLURM_GPUS_ON_NODE. JAX_LOCAL_DEVICE_IDS, when set, wins.
+  """
+  if env.get('JAX_LOCAL_DEVICE_IDS') or _slurm_tasks_on_node(env) != 1:
+    return None
+  visible = [d.strip() for d in env.get('CUDA_VISIBLE_DEVICES', '').split(',') if d.strip()]
+  if any(d.startswith('-') or d == 'NoDevFiles' for d in visible):   # no GPU allocated
+    return None
+  n = len(visible) or int(env.get('SLURM_GPUS_ON_NODE', '0') or 0)
+  return list(range(n)) if n > 1 else None
+
+
+def _slurm_tasks_on_node(env) -> int | None:
+  """This step's tasks on this node: SLURM_STEP_TASKS_PER_NODE is e.g. '1(x4)' or '2(x3),1'."""
+  spec = env.get('SLURM_STEP_TASKS_PER_NODE') or env.get('SLURM_TASKS_PER_NODE', '')
+  counts = []
+  for part in spec.split(','):
+    m = re.fullmatch(r'(\d+)(?:\(x(\d+)\))?', part.strip())
+    if not m:
+      return None
+    counts += [int(m[1])] * int(m[2] or 1)
+  if len(set(counts)) == 1:
+    return counts[0]
+  node = int(env.get('SLURM_NODEID', '-1'))
+  return counts[node] if 0 <= node < len(counts) else None
 
 
 # Words of a runtime error that mean another process of the run died or stopped answering.

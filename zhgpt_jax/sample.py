@@ -20,6 +20,7 @@ Names: B batch, P prompt slots, S cache slots, V vocab (padded), K stop ids.
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Iterator, NamedTuple, Sequence
 
 import jax
@@ -307,14 +308,27 @@ def _encode(tokenizer, text: str) -> list[int]:
   return ids
 
 
-def _options(tokenizer, sample_cfg, stop_tokens: Sequence[str]) -> dict:
-  """generate's keyword options from `config.sample` and stop-token strings."""
+def _options(cfg, tokenizer, prompts: list[list[int]], sample_cfg,
+             stop_tokens: Sequence[str]) -> dict:
+  """generate's keyword options for `prompts` from `config.sample` and stop-token strings."""
   stop_ids = [tokenizer.token_to_id(t) for t in stop_tokens]
-  return dict(max_new_tokens=sample_cfg.max_new_tokens, temperature=sample_cfg.temperature,
-              top_k=sample_cfg.top_k, top_p=sample_cfg.top_p,
-              repetition_penalty=sample_cfg.repetition_penalty, seed=sample_cfg.seed,
-              stop_ids=[i for i in stop_ids if i is not None],
-              sliding=sample_cfg.get('sliding', False))
+  sliding = sample_cfg.get('sliding', False)
+  return dict(max_new_tokens=_max_new(cfg, prompts, sample_cfg.max_new_tokens, sliding),
+              temperature=sample_cfg.temperature, top_k=sample_cfg.top_k,
+              top_p=sample_cfg.top_p, repetition_penalty=sample_cfg.repetition_penalty,
+              seed=sample_cfg.seed, stop_ids=[i for i in stop_ids if i is not None],
+              sliding=sliding)
+
+
+def _max_new(cfg, prompts: list[list[int]], max_new_tokens: int, sliding: bool = False) -> int:
+  """max_new_tokens, lowered to what the context leaves the longest prompt, if it leaves any.
+
+  config.sample's default (128) suits GPT-2's 1024 tokens, not a small model's context
+  (tiny.py: 128). With `sliding` the prompt is cut instead; a prompt that fills the context
+  is left to generate to report.
+  """
+  room = cfg.seq_len - max(len(p) for p in prompts)
+  return max_new_tokens if sliding or room < 1 else min(max_new_tokens, room)
 
 
 def _decode(tokenizer, ids: Sequence[int]) -> str:
@@ -335,10 +349,11 @@ def generate_text(cfg, params, tokenizer, prompts: list[str], sample_cfg,
   """The continuation of each prompt, as text; `sample_cfg` is `config.sample`.
 
   `tokenizer` is a `tokenizers.Tokenizer`; generation ends at any of `stop_tokens` (not
-  included). `sample_cfg.sliding`, where present, is generate's `sliding`.
+  included), and after sample_cfg.max_new_tokens tokens or where the model's context ends,
+  whichever comes first. `sample_cfg.sliding`, where present, is generate's `sliding`.
   """
   ids = [_encode(tokenizer, p) for p in prompts]
-  out = generate(cfg, params, ids, **_options(tokenizer, sample_cfg, stop_tokens))
+  out = generate(cfg, params, ids, **_options(cfg, tokenizer, ids, sample_cfg, stop_tokens))
   return [_decode(tokenizer, x) for x in out]
 
 
@@ -349,9 +364,10 @@ def stream_text(cfg, params, tokenizer, prompt: str, sample_cfg,
   Each piece is whole characters: the accumulated tokens are decoded after every chunk and
   the new complete suffix is yielded. The pieces concatenate to generate_text's result.
   """
+  prompt_ids = _encode(tokenizer, prompt)
   ids, text, sent = [], '', 0
-  for new in stream(cfg, params, _encode(tokenizer, prompt), chunk=chunk,
-                    **_options(tokenizer, sample_cfg, stop_tokens)):
+  for new in stream(cfg, params, prompt_ids, chunk=chunk,
+                    **_options(cfg, tokenizer, [prompt_ids], sample_cfg, stop_tokens)):
     ids.extend(new)
     text = _decode(tokenizer, ids)
     piece = complete_suffix(text, sent)
@@ -369,6 +385,12 @@ def sample_workdir(workdir: str, prompts: list[str], sample_cfg, step: int | Non
   write = write or (lambda s: print(s, end='', flush=True))
   cfg, params, tokenizer, _ = checkpoint.load_model(workdir, step)
   params = jax.tree.map(jnp.asarray, params)
+  ids = [_encode(tokenizer, p) for p in prompts]
+  fits = _max_new(cfg, ids, sample_cfg.max_new_tokens, sample_cfg.get('sliding', False))
+  if fits < sample_cfg.max_new_tokens:
+    print(f'sample: {fits} new tokens at most (max_new_tokens={sample_cfg.max_new_tokens}): '
+          f"the model's context is {cfg.seq_len} tokens and the prompt takes "
+          f'{max(map(len, ids))}', file=sys.stderr, flush=True)
   if len(prompts) == 1:
     write(prompts[0])
     pieces = []

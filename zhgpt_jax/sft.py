@@ -38,8 +38,6 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-import glob
-import gzip
 import hashlib
 import json
 import os
@@ -120,30 +118,6 @@ class SftStats:
     return '; '.join(parts)
 
 
-def resolve_paths(spec: str) -> list[str]:
-  """config.sft.data (files, directories, globs, comma-separated) as sorted .jsonl(.gz) paths."""
-  paths = []
-  for entry in (e.strip() for e in spec.split(',')):
-    if not entry:
-      continue
-    if os.path.isdir(entry):
-      found = sorted(os.path.join(d, f) for d, _, fs in os.walk(entry) for f in fs
-                     if f.endswith(SUFFIXES))
-    elif os.path.isfile(entry):
-      found = [entry] if entry.endswith(SUFFIXES) else []
-    elif glob.has_magic(entry):
-      found = sorted(p for p in glob.glob(entry, recursive=True)
-                     if os.path.isfile(p) and p.endswith(SUFFIXES))
-    else:
-      raise UserError(f'config.sft.data: {entry} does not exist')
-    if not found:
-      raise UserError(f'config.sft.data: {entry} holds no .jsonl or .jsonl.gz files')
-    paths.extend(p for p in found if p not in paths)
-  if not paths:
-    raise UserError(f'config.sft.data={spec!r} names no files')
-  return paths
-
-
 def _turn(role, content) -> dict:
   if role not in _ROLE_OF:
     raise _Skip('bad_role')
@@ -190,19 +164,11 @@ def check_order(turns: list[dict]) -> list[dict]:
   return turns
 
 
-def _lines(path: str) -> Iterator[bytes]:
-  try:
-    with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
-      yield from f
-  except (OSError, EOFError) as e:
-    raise UserError(f'cannot read {path}: {e}') from e
-
-
 def read_conversations(spec: str, stats: SftStats) -> Iterator[list[dict]]:
   """Canonical conversations of every file of `spec` (config.sft.data), skips counted in `stats`."""
-  for path in resolve_paths(spec):
+  for path in corpus.resolve_paths(spec, 'config.sft.data', SUFFIXES):
     counts = stats.file(path)
-    for raw in _lines(path):
+    for raw in corpus.raw_lines(path):
       try:
         line = raw.decode('utf-8')
         if not line.strip():

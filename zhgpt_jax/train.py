@@ -9,6 +9,7 @@ Batches are dicts of [devices, ...] arrays: 'inputs' and 'targets' (int32), opti
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -32,12 +33,87 @@ AXIS = parallel.AXIS
 
 # ----------------------------------------------------------------------------- the steps
 
-def loss_fn(params, model: model_lib.GPT, batch: dict, rng, train: bool, moe_cfg=None):
-  """Mean token cross-entropy (float32) plus MoE auxiliary losses; returns (total, metrics)."""
-  logits_BxLxV, aux = model.apply(
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def chunked_cross_entropy(x_NxD, head_DxV, labels_N, chunk: int):
+  """Per-token cross-entropy of logits x @ head (float32), never holding all [N, V] logits.
+
+  A `lax.scan` over chunks of `chunk` tokens computes each chunk's logits, log-sum-exp and
+  target logit; the backward pass recomputes the chunk's logits from the saved log-sum-exp.
+  Equal to softmax cross-entropy of the full logits; it saves the [N, V] buffers (66 MB for
+  a 2,048-token step at an 8k vocab, 3.3 GB for GPT-2 small) and the time spent moving them.
+  """
+  return _ce_forward(x_NxD, head_DxV, labels_N, chunk)[0]
+
+
+def _chunks(chunk, *arrays):
+  """Zero-pads the leading axis to a multiple of `chunk` and splits it into [C, chunk, ...]."""
+  n = arrays[0].shape[0]
+  pad = -n % chunk
+  return [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(-1, chunk, *a.shape[1:])
+          for a in arrays]
+
+
+def _ce_forward(x_NxD, head_DxV, labels_N, chunk):
+  w_DxV = head_DxV.astype(x_NxD.dtype)
+
+  def body(_, xs):
+    x_CxD, label_C = xs
+    logits_CxV = jnp.dot(x_CxD, w_DxV, preferred_element_type=jnp.float32)
+    lse_C = jax.nn.logsumexp(logits_CxV, axis=-1)
+    target_C = jnp.take_along_axis(logits_CxV, label_C[:, None], axis=-1)[:, 0]
+    return None, (lse_C - target_C, lse_C)
+
+  _, (ce, lse) = jax.lax.scan(body, None, tuple(_chunks(chunk, x_NxD, labels_N)))
+  n = x_NxD.shape[0]
+  return ce.reshape(-1)[:n], (x_NxD, head_DxV, labels_N, lse.reshape(-1)[:n])
+
+
+def _ce_backward(chunk, res, g_N):
+  x_NxD, head_DxV, labels_N, lse_N = res
+  w_DxV = head_DxV.astype(x_NxD.dtype)
+
+  def body(dw_DxV, xs):
+    x_CxD, label_C, lse_C, g_C = xs
+    logits_CxV = jnp.dot(x_CxD, w_DxV, preferred_element_type=jnp.float32)
+    onehot_CxV = jax.nn.one_hot(label_C, logits_CxV.shape[-1], dtype=jnp.float32)
+    dlogits_CxV = ((jnp.exp(logits_CxV - lse_C[:, None]) - onehot_CxV) * g_C[:, None])
+    dlogits_CxV = dlogits_CxV.astype(x_CxD.dtype)
+    dx_CxD = jnp.dot(dlogits_CxV, w_DxV.T, preferred_element_type=jnp.float32)
+    dw_DxV = dw_DxV + jnp.dot(x_CxD.T, dlogits_CxV, preferred_element_type=jnp.float32)
+    return dw_DxV, dx_CxD.astype(x_CxD.dtype)
+
+  xs = _chunks(chunk, x_NxD, labels_N, lse_N, g_N.astype(jnp.float32))
+  dw_DxV, dx = jax.lax.scan(body, jnp.zeros(head_DxV.shape, jnp.float32), tuple(xs))
+  dx_NxD = dx.reshape(-1, x_NxD.shape[-1])[:x_NxD.shape[0]]
+  return dx_NxD, dw_DxV.astype(head_DxV.dtype), None
+
+
+chunked_cross_entropy.defvjp(
+    lambda x, w, labels, chunk: _ce_forward(x, w, labels, chunk), _ce_backward)
+
+
+def token_cross_entropy(model: model_lib.GPT, params, batch: dict, rng, train: bool,
+                        chunk: int = 0):
+  """[B, L] float32 cross-entropy of the batch's targets, and the model's aux outputs.
+
+  chunk > 0 applies the output head inside `chunked_cross_entropy`; 0 builds full logits.
+  """
+  out_BxLx_, aux = model.apply(
       {'params': params}, batch['inputs'], positions_BxL=batch.get('positions'),
-      segment_ids_BxL=batch.get('segment_ids'), train=train, rngs={'dropout': rng})
-  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch['targets'])
+      segment_ids_BxL=batch.get('segment_ids'), train=train,
+      rngs=None if rng is None else {'dropout': rng}, hidden=chunk > 0)
+  if chunk <= 0:
+    return optax.softmax_cross_entropy_with_integer_labels(out_BxLx_, batch['targets']), aux
+  b, l, d = out_BxLx_.shape
+  ce_N = chunked_cross_entropy(out_BxLx_.reshape(b * l, d), aux.pop('head_DxV'),
+                               batch['targets'].reshape(b * l), chunk)
+  return ce_N.reshape(b, l), aux
+
+
+def loss_fn(params, model: model_lib.GPT, batch: dict, rng, train: bool, moe_cfg=None,
+            chunk: int = 0):
+  """Mean token cross-entropy (float32) plus MoE auxiliary losses; returns (total, metrics)."""
+  ce_BxL, aux = token_cross_entropy(model, params, batch, rng, train, chunk)
   weights_BxL = batch.get('weights')
   if weights_BxL is None:
     ce = jnp.mean(ce_BxL)
@@ -51,7 +127,7 @@ def loss_fn(params, model: model_lib.GPT, batch: dict, rng, train: bool, moe_cfg
   return total, metrics
 
 
-def make_train_step(model, optimizer, lr_schedule, moe_cfg) -> Callable:
+def make_train_step(model, optimizer, lr_schedule, moe_cfg, loss_chunk: int = 0) -> Callable:
   """The pmapped update: grads accumulated over micro-batches, averaged over all devices.
 
   A step whose loss or gradient norm is not finite leaves params and optimizer state as
@@ -66,7 +142,8 @@ def make_train_step(model, optimizer, lr_schedule, moe_cfg) -> Callable:
 
     def micro(grads, xs):
       i, mb = xs
-      g, m = grad_fn(state['params'], model, mb, jax.random.fold_in(rng, i), True, moe_cfg)
+      g, m = grad_fn(state['params'], model, mb, jax.random.fold_in(rng, i), True, moe_cfg,
+                     loss_chunk)
       return jax.tree.map(jnp.add, grads, g), m
 
     zeros = jax.tree.map(jnp.zeros_like, state['params'])
@@ -87,14 +164,11 @@ def make_train_step(model, optimizer, lr_schedule, moe_cfg) -> Callable:
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
 
 
-def make_eval_step(model) -> Callable:
+def make_eval_step(model, loss_chunk: int = 0) -> Callable:
   """The pmapped eval: summed weighted cross-entropy and weight over all devices."""
 
   def step(params, batch):
-    logits_BxLxV, _ = model.apply({'params': params}, batch['inputs'],
-                                  positions_BxL=batch.get('positions'),
-                                  segment_ids_BxL=batch.get('segment_ids'))
-    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch['targets'])
+    ce_BxL, _ = token_cross_entropy(model, params, batch, None, False, loss_chunk)
     w_BxL = batch['weights']
     return jax.lax.psum(jnp.sum(ce_BxL * w_BxL), AXIS), jax.lax.psum(jnp.sum(w_BxL), AXIS)
 
@@ -231,7 +305,8 @@ def initial_params(run: Run, rng):
     saved, params, _ = ckpt_lib.load_params(src)
     cfg = model_lib.model_config(saved.model, run.tokenizer.get_vocab_size())
   if dataclasses.replace(cfg, dropout=run.cfg.dropout, attention=run.cfg.attention,
-                         dtype=run.cfg.dtype, remat=run.cfg.remat) != run.cfg:
+                         dtype=run.cfg.dtype, remat=run.cfg.remat,
+                         residual_init=run.cfg.residual_init) != run.cfg:
     raise UserError(f'init_from={src}: its model differs from config.model '
                     f'({_cfg_diff(cfg, run.cfg)})')
   return jax.tree.map(jnp.asarray, params)
@@ -328,8 +403,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
           f'= {tokens_per_step:,} tokens/step; peak {peak / 1e12:.3f} TFLOP/s per device')
 
   state = parallel.replicate(state)
-  train_step = make_train_step(run.model, run.optimizer, run.schedule, config.model.moe)
-  eval_step = make_eval_step(run.model)
+  train_step = make_train_step(run.model, run.optimizer, run.schedule, config.model.moe,
+                               t.loss_chunk)
+  eval_step = make_eval_step(run.model, t.loss_chunk)
   writer = MetricsWriter(workdir, enabled=is_main)
   start = int(np.asarray(state['step'].addressable_data(0))[0])
 
@@ -410,9 +486,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
             'to resume')
     elif step > start:
       ev = last_eval or {}
-      print(f'done: {step} steps in {time.perf_counter() - run_start:.0f}s; val loss '
-            f'{ev.get("loss", float("nan")):.4f}, bpc {ev.get("bpc", float("nan")):.4f}; '
-            f'workdir {workdir}')
+      shown = ''.join(f', {k} {ev[k]:.4f}' for k in ('loss', 'bpc', 'accuracy') if k in ev)
+      print(f'done: {step} steps in {time.perf_counter() - run_start:.0f}s{shown and "; val"}'
+            f'{shown[1:]}; workdir {workdir}')
   return last_eval or {}
 
 
@@ -435,6 +511,8 @@ def sample_prompt(run: Run, params) -> dict:
   """A greedy and a sampled continuation of config.train.prompt."""
   from zhgpt_jax import sample
   out = {}
+  if run.config.train.sample_tokens <= 0:
+    return out
   cfg_sample = run.config.sample.copy_and_resolve_references()
   cfg_sample.max_new_tokens = min(run.config.train.sample_tokens, run.cfg.seq_len // 2)
   for name, temperature in (('greedy', 0.0), ('sampled', cfg_sample.temperature)):
@@ -448,7 +526,7 @@ def evaluate_workdir(workdir: str, step: int | None = None, overrides=None) -> d
   """`main.py eval`: val loss, perplexity and bits per character of a saved checkpoint."""
   config, params, meta = ckpt_lib.load_params(workdir, step)
   run = build(config, workdir)
-  result = evaluate(make_eval_step(run.model), parallel.replicate(params),
+  result = evaluate(make_eval_step(run.model, config.train.loss_chunk), parallel.replicate(params),
                     run.task.eval_batches(), run.task.chars_per_token)
   if run.task.extra_eval is not None:
     result.update(run.task.extra_eval(run.cfg, jax.tree.map(jnp.asarray, params)))
