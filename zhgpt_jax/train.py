@@ -88,8 +88,7 @@ def _ce_backward(chunk, res, g_N):
   return dx_NxD, dw_DxV.astype(head_DxV.dtype), None
 
 
-chunked_cross_entropy.defvjp(
-    lambda x, w, labels, chunk: _ce_forward(x, w, labels, chunk), _ce_backward)
+chunked_cross_entropy.defvjp(_ce_forward, _ce_backward)
 
 
 def token_cross_entropy(model: model_lib.GPT, params, batch: dict, rng, train: bool,
@@ -486,9 +485,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
             'to resume')
     elif step > start:
       ev = last_eval or {}
-      shown = ''.join(f', {k} {ev[k]:.4f}' for k in ('loss', 'bpc', 'accuracy') if k in ev)
-      print(f'done: {step} steps in {time.perf_counter() - run_start:.0f}s{shown and "; val"}'
-            f'{shown[1:]}; workdir {workdir}')
+      shown = ', '.join(f'{k} {ev[k]:.4f}' for k in ('loss', 'bpc', 'accuracy') if k in ev)
+      print(f'done: {step} steps in {time.perf_counter() - run_start:.0f}s'
+            + (f'; val {shown}' if shown else '') + f'; workdir {workdir}')
   return last_eval or {}
 
 
