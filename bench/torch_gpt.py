@@ -1,7 +1,7 @@
 """A nanoGPT-style PyTorch GPT-2: the eager reference that `bench/train_step.py` times ours against.
 
 Pre-LayerNorm blocks, causal self-attention through `F.scaled_dot_product_attention`,
-tanh-GELU MLP, learned positions, output head tied to the token embedding; float32. It has
+tanh-GELU MLP, learned positions, a head tied to the token embedding or not; float32. It has
 exactly the parameters of our `model.GPT` with the default switches (q, k, v fused into one
 `c_attn` matrix holds the same numbers), so parameter counts and, with copied weights, losses
 match. Names carry shapes as in `zhgpt_jax/model.py`: B batch, L length, D width, N heads,
@@ -63,9 +63,10 @@ class GPT(nn.Module):
   """`forward(tokens_BxL, targets_BxL)` returns float32 logits [B, L, V] and the mean loss."""
 
   def __init__(self, vocab_size: int, seq_len: int, n_layer: int, n_head: int, d_model: int,
-               hidden: int, eps: float = 1e-5):
+               hidden: int, eps: float = 1e-5, tie_embeddings: bool = True):
     super().__init__()
     self.wte = nn.Embedding(vocab_size, d_model)
+    self.lm_head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
     self.wpe = nn.Embedding(seq_len, d_model)
     self.h = nn.ModuleList(Block(d_model, n_head, hidden, eps) for _ in range(n_layer))
     self.ln_f = nn.LayerNorm(d_model, eps=eps)
@@ -85,34 +86,53 @@ class GPT(nn.Module):
     x_BxLxD = self.wte(tokens_BxL) + self.wpe(torch.arange(l, device=tokens_BxL.device))
     for block in self.h:
       x_BxLxD = block(x_BxLxD)
-    logits_BxLxV = F.linear(self.ln_f(x_BxLxD), self.wte.weight)   # tied head
+    head_VxD = self.wte.weight if self.lm_head is None else self.lm_head.weight
+    logits_BxLxV = F.linear(self.ln_f(x_BxLxD), head_VxD)
     loss = None
     if targets_BxL is not None:
       loss = F.cross_entropy(logits_BxLxV.view(-1, logits_BxLxV.shape[-1]), targets_BxL.view(-1))
     return logits_BxLxV, loss
 
 
-def make_optimizer(model: GPT, lr: float, b1: float, b2: float, eps: float,
-                   weight_decay: float, decay_embeddings: bool = False) -> torch.optim.AdamW:
-  """AdamW decaying matrices only, not biases, norms or (unless asked) embeddings: optim.py's mask."""
-  decay, no_decay = [], []
+def make_optimizers(model: GPT, o) -> list[torch.optim.Optimizer]:
+  """optim.py's optimizer for the `optim` config `o`; each param group is tagged with its `kind`.
+
+  AdamW decays matrices only, not biases, norms or (unless asked) embeddings. With
+  `o.name == 'muon'`, torch's Muon (the same Newton-Schulz quintic, Nesterov momentum and
+  sqrt(max(1, out/in)) scaling as optax's) takes the blocks' 2-D matrices at `muon_lr` and
+  AdamW the rest without decay, as optax.contrib.muon does (its Adam part adds a Nesterov
+  look-ahead, an elementwise op torch's AdamW lacks). The fused c_attn is one [3D, D] matrix
+  here where ours orthogonalises q, k and v separately: the same FLOPs, not the same update.
+  """
+  decay, no_decay, muon = [], [], []
   for name, p in model.named_parameters():
-    is_embedding = name.split('.')[0] in ('wte', 'wpe')
-    (decay if p.dim() >= 2 and (decay_embeddings or not is_embedding) else no_decay).append(p)
-  return torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay),
-                            dict(params=no_decay, weight_decay=0.0)],
-                           lr=lr, betas=(b1, b2), eps=eps)
+    top = name.split('.')[0]
+    if o.name == 'muon':
+      (muon if top == 'h' and p.dim() == 2 else no_decay).append(p)
+    else:
+      (decay if p.dim() >= 2 and (o.decay_embeddings or top not in ('wte', 'wpe'))
+       else no_decay).append(p)
+  adam_groups = [dict(params=ps, weight_decay=wd, kind='adam')
+                 for ps, wd in ((decay, o.weight_decay), (no_decay, 0.0)) if ps]
+  optimizers = [torch.optim.AdamW(adam_groups, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)]
+  if muon:
+    optimizers.append(torch.optim.Muon([dict(params=muon, kind='muon')], lr=o.muon_lr,
+                                       weight_decay=o.weight_decay, momentum=o.muon_beta))
+  return optimizers
 
 
-def train_step(model: GPT, optimizer, tokens_BxL, targets_BxL, lr: float,
+def train_step(model: GPT, optimizers, tokens_BxL, targets_BxL, lrs: dict[str, float],
                grad_clip: float) -> torch.Tensor:
-  """One AdamW step at learning rate `lr` with global-norm clipping; returns the loss."""
-  for group in optimizer.param_groups:
-    group['lr'] = lr
+  """One step of `optimizers` at `lrs[group kind]` with global-norm clipping; returns the loss."""
+  for opt in optimizers:
+    for group in opt.param_groups:
+      group['lr'] = lrs[group['kind']]
   _, loss = model(tokens_BxL, targets_BxL)
-  optimizer.zero_grad(set_to_none=True)
+  for opt in optimizers:
+    opt.zero_grad(set_to_none=True)
   loss.backward()
   if grad_clip > 0:
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-  optimizer.step()
+  for opt in optimizers:
+    opt.step()
   return loss.detach()

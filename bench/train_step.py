@@ -5,20 +5,20 @@
 
 Both sides train the model of `--config` (any `--config.a.b=v` override applies) at its batch
 (train.per_device_batch × local devices × train.grad_accum sequences of model.seq_len) and
-AdamW settings, float32, from the same weights: ours copies into `bench/torch_gpt.py`, and the
-two must agree on the parameter count and the first loss. The vocab is the config's
-tokenizer.vocab_size, padded as the model pads it; no tokenizer or corpus is needed. Each side
-runs `--warmup` untimed steps (compilation, allocator), then `--rounds` interleaved groups of
-`--steps` timed steps (ours, torch, ours, torch, ...); ours blocks on its results at the end of
-each group. The step time of a side is its median group; ratio = torch ms / our ms per round,
-and the median of those is reported, since the CPU is shared and absolute numbers are noisy.
-MFU = model.flops_per_token × tokens/s / peak, where peak is `train.measure_peak_flops()` (a
-float32 matmul on this device; the best of three at the start and one before each round).
-CPU s/step is the process's CPU time per step (all its threads, spin-waits included): on a
-shared machine it shows the work done where wall time also shows the neighbours. The grain
-loader's batches/s is measured alone over a synthetic shard directory (--loader_tokens random
-tokens, worker_count 0) and set against our steps/s: it must be at least 10×, so that the
-loader never limits training.
+optimizer (AdamW, or Muon + AdamW with torch.optim.Muon on the same matrices), float32, from
+the same weights: ours copies into `bench/torch_gpt.py`, and the two must agree on the
+parameter count and the first loss. The vocab is the config's tokenizer.vocab_size, padded as
+the model pads it; no tokenizer or corpus is needed. Each side runs `--warmup` untimed steps
+(compilation, allocator), then `--rounds` interleaved groups of `--steps` timed steps (ours,
+torch, ours, torch, ...); ours blocks on its results at the end of each group. The step time of
+a side is its median group; ratio = torch ms / our ms per round, and the median of those is
+reported, since the CPU is shared and absolute numbers are noisy. MFU = model.flops_per_token ×
+tokens/s / peak, where peak is `train.measure_peak_flops()` (a float32 matmul on this device;
+the best of three at the start and one before each round). CPU s/step is the process's CPU time
+per step (all its threads, spin-waits included): on a shared machine it shows the work done
+where wall time also shows the neighbours. The grain loader's batches/s is measured alone over
+a synthetic shard directory (--loader_tokens random tokens, worker_count 0) and set against our
+steps/s: it must be at least 10×, so that the loader never limits training.
 """
 
 from __future__ import annotations
@@ -50,18 +50,19 @@ _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved (ours, torch) timing ro
 _LOADER_BATCHES = flags.DEFINE_integer('loader_batches', 200, 'Timed loader batches.')
 _LOADER_TOKENS = flags.DEFINE_integer('loader_tokens', 4_000_000, 'Synthetic shard tokens.')
 
-GPT2_SWITCHES = dict(position='learned', mlp='gelu', norm='layernorm', tie_embeddings=True,
-                     bias=True, dropout=0.0)
+GPT2_SWITCHES = dict(position='learned', mlp='gelu', norm='layernorm', bias=True, dropout=0.0)
 
 
 def torch_from_params(cfg: model_lib.GPTConfig, params) -> torch_gpt.GPT:
   """The PyTorch reference holding a copy of our parameters (q, k, v fused as GPT-2's c_attn)."""
   model = torch_gpt.GPT(cfg.vocab_size, cfg.seq_len, cfg.n_layer, cfg.n_head, cfg.d_model,
-                        cfg.mlp_hidden, cfg.norm_eps)
+                        cfg.mlp_hidden, cfg.norm_eps, cfg.tie_embeddings)
   t = lambda x: torch.from_numpy(np.array(x, np.float32))
   dense = lambda p: (t(p['kernel']).T, t(p['bias']))   # Flax [in, out] -> torch [out, in]
   sd = {'wte.weight': t(params['wte']['embedding']), 'wpe.weight': t(params['wpe']['embedding']),
         'ln_f.weight': t(params['ln_f']['scale']), 'ln_f.bias': t(params['ln_f']['bias'])}
+  if not cfg.tie_embeddings:
+    sd['lm_head.weight'] = t(params['lm_head']).T       # [D, V] -> torch [V, D]
   for i in range(cfg.n_layer):
     p, pre = params[f'h_{i}'], f'h.{i}.'
     for ln in ('ln_1', 'ln_2'):
@@ -132,8 +133,10 @@ def main(argv) -> None:
   n_torch = sum(p.numel() for p in ref.parameters())
   assert n_torch == n_params, f'parameter counts differ: ours {n_params:,}, torch {n_torch:,}'
   o = config.optim
-  ref_opt = torch_gpt.make_optimizer(ref, o.lr, o.b1, o.b2, o.eps, o.weight_decay,
-                                     o.decay_embeddings)
+  ref_opt = torch_gpt.make_optimizers(ref, o)
+  muon_schedule = optim.schedule(o, t.steps, o.muon_lr)
+  opt_name = (f'Muon lr {o.muon_lr} + AdamW lr {o.lr}' if o.name == 'muon'
+              else f'AdamW lr {o.lr}')
 
   rng = np.random.default_rng(config.seed)
   windows = [rng.integers(0, cfg.real_vocab_size, (devices, accum, b, seq + 1), dtype=np.int32)
@@ -155,7 +158,7 @@ def main(argv) -> None:
         f'{n_params:,} params in both; {flops_tok / 1e6:.1f} MFLOPs/token; first loss '
         f'ours {float(ours_loss):.5f}, torch {float(torch_loss):.5f}')
   print(f'batch: {b} per device x {devices} devices x {accum} accumulation x {seq} = '
-        f'{tokens_per_step:,} tokens/step; AdamW lr {o.lr} b=({o.b1}, {o.b2}) wd '
+        f'{tokens_per_step:,} tokens/step; {opt_name} b=({o.b1}, {o.b2}) wd '
         f'{o.weight_decay} clip {o.grad_clip}; float32')
   print(f'jax {jax.__version__} on {devices} {jax.devices()[0].platform} device(s); torch '
         f'{torch.__version__} with {torch.get_num_threads()} threads; peak (float32 1024^3 '
@@ -167,6 +170,7 @@ def main(argv) -> None:
   def run_ours(n: int) -> tuple[float, float]:
     nonlocal state
     t0, c0 = time.perf_counter(), time.process_time()
+    metrics = None
     for _ in range(n):
       state, metrics = step_fn(state, ours_batches[ours_step[0] % len(ours_batches)])
       ours_step[0] += 1
@@ -177,7 +181,8 @@ def main(argv) -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
       x, y = torch_batches[torch_step[0] % len(torch_batches)]
-      torch_gpt.train_step(ref, ref_opt, x, y, float(schedule(torch_step[0])), o.grad_clip)
+      lrs = dict(adam=float(schedule(torch_step[0])), muon=float(muon_schedule(torch_step[0])))
+      torch_gpt.train_step(ref, ref_opt, x, y, lrs, o.grad_clip)
       torch_step[0] += 1
     return time.perf_counter() - t0, time.process_time() - c0
 

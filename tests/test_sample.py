@@ -254,6 +254,23 @@ def tokenizer():
   return tok
 
 
+def test_longest_run():
+  assert S.longest_run([]) == 0 and S.longest_run([5]) == 1
+  assert S.longest_run([1, 2, 1, 2, 1, 2]) == 1     # a repeated phrase is not a run
+  assert S.longest_run([7, 3, 3, 3, 9, 9, 3, 3]) == 3
+
+
+def test_generate_text_decodes_generate_ids():
+  cfg, params = model()
+  tok = tokenizer()
+  sample_cfg = default_config().sample
+  sample_cfg.update(max_new_tokens=12, temperature=0.0)
+  ids = S.generate_ids(cfg, params, tok, ['村民们'], sample_cfg)[0]
+  assert 0 < len(ids) <= 12
+  assert S.generate_text(cfg, params, tok, ['村民们'], sample_cfg)[0] == tok.decode(
+      ids, skip_special_tokens=False)
+
+
 def test_complete_suffix_holds_back_split_characters():
   tok = tokenizer()
   byte_ids = tok.encode('龙').ids   # not in the training text: three byte tokens

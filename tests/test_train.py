@@ -37,8 +37,8 @@ def tiny_config(small_corpus, **train_overrides):
   c = default_config('tiny')
   c.data.update(corpus=path, cache_dir=cache, val_fraction=0.1)
   c.tokenizer.update(vocab_size=512, max_train_chars=1_000_000)
-  c.model.update(n_layer=2, n_head=4, d_model=64, seq_len=32)
-  c.optim.update(lr=3e-3, warmup_steps=3)
+  c.model.update(n_layer=2, n_head=4, d_model=64, seq_len=32, tie_embeddings=False)
+  c.optim.update(name='muon', lr=3e-3, warmup_steps=3)    # configs/tiny.py's optimizer
   c.train.update(steps=STEPS, per_device_batch=4, log_every=1, eval_every=10, ckpt_every=5,
                  eval_max_batches=2, eval_batch=8, short_seq_len=16, short_seq_steps=4,
                  peak_flops=1e11, sample_tokens=8)
@@ -71,7 +71,11 @@ def test_training_learns_and_writes_its_outputs(reference):
   assert {'lr', 'grad_norm', 'tokens_per_s', 'mfu'} <= set(train_rec[0])
   assert train_rec[0]['lr'] == pytest.approx(0.0)   # warmup starts at 0
   assert [r['step'] for r in records if r['split'] == 'val'] == [10, 20, 30]
-  assert any('greedy' in r for r in records if r['split'] == 'text')
+  texts = [r for r in records if r['split'] == 'text' and 'greedy' in r]
+  # The greedy continuation's longest run of one token: what a degenerate model inflates.
+  runs = [r for r in records if r['split'] == 'sample']
+  assert [r['step'] for r in texts] == [r['step'] for r in runs] == [10, 20, 30]
+  assert all(1 <= r['greedy_longest_run'] <= 8 for r in runs)      # train.sample_tokens=8
   for name in ('loss_curve.png', 'config.json', 'tokenizer/tokenizer.json'):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert os.listdir(os.path.join(workdir, 'tb'))
@@ -99,7 +103,8 @@ def cli_args(small_corpus, workdir):
   flat = {'data.corpus': c.data.corpus, 'data.cache_dir': c.data.cache_dir,
           'data.val_fraction': 0.1, 'tokenizer.vocab_size': 512,
           'tokenizer.max_train_chars': 1_000_000, 'model.n_layer': 2, 'model.n_head': 4,
-          'model.d_model': 64, 'model.seq_len': 32, 'optim.lr': 3e-3, 'optim.warmup_steps': 3}
+          'model.d_model': 64, 'model.seq_len': 32, 'model.tie_embeddings': False,
+          'optim.name': 'muon', 'optim.lr': 3e-3, 'optim.warmup_steps': 3}
   flat.update({f'train.{k}': v for k, v in c.train.items()})
   return ['--config', os.path.join(ROOT, 'configs', 'tiny.py'), '--workdir', workdir] + [
       f'--config.{k}={v}' for k, v in flat.items()]

@@ -95,6 +95,9 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
+      name='adamw',              # adamw | muon (Muon: block matrices; Adam at lr, no decay: rest)
+      muon_lr=0.02,              # peak rate of the Muon-updated matrices
+      muon_beta=0.95,            # Muon's (Nesterov) momentum
       lr=6e-4,
       min_lr_ratio=0.1,          # the cosine floor, as a fraction of lr
       warmup_steps=700,
@@ -165,6 +168,7 @@ _CHOICES = {
     'model.moe.gate': ('softmax', 'sigmoid'),
     'data.txt_mode': ('line', 'paragraph'),
     'sft.long_policy': ('truncate', 'drop'),
+    'optim.name': ('adamw', 'muon'),
 }
 
 _POSITIVE = ('model.n_layer', 'model.n_head', 'model.d_model', 'model.seq_len',
@@ -173,7 +177,7 @@ _POSITIVE = ('model.n_layer', 'model.n_head', 'model.d_model', 'model.seq_len',
              'train.eval_every', 'train.eval_batch', 'train.ckpt_every', 'train.keep',
              'train.max_nonfinite', 'data.shard_tokens', 'data.max_doc_chars',
              'sample.max_new_tokens', 'model.moe.n_routed', 'model.moe.top_k',
-             'model.moe.every')
+             'model.moe.every', 'optim.muon_lr')
 
 
 def _get(config, dotted):
@@ -219,6 +223,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail('optim.lr', 'must be > 0')
   if not 0.0 <= o.min_lr_ratio <= 1.0:
     fail('optim.min_lr_ratio', 'must be in [0, 1]')
+  for key in ('b1', 'b2', 'muon_beta'):
+    if not 0.0 <= o[key] < 1.0:
+      fail(f'optim.{key}', 'must be in [0, 1)')
   if o.warmup_steps < 0 or o.warmup_steps >= config.train.steps:
     fail('optim.warmup_steps', f'must be in [0, train.steps={config.train.steps})')
   t = config.train

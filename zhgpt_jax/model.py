@@ -339,9 +339,12 @@ def active_params(cfg: GPTConfig, params) -> int:
 def flops_per_token(cfg: GPTConfig, params) -> float:
   """Training FLOPs per token: 6N (matmuls, fwd+bwd) + 12·L·D·T (attention scores), as in PaLM.
 
-  N excludes the position table, which is a lookup, not a matmul.
+  N excludes the lookup tables: the position table, and the token table when the head is a
+  separate matrix (tied, the table is also the head's matmul).
   """
   n = active_params(cfg, params)
   if cfg.position == 'learned':
     n -= cfg.seq_len * cfg.d_model
+  if not cfg.tie_embeddings:
+    n -= cfg.vocab_size * cfg.d_model
   return 6 * n + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len

@@ -1,8 +1,13 @@
-"""The optimiser: AdamW under linear warmup + cosine decay, with global-norm clipping.
+"""The optimiser: AdamW (or Muon + AdamW) under linear warmup + cosine decay, with clipping.
 
 The schedule is where ORIGIN.md went wrong (a fine-tuning rate with no warmup): the peak
 rate is reached only after `warmup_steps`, then decays along a cosine to
 `min_lr_ratio · lr` at the last step.
+
+`optim.name = 'muon'` updates the 2-D matrices inside the blocks with Muon (momentum, then
+the update's orthogonal factor by a Newton-Schulz iteration; Jordan et al. 2024) at its own
+peak `muon_lr`, and everything else -- embeddings, head, norms, biases -- with Adam at `lr`
+(optax.contrib.muon; its Adam part has no weight decay).
 """
 
 from __future__ import annotations
@@ -11,12 +16,13 @@ import jax
 import optax
 
 
-def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to lr, cosine to min_lr_ratio·lr at `total_steps`."""
+def schedule(optim_cfg, total_steps: int, peak: float | None = None) -> optax.Schedule:
+  """Linear warmup from 0 to `peak` (default lr), cosine to min_lr_ratio·peak at `total_steps`."""
+  peak = optim_cfg.lr if peak is None else peak
   # optax's end_value is an absolute rate, not a fraction of the peak.
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=optim_cfg.warmup_steps,
-      decay_steps=total_steps, end_value=optim_cfg.lr * optim_cfg.min_lr_ratio)
+      init_value=0.0, peak_value=peak, warmup_steps=optim_cfg.warmup_steps,
+      decay_steps=total_steps, end_value=peak * optim_cfg.min_lr_ratio)
 
 
 def decay_mask(params, decay_embeddings: bool = False):
@@ -32,12 +38,37 @@ def decay_mask(params, decay_embeddings: bool = False):
   return jax.tree_util.tree_map_with_path(decide, params)
 
 
+def muon_dims(params):
+  """Muon's dimension numbers for the weights it updates, None for the rest.
+
+  Muon takes the matrices inside the blocks (an MoE layer's [E, in, out] expert stacks as E
+  matrices); embeddings, the head, norms and biases go to Adam.
+  """
+  def decide(path, leaf):
+    if not str(getattr(path[0], 'key', '')).startswith('h_') or leaf.ndim < 2:
+      return None
+    return optax.contrib.MuonDimensionNumbers(leaf.ndim - 2, leaf.ndim - 1)
+  return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def _muon(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+  """Muon on the block matrices, Adam (at `lr`, no weight decay) on everything else."""
+  return optax.contrib.muon(
+      schedule(optim_cfg, total_steps, optim_cfg.muon_lr), beta=optim_cfg.muon_beta,
+      weight_decay=optim_cfg.weight_decay, adam_learning_rate=schedule(optim_cfg, total_steps),
+      adam_b1=optim_cfg.b1, adam_b2=optim_cfg.b2, eps=optim_cfg.eps,
+      muon_weight_dimension_numbers=muon_dims)
+
+
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with the schedule above, decoupled weight decay on `decay_mask`, and clipping."""
-  adamw = optax.adamw(
-      schedule(optim_cfg, total_steps), b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-      weight_decay=optim_cfg.weight_decay,
-      mask=lambda p: decay_mask(p, optim_cfg.decay_embeddings))
+  """AdamW (or Muon + AdamW) with the schedule above, weight decay, and clipping."""
+  if optim_cfg.name == 'muon':
+    opt = _muon(optim_cfg, total_steps)
+  else:
+    opt = optax.adamw(
+        schedule(optim_cfg, total_steps), b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+        weight_decay=optim_cfg.weight_decay,
+        mask=lambda p: decay_mask(p, optim_cfg.decay_embeddings))
   if optim_cfg.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), adamw)
-  return adamw
+    return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), opt)
+  return opt

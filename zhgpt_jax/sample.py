@@ -352,9 +352,24 @@ def generate_text(cfg, params, tokenizer, prompts: list[str], sample_cfg,
   included), and after sample_cfg.max_new_tokens tokens or where the model's context ends,
   whichever comes first. `sample_cfg.sliding`, where present, is generate's `sliding`.
   """
-  ids = [_encode(tokenizer, p) for p in prompts]
-  out = generate(cfg, params, ids, **_options(cfg, tokenizer, ids, sample_cfg, stop_tokens))
+  out = generate_ids(cfg, params, tokenizer, prompts, sample_cfg, stop_tokens)
   return [_decode(tokenizer, x) for x in out]
+
+
+def generate_ids(cfg, params, tokenizer, prompts: list[str], sample_cfg,
+                 stop_tokens: Sequence[str] = STOP_TOKENS) -> list[list[int]]:
+  """`generate_text`'s new tokens, as ids."""
+  ids = [_encode(tokenizer, p) for p in prompts]
+  return generate(cfg, params, ids, **_options(cfg, tokenizer, ids, sample_cfg, stop_tokens))
+
+
+def longest_run(ids: Sequence[int]) -> int:
+  """The most times one token repeats back to back: degenerate repetition shows as a long run."""
+  best = run = 0
+  for i, x in enumerate(ids):
+    run = run + 1 if i and x == ids[i - 1] else 1
+    best = max(best, run)
+  return best
 
 
 def stream_text(cfg, params, tokenizer, prompt: str, sample_cfg,

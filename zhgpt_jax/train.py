@@ -418,9 +418,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if is_main:
       shown = ', '.join(f'{k} {v:.4f}' for k, v in result.items() if k != 'tokens')
       print(f'\nstep {step}: val {shown}')
-      for name, text in sample_prompt(run, params).items():
+      texts, longest = sample_prompt(run, params)
+      for name, text in texts.items():
         print(f'  {name}: {config.train.prompt}{text}')
         writer.text(step, name, config.train.prompt + text)
+      if texts:
+        print(f'  longest run of one token in the greedy continuation: {longest}')
+        writer.scalars(step, 'sample', {'greedy_longest_run': longest})
     return result
 
   def do_save(step, state, result=None):
@@ -506,19 +510,22 @@ def _check(pending, nonfinite: int, limit: int, writer) -> int:
   return nonfinite
 
 
-def sample_prompt(run: Run, params) -> dict:
-  """A greedy and a sampled continuation of config.train.prompt."""
+def sample_prompt(run: Run, params) -> tuple[dict, int]:
+  """Greedy and sampled continuations of config.train.prompt; the greedy one's longest run."""
   from zhgpt_jax import sample
-  out = {}
+  texts, longest = {}, 0
   if run.config.train.sample_tokens <= 0:
-    return out
+    return texts, longest
   cfg_sample = run.config.sample.copy_and_resolve_references()
   cfg_sample.max_new_tokens = min(run.config.train.sample_tokens, run.cfg.seq_len // 2)
   for name, temperature in (('greedy', 0.0), ('sampled', cfg_sample.temperature)):
     cfg_sample.temperature = temperature
-    out[name] = sample.generate_text(run.cfg, params, run.tokenizer, [run.config.train.prompt],
-                                     cfg_sample)[0]
-  return out
+    ids = sample.generate_ids(run.cfg, params, run.tokenizer, [run.config.train.prompt],
+                              cfg_sample)[0]
+    texts[name] = run.tokenizer.decode(ids, skip_special_tokens=False)
+    if name == 'greedy':
+      longest = sample.longest_run(ids)
+  return texts, longest
 
 
 def evaluate_workdir(workdir: str, step: int | None = None, overrides=None) -> dict:

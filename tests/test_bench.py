@@ -1,0 +1,46 @@
+"""The benchmark scripts run end to end at toy sizes, so they do not rot between measurements.
+
+Only their correctness checks are asserted here (same weights and first loss on both sides of
+the train-step bench; cuDNN-vs-XLA errors in the GPU script), never their timings.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench(*args: str) -> str:
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+def test_train_step_bench_against_torch_with_muon_and_untied_head():
+  # configs/tiny.py: Muon + Adam, untied head; the bench asserts equal parameter counts and
+  # first losses (rtol 1e-4) before timing anything.
+  out = bench('bench/train_step.py', '--config', 'configs/tiny.py',
+              '--config.model.n_layer=1', '--config.model.d_model=64', '--config.model.n_head=2',
+              '--config.train.per_device_batch=4', '--steps', '2', '--rounds', '1',
+              '--warmup', '1', '--loader_batches', '5', '--loader_tokens', '100000')
+  first = re.search(r'first loss ours ([\d.]+), torch ([\d.]+)', out)
+  assert first and abs(float(first[1]) - float(first[2])) < 1e-3, out
+  assert 'Muon lr 0.02 + AdamW lr 0.03' in out
+  assert re.search(r'\*\*ours / torch\*\* .* \*\*[\d.]+x\*\*', out), out
+  loader = re.search(r'loader: ([\d,.]+) batches/s', out)
+  assert loader and float(loader[1].replace(',', '')) > 0, out
+
+
+def test_gpu_script_smoke():
+  out = bench('bench/gpu.py', '--smoke', '--steps', '2')
+  checks = [l for l in out.splitlines() if 'cudnn vs xla |' in l]
+  assert len(checks) == 2 and all(l.endswith('| yes |') for l in checks), out
+  rows = [l for l in out.splitlines() if l.startswith(('| gpt2-small (', '| modern-small ('))]
+  assert len(rows) == 2, out
+  for row in rows:
+    tokens_s = float(row.split('|')[4].replace(',', ''))
+    assert tokens_s > 0
