@@ -8,7 +8,7 @@
    `attention=xla`: relative error ||cudnn - xla|| / ||xla|| of the logits, of the whole
    gradient, and of the worst gradient leaf (leaves whose norm is below 1e-3 of the largest
    are skipped: e.g. the key bias, whose true gradient is zero). Pass: all <= 1e-2.
-2. Throughput: the real pmapped train step (`train.make_train_step`, the config's optimizer)
+2. Throughput: the real pmapped train step (`train.config_train_step`: the config's optimizer)
    of each preset at seq 1024, bf16, cuDNN attention, vocab 50257 (padded to 50304),
    `--batch` sequences per device, random tokens; 3 untimed steps (compilation), then
    `--steps` timed. MFU = model.flops_per_token × tokens/s / (devices × peak), with the peak
@@ -32,7 +32,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from configs import base, modern  # pylint: disable=wrong-import-position
 from zhgpt_jax import model as model_lib  # pylint: disable=wrong-import-position
-from zhgpt_jax import optim, parallel, train  # pylint: disable=wrong-import-position
+from zhgpt_jax import parallel, train  # pylint: disable=wrong-import-position
 from zhgpt_jax.config import validate  # pylint: disable=wrong-import-position
 
 _BATCH = flags.DEFINE_integer('batch', 16, 'Sequences per device in the throughput runs.')
@@ -44,17 +44,21 @@ _SMOKE = flags.DEFINE_bool('smoke', False, 'Toy sizes, to check the script on a 
 TOLERANCE = 1e-2
 
 
+def cudnn_here() -> str:
+  """'cudnn' on a GPU; 'xla' elsewhere (only --smoke gets that far off a GPU)."""
+  return 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
+
+
 def preset_configs(smoke: bool) -> dict:
   """name -> config: GPT-2 small and modern at seq 1024 (toy sizes with --smoke)."""
   configs = {'gpt2-small': base.get_config(), 'modern-small': modern.get_config()}
   for c in configs.values():
     c.tokenizer.vocab_size = _VOCAB.value
-    c.model.update(seq_len=1024, dtype='bfloat16', attention='cudnn')
+    c.model.update(seq_len=1024, dtype='bfloat16', attention=cudnn_here())
     c.train.update(per_device_batch=_BATCH.value, grad_accum=1, short_seq_steps=0)
     if smoke:
       c.tokenizer.vocab_size = 1000
       c.model.update(n_layer=2, n_head=2, n_kv_head=0, d_model=64, seq_len=64)
-      c.model.attention = 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
       c.train.update(per_device_batch=2, steps=10)
       c.optim.warmup_steps = 2
     validate(c)
@@ -71,7 +75,7 @@ def compare_attention(config) -> dict:
   cfgs = {}
   for impl in ('cudnn', 'xla'):
     model_cfg = config.model.copy_and_resolve_references()
-    model_cfg.attention = impl if jax.default_backend() == 'gpu' else 'xla'   # --smoke
+    model_cfg.attention = cudnn_here() if impl == 'cudnn' else 'xla'
     cfgs[impl] = model_lib.model_config(model_cfg, config.tokenizer.vocab_size)
   params = model_lib.init_params(cfgs['xla'], jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
@@ -98,10 +102,7 @@ def throughput(config, steps: int, peak: float) -> dict:
   """tokens/s and MFU of the real train step of `config` on all local devices."""
   cfg = model_lib.model_config(config.model, config.tokenizer.vocab_size)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
-  optimizer = optim.make_optimizer(config.optim, config.train.steps)
-  step_fn = train.make_train_step(model_lib.GPT(cfg), optimizer,
-                                  optim.schedule(config.optim, config.train.steps),
-                                  config.model.moe, config.train.loss_chunk)
+  optimizer, step_fn = train.config_train_step(config, cfg)
   devices, b, seq = jax.local_device_count(), config.train.per_device_batch, cfg.seq_len
   rng = np.random.default_rng(0)
   batches = []

@@ -125,9 +125,7 @@ def main(argv) -> None:
   n_params = model_lib.count_params(params)
   flops_tok = model_lib.flops_per_token(cfg, params)
   schedule = optim.schedule(config.optim, t.steps)
-  optimizer = optim.make_optimizer(config.optim, t.steps)
-  step_fn = train.make_train_step(model_lib.GPT(cfg), optimizer, schedule, config.model.moe,
-                                  config.train.loss_chunk)
+  optimizer, step_fn = train.config_train_step(config, cfg)
 
   ref = torch_from_params(cfg, params)
   n_torch = sum(p.numel() for p in ref.parameters())

@@ -68,9 +68,9 @@ def test_muon_orthogonalises_block_matrices_and_adams_the_rest():
   dims = optim.muon_dims(params)
   assert dims['h_0']['attn']['q']['kernel'] == optax.contrib.MuonDimensionNumbers(0, 1)
   assert dims['h_1']['moe']['w_up'] == optax.contrib.MuonDimensionNumbers(1, 2)  # [E, D, F]
-  for leaf in (('wte', 'embedding'), ('wpe', 'embedding'), ('ln_f', 'scale')):
-    assert leaf[1] not in dims[leaf[0]] or dims[leaf[0]][leaf[1]] is None
-  assert dims['h_0']['attn']['q'].get('bias') is None
+  for top, leaf in (('wte', 'embedding'), ('wpe', 'embedding'), ('ln_f', 'scale')):
+    assert dims[top][leaf] is None
+  assert dims['h_0']['attn']['q']['bias'] is None
 
   cfg = optim_cfg(name='muon', lr=1e-3, muon_lr=0.02, warmup_steps=0, weight_decay=0.0,
                   grad_clip=0.0)

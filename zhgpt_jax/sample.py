@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zhgpt_jax import model as model_lib
+from zhgpt_jax.tokenizer import decode
 from zhgpt_jax.config import UserError
 
 STOP_TOKENS = ('<|endoftext|>', '<|im_end|>')
@@ -331,10 +332,6 @@ def _max_new(cfg, prompts: list[list[int]], max_new_tokens: int, sliding: bool =
   return max_new_tokens if sliding or room < 1 else min(max_new_tokens, room)
 
 
-def _decode(tokenizer, ids: Sequence[int]) -> str:
-  return tokenizer.decode(list(ids), skip_special_tokens=False)
-
-
 def complete_suffix(text: str, sent: int) -> str:
   """What of `text` after its first `sent` characters is safe to print now.
 
@@ -353,7 +350,7 @@ def generate_text(cfg, params, tokenizer, prompts: list[str], sample_cfg,
   whichever comes first. `sample_cfg.sliding`, where present, is generate's `sliding`.
   """
   out = generate_ids(cfg, params, tokenizer, prompts, sample_cfg, stop_tokens)
-  return [_decode(tokenizer, x) for x in out]
+  return [decode(tokenizer, x) for x in out]
 
 
 def generate_ids(cfg, params, tokenizer, prompts: list[str], sample_cfg,
@@ -384,7 +381,7 @@ def stream_text(cfg, params, tokenizer, prompt: str, sample_cfg,
   for new in stream(cfg, params, prompt_ids, chunk=chunk,
                     **_options(cfg, tokenizer, [prompt_ids], sample_cfg, stop_tokens)):
     ids.extend(new)
-    text = _decode(tokenizer, ids)
+    text = decode(tokenizer, ids)
     piece = complete_suffix(text, sent)
     if piece:
       sent += len(piece)

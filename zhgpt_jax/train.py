@@ -174,6 +174,14 @@ def make_eval_step(model, loss_chunk: int = 0) -> Callable:
   return jax.pmap(step, axis_name=AXIS)
 
 
+def config_train_step(config, cfg: model_lib.GPTConfig) -> tuple[Any, Callable]:
+  """The optimizer and the pmapped train step `config` asks for (optim, train.steps, loss_chunk)."""
+  optimizer = optim.make_optimizer(config.optim, config.train.steps)
+  return optimizer, make_train_step(model_lib.GPT(cfg), optimizer,
+                                    optim.schedule(config.optim, config.train.steps),
+                                    config.model.moe, config.train.loss_chunk)
+
+
 def evaluate(eval_step, params_rep, batches: Iterator[dict], chars_per_token: float | None):
   """Val loss (nats/token), perplexity and, given chars/token, bits per character."""
   total, count = 0.0, 0.0
@@ -512,7 +520,7 @@ def _check(pending, nonfinite: int, limit: int, writer) -> int:
 
 def sample_prompt(run: Run, params) -> tuple[dict, int]:
   """Greedy and sampled continuations of config.train.prompt; the greedy one's longest run."""
-  from zhgpt_jax import sample
+  from zhgpt_jax import sample, tokenizer as tok_lib
   texts, longest = {}, 0
   if run.config.train.sample_tokens <= 0:
     return texts, longest
@@ -522,7 +530,7 @@ def sample_prompt(run: Run, params) -> tuple[dict, int]:
     cfg_sample.temperature = temperature
     ids = sample.generate_ids(run.cfg, params, run.tokenizer, [run.config.train.prompt],
                               cfg_sample)[0]
-    texts[name] = run.tokenizer.decode(ids, skip_special_tokens=False)
+    texts[name] = tok_lib.decode(run.tokenizer, ids)
     if name == 'greedy':
       longest = sample.longest_run(ids)
   return texts, longest
