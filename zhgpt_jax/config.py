@@ -41,6 +41,9 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
       txt_mode='line',           # .txt: 'line' (a document a line) | 'paragraph' (blank-line separated)
       fullwidth_to_halfwidth=False,  # ＡＢＣ１２３ -> ABC123 (punctuation such as ，。“” is kept)
       val_fraction=0.05,         # share of documents (by hash) held out for validation
+      dedup='exact',             # 'none' | 'exact' (same normalised text) | 'near' (MinHash + LSH)
+      near_threshold=0.8,        # 'near': Jaccard of character n-gram sets counted as duplicate
+      near_ngram=5,              # 'near': characters a shingle
       max_doc_chars=1_000_000,   # longer documents are cut into pieces of this size
       shard_tokens=50_000_000,   # tokens per shard file
       tokenize_workers=0,        # processes that tokenize; 0 = all cores
@@ -167,6 +170,7 @@ _CHOICES = {
     'model.remat': ('none', 'block'),
     'model.moe.gate': ('softmax', 'sigmoid'),
     'data.txt_mode': ('line', 'paragraph'),
+    'data.dedup': ('none', 'exact', 'near'),
     'sft.long_policy': ('truncate', 'drop'),
     'optim.name': ('adamw', 'muon'),
 }
@@ -176,7 +180,7 @@ _POSITIVE = ('model.n_layer', 'model.n_head', 'model.d_model', 'model.seq_len',
              'train.steps', 'train.per_device_batch', 'train.grad_accum', 'train.log_every',
              'train.eval_every', 'train.eval_batch', 'train.ckpt_every', 'train.keep',
              'train.max_nonfinite', 'data.shard_tokens', 'data.max_doc_chars',
-             'sample.max_new_tokens', 'model.moe.n_routed', 'model.moe.top_k',
+             'sample.max_new_tokens', 'data.near_ngram', 'model.moe.n_routed', 'model.moe.top_k',
              'model.moe.every', 'optim.muon_lr')
 
 
@@ -216,6 +220,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail('tokenizer.vocab_size', f'must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials)')
   if not 0.0 <= config.data.val_fraction < 1.0:
     fail('data.val_fraction', 'must be in [0, 1)')
+  if not 0.0 < config.data.near_threshold <= 1.0:
+    fail('data.near_threshold', 'must be in (0, 1]')
   if m.attention == 'cudnn' and m.dtype != 'bfloat16':
     fail('model.attention', 'cudnn attention needs model.dtype=bfloat16')
   o = config.optim

