@@ -113,3 +113,52 @@ def test_global_batch_is_the_same_for_any_process_layout(tmp_path):
     whole = next(one)['inputs']
     halves = np.concatenate([next(it)['inputs'] for it in two], axis=0)
     np.testing.assert_array_equal(whole, halves)
+
+
+def write_sources(directory, sizes, start=100_000):
+  """One shard per source; source s holds tokens from s * start on."""
+  os.makedirs(directory, exist_ok=True)
+  shards, groups = [], []
+  for s, n in enumerate(sizes):
+    name = f'shard_{s:05d}.bin'
+    np.arange(s * start, s * start + n, dtype='uint32').tofile(os.path.join(directory, name))
+    shards.append(dict(name=name, tokens=n, source=s))
+    groups.append(dict(name=f'src{s}', tokens=n))
+  with open(os.path.join(directory, 'meta.json'), 'w') as f:
+    json.dump({'dtype': 'uint32', 'tokens': sum(sizes), 'shards': shards,
+               'source_groups': groups}, f)
+  return str(directory)
+
+
+def test_weighted_sources_mix_in_proportion_and_resume(tmp_path):
+  split = write_sources(tmp_path / 'train', [3000, 9000])   # the small source weighs 2
+  it = iter(loader(split, weights=[2 / 3, 1 / 3]))
+  counts = np.zeros(2)
+  for step in range(1000):
+    batch = next(it)
+    src = batch['inputs'][..., 0].ravel() // 100_000
+    counts += np.bincount(src, minlength=2)
+    # a window never straddles two sources
+    assert ((batch['inputs'] // 100_000) == (batch['inputs'][..., :1] // 100_000)).all()
+    if step == 500:
+      state = it.get_state()
+      expected = [first_tokens(next(it)) for _ in range(3)]
+      fresh = iter(loader(split, weights=[2 / 3, 1 / 3]))
+      fresh.set_state(state)
+      assert [first_tokens(next(fresh)) for _ in range(3)] == expected
+  share = counts / counts.sum()
+  assert abs(share[0] - 2 / 3) < 0.02 * 2 / 3 and abs(share[1] - 1 / 3) < 0.02 * 1 / 3
+  lines = data.epoch_report(split, [2 / 3, 1 / 3], tokens_per_step=4 * T, steps=1000)
+  assert lines[0].startswith('data: source src0: 3,000 tokens, 66.7% of the windows, 7.1')
+  assert not any(l.startswith('warning') for l in lines)
+  lines = data.epoch_report(split, [2 / 3, 1 / 3], tokens_per_step=4 * T, steps=2000)
+  assert lines[-1].startswith('warning: this run reads source src0 14 times (> 10 epochs)')
+
+
+def test_unweighted_report_warns_on_many_epochs(tmp_path):
+  split = write_split(tmp_path / 'train', [1000])
+  lines = data.epoch_report(split, None, tokens_per_step=100, steps=50)
+  assert lines == ['data: 50 steps x 100 tokens = 5,000 tokens, 5.00 epochs of the '
+                   '1,000-token train split']
+  assert data.epoch_report(split, None, 100, 200)[-1].startswith(
+      'warning: this run reads the train split 20 times (> 10 epochs)')

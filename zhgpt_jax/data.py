@@ -6,6 +6,11 @@ shuffles windows deterministically from the seed, gives each process its own sli
 batches them to [local_devices, grad_accum, per_device_batch, seq_len] inputs and targets
 (the window shifted by one). The iterator's state is checkpointed with the run, so a
 resumed run continues in the same order.
+
+With source weights (config.data.corpus='news/:2,web/:1'), each source's shards are windows of
+their own, shuffled apart, and grain's `MapDataset.mix` interleaves them deterministically
+in those proportions: a source's share of the training windows is its weight, however many
+tokens it has, and a small source is simply read more epochs (`epoch_report` says how many).
 """
 
 from __future__ import annotations
@@ -22,6 +27,15 @@ import numpy as np
 from zhgpt_jax.config import UserError
 
 
+def read_meta(split_dir: str) -> dict:
+  """The split's meta.json; UserError when it is missing."""
+  meta_path = os.path.join(split_dir, 'meta.json')
+  if not os.path.exists(meta_path):
+    raise UserError(f'{split_dir}: no meta.json; run `python main.py prepare` first')
+  with open(meta_path, encoding='utf-8') as f:
+    return json.load(f)
+
+
 class TokenWindows(grain.sources.RandomAccessDataSource):
   """Window i = tokens[i·seq_len : i·seq_len + seq_len + 1] of a split's concatenated shards.
 
@@ -29,20 +43,21 @@ class TokenWindows(grain.sources.RandomAccessDataSource):
   to grain's worker processes.
   """
 
-  def __init__(self, split_dir: str, seq_len: int):
-    meta_path = os.path.join(split_dir, 'meta.json')
-    if not os.path.exists(meta_path):
-      raise UserError(f'{split_dir}: no meta.json; run `python main.py prepare` first')
-    with open(meta_path) as f:
-      meta = json.load(f)
-    self.paths = sorted(glob.glob(os.path.join(split_dir, 'shard_*.bin')))
+  def __init__(self, split_dir: str, seq_len: int, source: int | None = None):
+    meta = read_meta(split_dir)
+    if source is None:
+      self.paths = sorted(glob.glob(os.path.join(split_dir, 'shard_*.bin')))
+    else:  # one source's shards (each shard holds one source)
+      self.paths = [os.path.join(split_dir, s['name']) for s in meta['shards']
+                    if s.get('source', 0) == source]
     self.dtype = np.dtype(meta['dtype'])
     sizes = [os.path.getsize(p) // self.dtype.itemsize for p in self.paths]
     self.starts = list(np.cumsum([0] + sizes))
     self.n_tokens = int(self.starts[-1])
     self.seq_len = seq_len
     if self.n_tokens < seq_len + 1:
-      raise UserError(f'{split_dir}: {self.n_tokens} tokens, fewer than one window of '
+      what = split_dir if source is None else f'{split_dir} source {source}'
+      raise UserError(f'{what}: {self.n_tokens} tokens, fewer than one window of '
                       f'{seq_len + 1}; use a bigger corpus or a smaller model.seq_len')
     self._maps = None
 
@@ -74,13 +89,15 @@ class TokenWindows(grain.sources.RandomAccessDataSource):
 
 def train_loader(split_dir: str, seq_len: int, *, per_device_batch: int, grad_accum: int,
                  local_devices: int, seed: int, process_index: int, process_count: int,
-                 workers: int = 0, prefetch: int = 2) -> grain.IterDataset:
+                 workers: int = 0, prefetch: int = 2,
+                 weights: list[float] | None = None) -> grain.IterDataset:
   """An endless, shuffled grain dataset of {'inputs', 'targets'}: int32 [devices, accum, batch, seq_len].
 
   All processes walk one global shuffled order (reshuffled every epoch); each global batch
   is cut into consecutive per-process slices, and process p reads only its own slice. So
   the batch every device sees is the same for 1 process × 4 devices and 2 processes × 2
-  devices, and processes never read the same window in an epoch.
+  devices, and processes never read the same window in an epoch. `weights` (one a source,
+  summing to 1) mix the sources' windows in those proportions.
   """
   source = TokenWindows(split_dir, seq_len)
   per_process = local_devices * grad_accum * per_device_batch
@@ -88,8 +105,16 @@ def train_loader(split_dir: str, seq_len: int, *, per_device_batch: int, grad_ac
     raise UserError(f'{split_dir}: {len(source)} windows of {seq_len + 1} tokens cannot fill '
                     f'one global batch of {per_process * process_count}; lower '
                     'train.per_device_batch')
-  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-  ds = _ProcessSlice(ds, per_process, process_count, process_index, len(source))
+  if weights:
+    parts = [grain.MapDataset.source(TokenWindows(split_dir, seq_len, i)).shuffle(seed=seed + i)
+             .repeat(None) for i in range(len(weights))]
+    ds = grain.MapDataset.mix(parts, list(weights))
+    global_batch = per_process * process_count   # no epoch ends: nothing to drop
+    epoch_len = len(source) // global_batch * global_batch
+  else:
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    epoch_len = len(source)
+  ds = _ProcessSlice(ds, per_process, process_count, process_index, epoch_len)
   shape = (local_devices, grad_accum, per_device_batch, seq_len + 1)
   ds = ds.batch(per_process, drop_remainder=True).map(functools.partial(_to_batch, shape=shape))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=prefetch))
@@ -155,3 +180,31 @@ def eval_batches(split_dir: str, seq_len: int, *, batch: int, local_devices: int
     x = x.reshape(local_devices, batch, seq_len + 1)
     yield {'inputs': x[..., :-1], 'targets': x[..., 1:],
            'weights': w.reshape(local_devices, batch, seq_len)}
+
+
+def epoch_report(split_dir: str, weights: list[float] | None, tokens_per_step: int,
+                 steps: int, memorise_epochs: float = 10.0) -> list[str]:
+  """Lines to print at the start of training: each source's tokens, share and effective
+  epochs over `steps`, and a warning when any source would be read more than
+  `memorise_epochs` times."""
+  meta = read_meta(split_dir)
+  groups = meta.get('source_groups') or [dict(name=meta.get('corpus', 'corpus'),
+                                              tokens=meta['tokens'])]
+  read = tokens_per_step * steps
+  shares = weights or [g['tokens'] / max(1, meta['tokens']) for g in groups]
+  lines, worst = [], (0.0, '')
+  for g, share in zip(groups, shares):
+    epochs = read * share / max(1, g['tokens'])
+    worst = max(worst, (epochs, g['name']))
+    if len(groups) > 1:
+      lines.append(f'data: source {g["name"]}: {g["tokens"]:,} tokens, {share:.1%} of the '
+                   f'windows, {epochs:.2f} epochs')
+  lines.append(f'data: {steps:,} steps x {tokens_per_step:,} tokens = {read:,} tokens, '
+               f'{read / max(1, meta["tokens"]):.2f} epochs of the {meta["tokens"]:,}-token '
+               'train split')
+  if worst[0] > memorise_epochs:
+    what = 'the train split' if len(groups) == 1 else f'source {worst[1]}'
+    lines.append(f'warning: this run reads {what} {worst[0]:.0f} times (> {memorise_epochs:.0f} '
+                 'epochs): the model will memorise it; use a bigger corpus (config.data.corpus)'
+                 ', fewer steps (config.train.steps), a smaller batch, or a smaller model')
+  return lines

@@ -24,7 +24,7 @@ import optax
 from zhgpt_jax import checkpoint as ckpt_lib
 from zhgpt_jax import data as data_lib
 from zhgpt_jax import model as model_lib
-from zhgpt_jax import optim, parallel
+from zhgpt_jax import optim, parallel, sources
 from zhgpt_jax.config import UserError, validate
 from zhgpt_jax.metrics import MetricsWriter
 
@@ -210,10 +210,16 @@ class Task:
 def pretraining_task(config, data_dir: str) -> Task:
   t, m = config.train, config.model
   devices, pi, pc = jax.local_device_count(), jax.process_index(), jax.process_count()
+  weights = sources.source_weights(config.data.corpus)
   loader = data_lib.train_loader(
       os.path.join(data_dir, 'train'), m.seq_len, per_device_batch=t.per_device_batch,
       grad_accum=t.grad_accum, local_devices=devices, seed=config.seed, process_index=pi,
-      process_count=pc, workers=config.data.loader_workers, prefetch=config.data.prefetch)
+      process_count=pc, workers=config.data.loader_workers, prefetch=config.data.prefetch,
+      weights=weights)
+  if pi == 0:
+    tokens = devices * pc * t.grad_accum * t.per_device_batch * m.seq_len
+    for line in data_lib.epoch_report(os.path.join(data_dir, 'train'), weights, tokens, t.steps):
+      print(line, flush=True)
   val_dir = os.path.join(data_dir, 'val')
   meta = _read_json(os.path.join(val_dir, 'meta.json'))
   cpt = meta['characters'] / meta['tokens'] if meta.get('tokens') else None
