@@ -1,6 +1,7 @@
-"""Data-preparation benchmark on the full builtin corpus.
+"""Data-preparation benchmark: the builtin corpus, or synthetic corpora at scale.
 
   python bench/prepare.py [--vocab 8000] [--workers 0,1] [--train_chars 1000000,2000000]
+  python bench/prepare.py --scale 0.25,1,3 [--kill_trials 5]     (see bench/prepare_scale.py)
 
 1. Shard-stage throughput: `shards.prepare` with an already trained tokenizer (so it reads
    the corpus, tokenizes in parallel and writes shards), in MB/s of the documents' UTF-8
@@ -66,7 +67,15 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--train_chars', default='1000000,2000000')
   parser.add_argument('--child_train', type=int, default=0, help=argparse.SUPPRESS)
+  parser.add_argument('--scale', default='', help='GB sizes of synthetic corpora (scale mode)')
+  parser.add_argument('--kill_trials', type=int, default=5)
+  parser.add_argument('--scale_dir', default='/tmp/zhgpt_scale')
   args = parser.parse_args()
+  if args.scale:
+    import prepare_scale  # pylint: disable=import-outside-toplevel
+    prepare_scale.main([float(x) for x in args.scale.split(',')], args.vocab, args.kill_trials,
+                       args.scale_dir)
+    return
   if args.child_train:
     _train_child(args.child_train, args.vocab)
     return

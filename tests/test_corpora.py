@@ -103,7 +103,7 @@ def test_dedup_exact_and_near():
   removed = dedup.exact_removed(np.array([dedup.text_hash(t) for t in texts], np.uint64))
   sigs = dedup.signatures(texts, 5)
   keys = dedup.band_keys(sigs, *dedup.lsh_params(0.8))
-  dedup.near_removed(keys, sigs, removed, 0.8)
+  dedup.near_removed(list(keys.T), sigs, removed, 0.8)
   assert (removed[-25:] == dedup.EXACT).all()
   assert (removed[:300] == dedup.KEEP).all()                  # no original removed
   assert (removed[300:340] == dedup.NEAR).sum() >= 36         # >= 90% of the near copies

@@ -81,19 +81,19 @@ def exact_removed(hashes: np.ndarray) -> np.ndarray:
   return removed
 
 
-def near_removed(keys: np.ndarray, sigs: np.ndarray, removed: np.ndarray,
+def near_removed(bands: list, sigs: np.ndarray, removed: np.ndarray,
                  threshold: float) -> None:
   """Marks NEAR in `removed` (in place) for near-duplicates of earlier documents.
 
-  `keys` [n, bands] and `sigs` [n, num_perm] may be memory-mapped; documents already
-  removed take no part.
+  `bands`: each band's uint64 keys, an array or a file of them (read one at a time);
+  `sigs` [n, num_perm] may be memory-mapped. Documents already removed take no part.
   """
   n = len(removed)
   alive = np.flatnonzero(removed == KEEP)
   parent = np.arange(n, dtype=np.int64)
   edges = []
-  for b in range(keys.shape[1]):
-    col = np.asarray(keys[:, b])[alive]
+  for band in bands:
+    col = (np.fromfile(band, np.uint64) if isinstance(band, str) else band)[alive]
     order = np.argsort(col, kind='stable')   # equal keys stay in corpus order
     same = col[order][1:] == col[order][:-1]
     a, c = alive[order[:-1][same]], alive[order[1:][same]]

@@ -109,7 +109,7 @@ def _scan_block(block: sources.Block, sample_below: float, near: tuple | None) -
   docs = sources.block_documents(block, _STATE['data'], stats)
   texts = [t for t, _ in docs]
   out = dict(stats=stats, n=len(docs),
-             chars=np.fromiter(map(len, texts), np.int64, len(docs)),
+             chars=np.fromiter(map(len, texts), np.uint32, len(docs)),
              hash=np.fromiter(map(dedup.text_hash, texts), np.uint64, len(docs)),
              val=np.fromiter((v for _, v in docs), bool, len(docs)), sample=[],
              val_docs=[t for t, v in docs if v][:20])
@@ -194,7 +194,9 @@ def scan(config, n_heldout: int, want_sample: bool, progress: bool, work_dir: st
   block_docs, src, chars, hashes, val, val_docs = [], [], [], [], [], []
   sample = _Sample(cap)
   os.makedirs(work_dir, exist_ok=True)
-  files = {k: open(os.path.join(work_dir, f'{k}.bin'), 'wb') for k in ('sigs', 'keys')} if near else {}
+  # Band-major key files, so that each band is read back alone.
+  files = ({k: open(os.path.join(work_dir, f'{k}.bin'), 'wb')
+            for k in ['sigs', *(f'band{b}' for b in range(near[1]))]} if near else {})
   n_docs = 0
   blocks = ((b, (b, sample_below, near)) for b in sources.iter_blocks(data, n_heldout))
   try:
@@ -212,7 +214,7 @@ def scan(config, n_heldout: int, want_sample: bool, progress: bool, work_dir: st
         for h, i, text in out['sample']:
           sample.add(h, n_docs + i, block.source, text)
         for k, f in files.items():
-          out[k].tofile(f)
+          (out['sigs'] if k == 'sigs' else out['keys'][:, int(k[4:])]).tofile(f)
         n_docs += out['n']
   finally:
     for f in files.values():
@@ -225,10 +227,10 @@ def scan(config, n_heldout: int, want_sample: bool, progress: bool, work_dir: st
              else np.zeros(n_docs, np.uint8))
   del hashes
   if near:
-    keys = np.memmap(files['keys'].name, np.uint64, 'r', shape=(n_docs, near[1]))
+    bands = [files[f'band{b}'].name for b in range(near[1])]
     sigs = np.memmap(files['sigs'].name, np.uint32, 'r', shape=(n_docs, dedup.NUM_PERM))
-    dedup.near_removed(keys, sigs, removed, data.near_threshold)
-    del keys, sigs
+    dedup.near_removed(bands, sigs, removed, data.near_threshold)
+    del sigs
   shutil.rmtree(work_dir, ignore_errors=True)
   chosen = sample.final(removed)
   return Scan(block_docs=block_docs, source=np.concatenate(src), chars=np.concatenate(chars),

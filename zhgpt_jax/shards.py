@@ -258,10 +258,10 @@ def _valid_meta(split_dir: str, key: str) -> dict | None:
 
 
 def _seal(config, tok: Tokenizer, tok_hash: str, root: str, build_dir: str, key: str,
-          states: dict, stats: corpus.CorpusStats, found: scan.Scan | None) -> dict[str, dict]:
+          states: dict, stats: corpus.CorpusStats, counts: list[dict] | None) -> dict[str, dict]:
   """Writes each split's meta.json and renames the built splits into place; returns metas."""
   names = [src.name for src in corpus.parse_sources(config.data.corpus)]
-  counts = found.summary_counts(len(names)) if found else [{} for _ in names]
+  counts = counts or [{} for _ in names]
   metas = {}
   for split, st in states.items():
     groups = [dict(name=n, files=list(src.paths), tokens=t, documents=d, **c)
@@ -328,10 +328,14 @@ def prepare(config, workdir: str, progress: bool = True) -> PrepareSummary:
       reused = ()
       if config.data.dedup != 'none':
         scanned(False)
+      counts = found.summary_counts(len(names)) if found else None
+      if found:  # the second pass needs only removed and block_docs
+        found = dataclasses.replace(found, source=None, chars=None, val=None, sample=[],
+                                    val_docs=[])
       build_dir = os.path.join(root, '.build')
       states, stats = encode.build(config, tok, _n_heldout(config), build_dir, key, found,
                                    len(names), progress)
-      metas = _seal(config, tok, tok_hash, root, build_dir, key, states, stats, found)
+      metas = _seal(config, tok, tok_hash, root, build_dir, key, states, stats, counts)
   example = (_read_json(os.path.join(tok_dir, 'prepare.json')) or {}).get('example', '')
   cpt_split = 'val' if metas['val']['documents'] else 'train'
   m = metas[cpt_split]
