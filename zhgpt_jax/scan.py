@@ -149,7 +149,8 @@ class Scan:
 
 
 class _Sample:
-  """Train documents of smallest sample hash, ~max_chars of them; at most ~2x held."""
+  """Train documents of smallest sample hash, max_chars of them once duplicates are out;
+  at most 2x max_chars held."""
 
   def __init__(self, max_chars: int):
     self.max_chars, self.items, self.chars, self.below = max_chars, [], 0, 2**64
@@ -159,14 +160,15 @@ class _Sample:
       self.items.append((h, index, source, text))
       self.chars += len(text)
       if self.chars > 2 * self.max_chars:
+        # A margin over max_chars: some of these may turn out to be duplicates.
         self.items.sort()
-        self.items, self.chars = self._prefix(self.items)
+        self.items, self.chars = self._prefix(self.items, 1.5 * self.max_chars)
         self.below = self.items[-1][0] + 1
 
-  def _prefix(self, items):
+  def _prefix(self, items, limit):
     kept, chars = [], 0
     for item in items:
-      if chars >= self.max_chars:
+      if chars >= limit:
         break
       kept.append(item)
       chars += len(item[3])
@@ -174,7 +176,7 @@ class _Sample:
 
   def final(self, removed: np.ndarray) -> list[tuple]:
     items = sorted(i for i in self.items if removed[i[1]] == dedup.KEEP)
-    return self._prefix(items)[0]
+    return self._prefix(items, self.max_chars)[0]
 
 
 def scan(config, n_heldout: int, want_sample: bool, progress: bool, work_dir: str) -> Scan:
