@@ -191,5 +191,8 @@ def build(config, tok, n_heldout: int, build_dir: str, key: str, found: scan.Sca
                                     writers={s: w.state() for s, w in writers.items()}))
   for w in writers.values():
     w.close()
+  if not any(w.counts['documents'] for w in writers.values()):
+    raise UserError(f'config.data.corpus={data.corpus!r}: no usable documents '
+                    f'({stats.summary()})')
   return {s: w.state() for s, w in writers.items()}, stats
 
