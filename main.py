@@ -1,7 +1,8 @@
 """zhgpt-jax command line: python main.py [COMMAND] --config configs/X.py [--workdir DIR] [--config.a.b=v]
 
-Commands: train (default), prepare, eval, sample, chat, export. eval/sample/chat/export read
-the config saved in --workdir when no --config is given. A user mistake prints one line
+Commands: train (default), prepare, eval, sample, chat, export, serve. eval/sample/chat/export/
+serve read the config saved in --workdir when no --config is given (serve also takes
+--workdir hf:DIR, a HuggingFace directory). A user mistake prints one line
 and exits 2.
 """
 
@@ -11,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ('train', 'prepare', 'eval', 'sample', 'chat', 'export')
+COMMANDS = ('train', 'prepare', 'eval', 'sample', 'chat', 'export', 'serve')
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/tiny.py.')
@@ -21,6 +22,10 @@ flags.DEFINE_string('prompt', None, 'sample: the prompt text.')
 flags.DEFINE_string('prompt_file', None, 'sample: a file with one prompt per line.')
 flags.DEFINE_string('out', None, 'export: output directory for the HuggingFace model.')
 flags.DEFINE_bool('overwrite', False, 'export: replace a non-empty --out.')
+flags.DEFINE_string('host', '127.0.0.1', 'serve: the address to listen on.')
+flags.DEFINE_integer('port', 8000, 'serve: the port to listen on.')
+flags.DEFINE_string('api_key', None, 'serve: require "Authorization: Bearer KEY" on /v1 '
+                    '(default: $ZHGPT_API_KEY; none = open).')
 FLAGS = flags.FLAGS
 
 
@@ -56,7 +61,8 @@ def parse_flags(argv):
     _fail(f'--config {config_path}: no such config file')
   if config_path is None:
     workdir = _value(argv, 'workdir')
-    if workdir and os.path.exists(os.path.join(workdir, 'config.json')):
+    if workdir and (workdir.startswith('hf:') or
+                    os.path.exists(os.path.join(workdir, 'config.json'))):
       argv.insert(1, f'--config={os.path.join(HERE, "configs", "from_workdir.py")}:{workdir}')
   try:
     rest = FLAGS(argv)
@@ -126,6 +132,10 @@ def dispatch(command, config, workdir):
       _fail('export needs --out DIR')
     from zhgpt_jax import export
     print(export.export_workdir(workdir, FLAGS.out, FLAGS.overwrite, FLAGS.step))
+  elif command == 'serve':
+    from zhgpt_jax import serve
+    serve.serve(workdir, config, host=FLAGS.host, port=FLAGS.port, api_key=FLAGS.api_key,
+                step=FLAGS.step)
 
 
 def _prompts():

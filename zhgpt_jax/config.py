@@ -144,6 +144,12 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
       seed=0,
   ))
 
+  c.serve = ml_collections.ConfigDict(dict(
+      slots=16,                  # requests decoded together (batch slots of the KV cache)
+      chunk=8,                   # decode steps between looks at the queue (and streamed pieces)
+      max_request_bytes=1_000_000,   # larger request bodies get 413
+  ))
+
   c.dist = ml_collections.ConfigDict(dict(
       coordinator='',            # host:port of process 0; '' = single process (or from env)
       num_processes=0,           # 0 = from the environment
@@ -181,7 +187,8 @@ _POSITIVE = ('model.n_layer', 'model.n_head', 'model.d_model', 'model.seq_len',
              'train.eval_every', 'train.eval_batch', 'train.ckpt_every', 'train.keep',
              'train.max_nonfinite', 'data.shard_tokens', 'data.max_doc_chars',
              'sample.max_new_tokens', 'data.near_ngram', 'model.moe.n_routed', 'model.moe.top_k',
-             'model.moe.every', 'optim.muon_lr')
+             'model.moe.every', 'optim.muon_lr', 'serve.slots', 'serve.chunk',
+             'serve.max_request_bytes')
 
 
 def _get(config, dotted):

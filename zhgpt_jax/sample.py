@@ -34,7 +34,7 @@ from zhgpt_jax.config import UserError
 STOP_TOKENS = ('<|endoftext|>', '<|im_end|>')
 
 
-class _Mode(NamedTuple):
+class Mode(NamedTuple):
   """The static choices: each combination is one compiled program."""
   greedy: bool
   filters: bool
@@ -88,8 +88,18 @@ def _mask_padding(logits_BxV, real_vocab: int):
   return jnp.where(jnp.arange(logits_BxV.shape[-1]) < real_vocab, logits_BxV, -jnp.inf)
 
 
-def _pick(cfg, mode: _Mode, logits_BxV, seen_BxV, opts, step):
-  """The next token per row: `sampling_logits`, skipping what `mode` turns off."""
+def row_keys(key, step, rows: int):
+  """A key per (step, row): a prompt's samples do not depend on the batch around it or on how
+  streaming chunks the steps."""
+  step_key = jax.random.fold_in(key, step)
+  return jax.vmap(jax.random.fold_in, (None, 0))(step_key, jnp.arange(rows))
+
+
+def choose(cfg, mode: Mode, logits_BxV, seen_BxV, opts: dict, keys_B):
+  """The next token per row: `sampling_logits`, skipping what `mode` turns off.
+
+  opts' penalty, temperature, top_k and top_p are scalars, or [B, 1] for one value a row.
+  """
   x_BxV = _mask_padding(logits_BxV, cfg.real_vocab_size)
   # Always applied, so it costs no program of its own: a penalty of 1 changes nothing.
   x_BxV = repetition_penalty_logits(x_BxV, seen_BxV, opts['penalty'])
@@ -98,11 +108,20 @@ def _pick(cfg, mode: _Mode, logits_BxV, seen_BxV, opts, step):
   x_BxV = x_BxV / opts['temperature']
   if mode.filters:
     x_BxV = filter_logits(x_BxV, opts['top_k'], opts['top_p'])
-  # A key per (step, row): a prompt's samples do not depend on the batch around it or on
-  # how streaming chunks the steps.
-  step_key = jax.random.fold_in(opts['key'], step)
-  keys_B = jax.vmap(jax.random.fold_in, (None, 0))(step_key, jnp.arange(x_BxV.shape[0]))
   return jax.vmap(jax.random.categorical)(keys_B, x_BxV).astype(jnp.int32)
+
+
+def _pick(cfg, mode: Mode, logits_BxV, seen_BxV, opts, step):
+  keys_B = row_keys(opts['key'], step, logits_BxV.shape[0])
+  return choose(cfg, mode, logits_BxV, seen_BxV, opts, keys_B)
+
+
+def model_call(cfg, params, tokens_BxL, positions_BxL, cache, kv_mask_BxS):
+  """One forward pass through the KV cache: (float32 logits [B, L, V], the updated cache)."""
+  logits_BxLxV, aux = model_lib.GPT(cfg).apply(
+      {'params': params}, tokens_BxL, positions_BxL=positions_BxL, cache=cache,
+      kv_mask_BxS=kv_mask_BxS)
+  return logits_BxLxV, aux['cache']
 
 
 # ---------------------------------------------------------------- the decoding loop (jitted)
@@ -111,7 +130,7 @@ def _kv_mask(pad_B, size: int):
   return jnp.arange(size)[None, :] >= pad_B[:, None]
 
 
-def _append(cfg, mode: _Mode, state: dict, opts: dict) -> dict:
+def _append(cfg, mode: Mode, state: dict, opts: dict) -> dict:
   """Picks a token from state's logits and writes it at the cache's write index."""
   tok_B = _pick(cfg, mode, state['logits_BxV'], state['seen_BxV'], opts, state['step'])
   done_B = state['done_B']
@@ -128,7 +147,7 @@ def _append(cfg, mode: _Mode, state: dict, opts: dict) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'mode', 'size'))
-def _start(cfg, mode: _Mode, size: int, params, prompt_BxP, pad_B, opts) -> dict:
+def _start(cfg, mode: Mode, size: int, params, prompt_BxP, pad_B, opts) -> dict:
   """Prefills an S=`size`-slot cache with the right-aligned prompts; picks the first token."""
   b, p = prompt_BxP.shape
   slots_P = jnp.arange(p)
@@ -136,14 +155,13 @@ def _start(cfg, mode: _Mode, size: int, params, prompt_BxP, pad_B, opts) -> dict
   # Pad slots get position 0 (any valid index): they are masked, but must stay finite.
   positions_BxP = jnp.maximum(slots_P[None, :] - pad_B[:, None], 0)
   cache = model_lib.init_cache(cfg, b, size, jnp.dtype(cfg.dtype))
-  logits_BxPxV, aux = model_lib.GPT(cfg).apply(
-      {'params': params}, prompt_BxP, positions_BxL=positions_BxP, cache=cache,
-      kv_mask_BxS=_kv_mask(pad_B, size))
+  logits_BxPxV, cache = model_call(cfg, params, prompt_BxP, positions_BxP, cache,
+                                   _kv_mask(pad_B, size))
   # Pad slots scatter to the out-of-range id V and are dropped.
   seen_ids_BxP = jnp.where(real_BxP, prompt_BxP, cfg.vocab_size)
   seen_BxV = jnp.zeros((b, cfg.vocab_size), bool).at[
       jnp.arange(b)[:, None], seen_ids_BxP].set(True, mode='drop')
-  state = dict(cache=aux['cache'], pad_B=pad_B, seen_BxV=seen_BxV,
+  state = dict(cache=cache, pad_B=pad_B, seen_BxV=seen_BxV,
                tokens_BxS=jnp.zeros((b, size), jnp.int32).at[:, :p].set(prompt_BxP),
                logits_BxV=logits_BxPxV[:, -1], done_B=jnp.zeros(b, bool),
                length_B=jnp.zeros(b, jnp.int32), step=jnp.int32(0))
@@ -151,9 +169,8 @@ def _start(cfg, mode: _Mode, size: int, params, prompt_BxP, pad_B, opts) -> dict
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'mode'), donate_argnames=('state',))
-def _advance(cfg, mode: _Mode, params, state: dict, opts: dict, until) -> dict:
+def _advance(cfg, mode: Mode, params, state: dict, opts: dict, until) -> dict:
   """Single-token steps until `until` tokens are out or every row has stopped."""
-  model = model_lib.GPT(cfg)
   size = state['tokens_BxS'].shape[1]
 
   def unfinished(s):
@@ -162,17 +179,16 @@ def _advance(cfg, mode: _Mode, params, state: dict, opts: dict, until) -> dict:
   def step(s):
     slot = s['cache'][0]['index']   # the last token's slot: it has no keys/values yet
     tok_Bx1 = jax.lax.dynamic_slice_in_dim(s['tokens_BxS'], slot, 1, axis=1)
-    logits_Bx1xV, aux = model.apply(
-        {'params': params}, tok_Bx1, positions_BxL=(slot - s['pad_B'])[:, None],
-        cache=s['cache'], kv_mask_BxS=_kv_mask(s['pad_B'], size))
-    return _append(cfg, mode, dict(s, cache=aux['cache'], logits_BxV=logits_Bx1xV[:, 0]), opts)
+    logits_Bx1xV, cache = model_call(cfg, params, tok_Bx1, (slot - s['pad_B'])[:, None],
+                                     s['cache'], _kv_mask(s['pad_B'], size))
+    return _append(cfg, mode, dict(s, cache=cache, logits_BxV=logits_Bx1xV[:, 0]), opts)
 
   return jax.lax.while_loop(unfinished, step, state)
 
 
 # ---------------------------------------------------------------- host side
 
-def _bucket(n: int) -> int:
+def bucket(n: int) -> int:
   return max(16, 1 << (n - 1).bit_length())
 
 
@@ -202,7 +218,7 @@ def _fit(cfg, prompt: Sequence[int], max_new_tokens: int, sliding: bool) -> list
                   f'max_new_tokens, or turn on sliding to keep its last {room} tokens')
 
 
-def _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> None:
+def check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> None:
   if max_new_tokens < 1:
     raise UserError(f'max_new_tokens={max_new_tokens}: must be > 0')
   if temperature < 0:
@@ -215,14 +231,14 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty
     raise UserError(f'repetition_penalty={repetition_penalty}: must be > 0 (1 = off)')
 
 
-def _stop_array(stop_ids: Sequence[int]) -> np.ndarray:
+def stop_array(stop_ids: Sequence[int]) -> np.ndarray:
   # Padded with -1 (never a token) to a multiple of 4: a new count rarely recompiles.
   stop = list(stop_ids)
   return np.array(stop + [-1] * (_round_up(max(len(stop), 1), 4) - len(stop)), np.int32)
 
 
 class _Run(NamedTuple):
-  mode: _Mode
+  mode: Mode
   opts: dict
   prompt_slots: int
   max_new_tokens: int
@@ -231,21 +247,21 @@ class _Run(NamedTuple):
 def _begin(cfg, params, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
            repetition_penalty=1.0, stop_ids=(), seed=0, sliding=False) -> tuple[dict, _Run]:
   """Checks and pads the prompts, prefills, and picks the first token: (state, run)."""
-  _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+  check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
   if not prompts:
     raise UserError('no prompts')
   prompts = [_fit(cfg, p, max_new_tokens, sliding) for p in prompts]
-  p = _bucket(max(len(x) for x in prompts))
+  p = bucket(max(len(x) for x in prompts))
   size = _round_up(p + max_new_tokens, 64)
   pad_B = np.array([p - len(x) for x in prompts], np.int32)
   prompt_BxP = np.zeros((len(prompts), p), np.int32)
   for row, (x, pad) in enumerate(zip(prompts, pad_B)):
     prompt_BxP[row, pad:] = x
   greedy = temperature == 0
-  mode = _Mode(greedy=greedy, filters=not greedy and (top_k > 0 or top_p < 1.0))
+  mode = Mode(greedy=greedy, filters=not greedy and (top_k > 0 or top_p < 1.0))
   opts = dict(temperature=np.float32(temperature), top_k=np.int32(top_k),
               top_p=np.float32(top_p), penalty=np.float32(repetition_penalty),
-              stop_K=_stop_array(stop_ids), key=jax.random.PRNGKey(seed))
+              stop_K=stop_array(stop_ids), key=jax.random.PRNGKey(seed))
   state = _start(cfg, mode, size, params, prompt_BxP, pad_B, opts)
   return state, _Run(mode, opts, p, max_new_tokens)
 
@@ -299,7 +315,7 @@ def _chunks(cfg, params, state: dict, run: _Run, chunk: int) -> Iterator[list[in
 
 # ---------------------------------------------------------------- text
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode_prompt(tokenizer, text: str) -> list[int]:
   ids = tokenizer.encode(text).ids
   if not ids:   # an empty prompt: start from a document boundary, as GPT-2 does
     eot = tokenizer.token_to_id(STOP_TOKENS[0])
@@ -356,7 +372,7 @@ def generate_text(cfg, params, tokenizer, prompts: list[str], sample_cfg,
 def generate_ids(cfg, params, tokenizer, prompts: list[str], sample_cfg,
                  stop_tokens: Sequence[str] = STOP_TOKENS) -> list[list[int]]:
   """`generate_text`'s new tokens, as ids."""
-  ids = [_encode(tokenizer, p) for p in prompts]
+  ids = [encode_prompt(tokenizer, p) for p in prompts]
   return generate(cfg, params, ids, **_options(cfg, tokenizer, ids, sample_cfg, stop_tokens))
 
 
@@ -376,7 +392,7 @@ def stream_text(cfg, params, tokenizer, prompt: str, sample_cfg,
   Each piece is whole characters: the accumulated tokens are decoded after every chunk and
   the new complete suffix is yielded. The pieces concatenate to generate_text's result.
   """
-  prompt_ids = _encode(tokenizer, prompt)
+  prompt_ids = encode_prompt(tokenizer, prompt)
   ids, text, sent = [], '', 0
   for new in stream(cfg, params, prompt_ids, chunk=chunk,
                     **_options(cfg, tokenizer, [prompt_ids], sample_cfg, stop_tokens)):
@@ -397,7 +413,7 @@ def sample_workdir(workdir: str, prompts: list[str], sample_cfg, step: int | Non
   write = write or (lambda s: print(s, end='', flush=True))
   cfg, params, tokenizer, _ = checkpoint.load_model(workdir, step)
   params = jax.tree.map(jnp.asarray, params)
-  ids = [_encode(tokenizer, p) for p in prompts]
+  ids = [encode_prompt(tokenizer, p) for p in prompts]
   fits = _max_new(cfg, ids, sample_cfg.max_new_tokens, sample_cfg.get('sliding', False))
   if fits < sample_cfg.max_new_tokens:
     print(f'sample: {fits} new tokens at most (max_new_tokens={sample_cfg.max_new_tokens}): '

@@ -1,0 +1,325 @@
+"""`main.py serve` over HTTP, with the official openai client, against `main.py sample`.
+
+One server process for the module (tests/serving.py: a random-weight tiny model saved
+through the real checkpoint code, an API key from $ZHGPT_API_KEY, a small body limit). The
+references are sample.py's functions on the same checkpoint, in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import openai
+import pytest
+import transformers
+
+from serving import API_KEY, ROOT, Served, get, random_workdir
+from zhgpt_jax import checkpoint, engine, sample, serve, sft
+from zhgpt_jax import tokenizer as tok_lib
+
+MAX_BODY = 20_000
+PROMPTS = [f'{a}{b}' for a in ('村民们', '今天', '人民', '我们的', '经济', '中国', '学生', '城市')
+           for b in ('都很高兴', '发展', '说', '的生活', '正在', '和', '新的', '开始')]   # 64
+
+
+@pytest.fixture(scope='module')
+def workdir(tiny_data, tmp_path_factory):
+  return random_workdir(tiny_data.config, os.path.join(tiny_data.data_dir, 'tokenizer'),
+                        str(tmp_path_factory.mktemp('serve') / 'model'))
+
+
+@pytest.fixture(scope='module')
+def server(workdir):
+  s = Served(workdir, f'--config.serve.max_request_bytes={MAX_BODY}',
+             env={serve.API_KEY_ENV: API_KEY})
+  yield s
+  s.close()
+
+
+@pytest.fixture(scope='module')
+def client(server):
+  return openai.OpenAI(base_url=f'{server.url}/v1', api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope='module')
+def reference(workdir):
+  """(cfg, params, tokenizer, config) of the served checkpoint, for sample.py's answers."""
+  cfg, params, tokenizer, config = checkpoint.load_model(workdir)
+  config.sample.temperature = 0.0
+  return cfg, params, tokenizer, config
+
+
+def stop_ids(tokenizer):
+  return [tokenizer.token_to_id(t) for t in sample.STOP_TOKENS]
+
+
+def complete(client, prompt, **kw):
+  return client.completions.create(model='model', prompt=prompt, temperature=0, **kw)
+
+
+# ---------------------------------------------------------------- the API against sample.py
+
+def test_models_health_and_page(server, client):
+  assert [m.id for m in client.models.list().data] == ['model']
+  status, body = get(f'{server.url}/health')
+  assert status == 200 and json.loads(body) == dict(status='ok', model='model', slots=16,
+                                                    active=0, waiting=0)
+  status, body = get(f'{server.url}/')
+  assert status == 200 and b'/v1/chat/completions' in body and b'<script' in body
+  assert b'http://' not in body and b'https://' not in body       # no external assets
+
+
+def test_completions_greedy_equal_main_py_sample(server, client, reference, workdir):
+  cfg, params, tokenizer, config = reference
+  # One prompt at a time: a batch shares one cap on new tokens, what the longest prompt leaves.
+  want = [sample.generate_text(cfg, params, tokenizer, [p], config.sample)[0] for p in PROMPTS[:6]]
+  got = [complete(client, p) for p in PROMPTS[:6]]
+  assert [c.choices[0].text for c in got] == want
+  assert len(set(want)) == 6 and all(len(w) > 5 for w in want)
+  for c, p in zip(got, PROMPTS):
+    ids = tokenizer.encode(p).ids
+    assert c.usage.prompt_tokens == len(ids) and c.object == 'text_completion'
+    assert c.choices[0].finish_reason in ('stop', 'length')
+  # The command line itself, streaming one prompt.
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), 'sample', '--workdir',
+                        workdir, '--prompt', PROMPTS[0], '--config.sample.temperature=0'],
+                       env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout == PROMPTS[0] + got[0].choices[0].text + '\n'
+  # Token ids as the prompt: the same reply as their text.
+  ids = tokenizer.encode(PROMPTS[1]).ids
+  assert complete(client, ids).choices[0].text == want[1]
+
+
+def test_chat_prompt_ids_equal_apply_chat_template(tiny_data, client, reference):
+  messages = [dict(role='system', content='你是一个乐于助人的助手。'),
+              dict(role='user', content='你好，今天 天气 怎么样?\n请回答。'),
+              dict(role='assistant', content='今天天气很好。 Sunny!'),
+              dict(role='user', content='明天呢？')]
+  hf = transformers.AutoTokenizer.from_pretrained(os.path.join(tiny_data.data_dir, 'tokenizer'))
+  want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+  want = list(want['input_ids'] if hasattr(want, 'keys') else want)   # transformers 4 | 5
+  got = serve.chat_prompt_ids(sft.ChatEncoder(reference[2]), messages)
+  assert got == want
+  reply = client.chat.completions.create(model='model', messages=messages, max_tokens=3)
+  assert reply.usage.prompt_tokens == len(want)
+
+
+def test_chat_greedy_stream_and_usage(client, reference):
+  cfg, params, tokenizer, config = reference
+  messages = [dict(role='user', content='村民们都很高兴吗？')]
+  ids = serve.chat_prompt_ids(sft.ChatEncoder(tokenizer), messages)
+  new = sample.generate(cfg, params, [ids], max_new_tokens=40, temperature=0.0,
+                        repetition_penalty=config.sample.repetition_penalty,
+                        stop_ids=stop_ids(tokenizer))[0]
+  want = tok_lib.decode(tokenizer, new)
+  reply = client.chat.completions.create(model='model', messages=messages, temperature=0,
+                                         max_tokens=40)
+  choice = reply.choices[0]
+  assert choice.message.role == 'assistant' and choice.message.content == want
+  assert choice.finish_reason == ('length' if len(new) == 40 else 'stop')
+  assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), len(new))
+  chunks = list(client.chat.completions.create(
+      model='model', messages=messages, temperature=0, max_tokens=40, stream=True,
+      stream_options=dict(include_usage=True)))
+  assert chunks[0].choices[0].delta.role == 'assistant'
+  pieces = [c.choices[0].delta.content or '' for c in chunks if c.choices]
+  assert ''.join(pieces) == want and sum(bool(p) for p in pieces) > 2   # several pieces
+  assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+  assert chunks[-1].usage.completion_tokens == len(new) and not chunks[-1].choices
+
+
+def test_stop_max_tokens_and_seed(client, reference):
+  cfg, params, tokenizer, config = reference
+  full = complete(client, PROMPTS[2], max_tokens=30).choices[0].text
+  stop = next(full[i:i + 2] for i in range(3, len(full)) if '\ufffd' not in full[i:i + 2])
+  got = complete(client, PROMPTS[2], max_tokens=30, stop=['never-there', stop])
+  assert got.choices[0].text == full[:full.index(stop)] and got.choices[0].finish_reason == 'stop'
+  streamed = list(complete(client, PROMPTS[2], max_tokens=30, stop=stop, stream=True))
+  assert ''.join(c.choices[0].text for c in streamed) == full[:full.index(stop)]
+  short = complete(client, PROMPTS[2], max_tokens=5)
+  assert short.choices[0].finish_reason == 'length' and short.usage.completion_tokens == 5
+  # Sampling: a seed reproduces, and samples what sample.generate samples with it.
+  options = dict(temperature=1.0, top_p=0.9, seed=7, max_tokens=20)
+  first, again, other = (client.completions.create(model='model', prompt=PROMPTS[3], **o).choices[0].text
+                         for o in (options, options, dict(options, seed=8)))
+  ids = tokenizer.encode(PROMPTS[3]).ids
+  new = sample.generate(cfg, params, [ids], max_new_tokens=20, temperature=1.0, top_p=0.9,
+                        top_k=config.sample.top_k, seed=7,
+                        repetition_penalty=config.sample.repetition_penalty,
+                        stop_ids=stop_ids(tokenizer))[0]
+  assert first == again == tok_lib.decode(tokenizer, new) and first != other
+
+
+# ---------------------------------------------------------------- concurrency
+
+def test_sixteen_clients_match_each_request_alone(client):
+  alone = {p: complete(client, p, max_tokens=16).choices[0].text for p in PROMPTS}
+  got, errors = {}, []
+
+  def worker(mine):
+    try:
+      for p in mine:
+        got[p] = complete(client, p, max_tokens=16).choices[0].text
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  threads = [threading.Thread(target=worker, args=(PROMPTS[i::16],)) for i in range(16)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors and got == alone
+  assert len(set(alone.values())) > 50
+
+
+def test_a_client_killed_mid_stream_does_not_stall_others(server, client):
+  code = ('import openai,sys\n'
+          f'c = openai.OpenAI(base_url="{server.url}/v1", api_key="{API_KEY}")\n'
+          f's = c.completions.create(model="model", prompt="{PROMPTS[0]}", max_tokens=100, '
+          'temperature=0, stream=True)\n'
+          'for chunk in s:\n  print("got", flush=True)\n')
+  killed = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+  others = {}
+  threads = [threading.Thread(target=lambda p=p: others.__setitem__(
+      p, complete(client, p, max_tokens=16).choices[0].text)) for p in PROMPTS[8:16]]
+  assert killed.stdout.readline() == 'got\n'
+  for t in threads:
+    t.start()
+  killed.kill()
+  killed.wait()
+  for t in threads:
+    t.join(timeout=60)
+  assert len(others) == 8 and all(others.values())
+  deadline = time.time() + 20
+  while json.loads(get(f'{server.url}/health')[1])['active'] and time.time() < deadline:
+    time.sleep(0.1)
+  assert json.loads(get(f'{server.url}/health')[1])['active'] == 0
+  assert complete(client, PROMPTS[8], max_tokens=16).choices[0].text == others[PROMPTS[8]]
+
+
+def test_engine_cancel_frees_the_slot_for_the_next_request(reference):
+  """One slot: a request cancelled after its first tokens hands the slot to a waiting one."""
+  cfg, params, _, _ = reference
+  eng = engine.Engine(cfg, params, slots=1, chunk=2, stop_ids=[])
+  events = {'a': [], 'b': []}
+  done = threading.Event()
+
+  def on_a(ids, finish):
+    events['a'].append((ids, finish))
+    if len(events['a']) == 1:
+      eng.cancel(a)
+
+  def on_b(ids, finish):
+    events['b'].append((ids, finish))
+    if finish:
+      done.set()
+
+  a = engine.Request([5, 6, 7], 100, on_a)
+  try:
+    eng.submit(a)
+    eng.submit(engine.Request([8, 9], 5, on_b))
+    assert done.wait(120)
+  finally:
+    eng.close()
+  assert events['a'][-1] == ([], 'cancelled')
+  assert sum(len(ids) for ids, _ in events['a']) < 20
+  assert sum(len(ids) for ids, _ in events['b']) == 5 and events['b'][-1][1] == 'length'
+
+
+# ---------------------------------------------------------------- bad requests
+
+def post(server, path, body, key=API_KEY, content_type='application/json'):
+  data = body if isinstance(body, bytes) else json.dumps(body).encode()
+  headers = {'Content-Type': content_type}
+  if key:
+    headers['Authorization'] = f'Bearer {key}'
+  req = urllib.request.Request(f'{server.url}{path}', data=data, headers=headers)
+  try:
+    with urllib.request.urlopen(req, timeout=30) as r:
+      return r.status, json.loads(r.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+CHAT = dict(model='model', messages=[dict(role='user', content='你好')], max_tokens=4)
+BAD = {
+    'malformed JSON': ('/v1/chat/completions', b'{"model": "model", "messages": [', 400),
+    'not an object': ('/v1/chat/completions', b'[1, 2]', 400),
+    'unknown model': ('/v1/chat/completions', dict(CHAT, model='gpt-4'), 404),
+    'missing messages': ('/v1/chat/completions', dict(model='model'), 400),
+    'empty messages': ('/v1/chat/completions', dict(CHAT, messages=[]), 400),
+    'wrong role': ('/v1/chat/completions',
+                   dict(CHAT, messages=[dict(role='robot', content='hi')]), 400),
+    'content not text': ('/v1/chat/completions',
+                         dict(CHAT, messages=[dict(role='user', content=5)]), 400),
+    'negative max_tokens': ('/v1/chat/completions', dict(CHAT, max_tokens=-1), 400),
+    'zero max_tokens': ('/v1/completions', dict(model='model', prompt='a', max_tokens=0), 400),
+    'max_tokens past the context': ('/v1/chat/completions', dict(CHAT, max_tokens=1000), 400),
+    'prompt longer than the context': ('/v1/completions',
+                                       dict(model='model', prompt='人民' * 200), 400),
+    'oversized body': ('/v1/completions', dict(model='model', prompt='x' * MAX_BODY), 413),
+    'temperature a string': ('/v1/chat/completions', dict(CHAT, temperature='hot'), 400),
+    'top_p above 1': ('/v1/chat/completions', dict(CHAT, top_p=1.5), 400),
+    'n=2': ('/v1/chat/completions', dict(CHAT, n=2), 400),
+    'five stop strings': ('/v1/completions', dict(model='model', prompt='a', stop=list('abcde')),
+                          400),
+    'token id outside the vocab': ('/v1/completions', dict(model='model', prompt=[5, 10**6]), 400),
+    'logprobs (unsupported)': ('/v1/chat/completions', dict(CHAT, logprobs=True), 400),
+}
+
+
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
+  for name, (path, body, status) in BAD.items():
+    got, reply = post(server, path, body)
+    assert got == status, (name, reply)
+    assert set(reply) == {'error'} and reply['error']['message'], (name, reply)
+    assert {'type', 'param', 'code'} <= set(reply['error']), (name, reply)
+  assert post(server, '/v1/completions', dict(model='model', prompt='人民' * 200))[1][
+      'error']['code'] == 'context_length_exceeded'
+  for key in (None, 'wrong'):
+    got, reply = post(server, '/v1/chat/completions', CHAT, key=key)
+    assert got == 401 and reply['error']['code'] == 'invalid_api_key'
+  assert get(f'{server.url}/v1/models')[0] == 401
+  assert get(f'{server.url}/v1/nowhere', API_KEY)[0] == 404
+  assert get(f'{server.url}/health')[0] == 200          # open without the key
+  reply = client.chat.completions.create(**CHAT)
+  assert reply.choices[0].message.content is not None and reply.usage.completion_tokens > 0
+
+
+# ---------------------------------------------------------------- the chat page, in a browser
+
+def test_chat_page_in_chromium(server, client, tmp_path):
+  """Two turns typed into the page in headless chromium: each reply streams in and equals the
+  API's greedy reply to the conversation so far; the page keeps the history."""
+  from serving import chat_in_page, chromium
+  try:
+    driver = chromium(str(tmp_path / 'chromium-profile'))
+  except FileNotFoundError as e:
+    if os.environ.get('CI') == 'true':
+      raise
+    pytest.skip(str(e))
+  try:
+    got = chat_in_page(driver, server.url, ['你好', '村民们都很高兴吗？'], api_key=API_KEY,
+                       max_tokens=16)
+  finally:
+    driver.quit()
+  turns = [dict(role=r, content=t) for r, t in got['bubbles']]
+  assert [t['role'] for t in turns] == ['user', 'assistant'] * 2
+  assert [turns[0]['content'], turns[2]['content']] == ['你好', '村民们都很高兴吗？']
+  assert got['history'] == turns
+  for i in (1, 3):
+    want = client.chat.completions.create(model='model', messages=turns[:i], temperature=0,
+                                          max_tokens=16).choices[0].message.content
+    assert turns[i]['content'] == want and want
+  # Streamed: each reply showed growing prefixes of itself before the whole.
+  for i, texts in zip((1, 3), got['partials']):
+    assert len(texts) >= 2 and texts[-1] == turns[i]['content'], texts
+    assert all(turns[i]['content'].startswith(t) for t in texts), texts

@@ -1,0 +1,116 @@
+"""The OpenAI request bodies the server accepts, and its errors in OpenAI's shape.
+
+Requests are pydantic models (strict types: "5" is not a number); a field OpenAI defines but
+we do not implement (n > 1, logprobs, tools, ...) is refused by name rather than ignored.
+Unknown fields are ignored, as OpenAI's server does. Every error is
+{"error": {"message", "type", "param", "code"}} with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal, Union
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ApiError(Exception):
+  """An error answered as OpenAI answers it: `status` and {"error": {...}}."""
+
+  def __init__(self, status: int, message: str, param: str | None = None,
+               code: str | None = None, kind: str = 'invalid_request_error'):
+    super().__init__(message)
+    self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+  def body(self) -> dict:
+    return dict(error=dict(message=self.message, type=self.kind, param=self.param, code=self.code))
+
+
+class _Strict(BaseModel):
+  model_config = ConfigDict(strict=True, extra='ignore')
+
+
+class TextPart(_Strict):
+  type: Literal['text']
+  text: str
+
+
+class Message(_Strict):
+  role: Literal['system', 'developer', 'user', 'assistant']
+  content: Union[str, list[TextPart]]
+  name: str | None = None
+
+  def text(self) -> str:
+    return self.content if isinstance(self.content, str) else ''.join(
+        p.text for p in self.content)
+
+
+class StreamOptions(_Strict):
+  include_usage: bool = False
+
+
+class _Sampling(_Strict):
+  """The fields both endpoints share; None = the server's default (config.sample)."""
+  model: str
+  max_tokens: int | None = Field(None, ge=1)
+  temperature: float | None = Field(None, ge=0, le=2)
+  top_p: float | None = Field(None, gt=0, le=1)
+  top_k: int | None = Field(None, ge=0)
+  repetition_penalty: float | None = Field(None, gt=0, le=10)
+  stop: Union[str, list[str], None] = None
+  seed: int | None = None
+  n: int = Field(1, ge=1, le=1)
+  stream: bool = False
+  stream_options: StreamOptions | None = None
+  # Defined by OpenAI, not implemented here: refused when set, so no one trusts a no-op.
+  logprobs: Union[bool, int, None] = None
+  tools: list | None = None
+  best_of: int | None = None
+
+  def stops(self) -> list[str]:
+    stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+      raise ApiError(400, 'stop: at most 4 non-empty strings', 'stop')
+    return stop
+
+  def check_unsupported(self) -> None:
+    used = dict(logprobs=self.logprobs not in (None, False), tools=bool(self.tools),
+                best_of=self.best_of not in (None, 1))
+    for name in (n for n, on in used.items() if on):
+      raise ApiError(400, f'{name} is not supported by this server', name, 'unsupported')
+
+
+class ChatRequest(_Sampling):
+  messages: list[Message] = Field(min_length=1)
+  max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Sampling):
+  prompt: Union[str, list[int], list[str]]
+  echo: bool = False
+  suffix: str | None = None
+
+  def check_unsupported(self) -> None:
+    super().check_unsupported()
+    if self.echo or self.suffix:
+      name = 'echo' if self.echo else 'suffix'
+      raise ApiError(400, f'{name} is not supported by this server', name, 'unsupported')
+
+
+def parse(model_cls, body: bytes):
+  """`body` as a `model_cls`; ApiError(400) naming the first bad field."""
+  try:
+    data = json.loads(body)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ApiError(400, f'the body is not valid JSON: {e}', code='invalid_json') from None
+  if not isinstance(data, dict):
+    raise ApiError(400, 'the body must be a JSON object')
+  try:
+    req = model_cls.model_validate(data)
+  except pydantic.ValidationError as e:
+    err = e.errors()[0]
+    where = '.'.join(str(x) for x in err['loc'] if not str(x).startswith(('str', 'list[')))
+    raise ApiError(400, f'{where or "body"}: {err["msg"]}', where or None) from None
+  req.check_unsupported()
+  return req

@@ -1,0 +1,345 @@
+"""`main.py serve`: an OpenAI-compatible HTTP API and a chat page, on FastAPI + uvicorn.
+
+  GET  /                     the chat page (static/chat.html: plain HTML + JS, no external assets)
+  GET  /health               {"status": "ok", "slots", "active", "waiting"}
+  GET  /v1/models            the one model served
+  POST /v1/chat/completions  messages -> ChatML prompt (the ids of HF apply_chat_template)
+  POST /v1/completions       prompt text (or token ids) -> continuation
+
+Both POST endpoints take max_tokens, temperature, top_p, stop, seed, n=1, stream (server-sent
+events ending in `data: [DONE]`) and our extras top_k and repetition_penalty; a field left
+out takes config.sample's value (seed: a random one). Requests run in engine.Engine's batch
+slots. Replies decode with the tokenizer's special tokens kept, as `main.py sample` prints
+them; a `stop` string ends the reply before it (held back while it may still be forming).
+A client that disconnects cancels its request, which frees its slot.
+
+With an API key (--api_key or $ZHGPT_API_KEY) every /v1 request needs
+`Authorization: Bearer KEY` (401 otherwise). Errors are OpenAI's JSON shape (api_schema.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import secrets
+import sys
+import time
+import uuid
+from importlib import resources
+
+import fastapi
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from zhgpt_jax import api_schema as api
+from zhgpt_jax import engine as engine_lib
+from zhgpt_jax import sample
+from zhgpt_jax import tokenizer as tok_lib
+from zhgpt_jax.api_schema import ApiError
+from zhgpt_jax.config import UserError
+
+API_KEY_ENV = 'ZHGPT_API_KEY'
+
+
+def chat_page() -> str:
+  return resources.files('zhgpt_jax').joinpath('static/chat.html').read_text(encoding='utf-8')
+
+
+def chat_prompt_ids(encoder, messages: list[dict]) -> list[int]:
+  """The ChatML prompt of `messages` ({'role', 'content'}), ending in the assistant header:
+  HF apply_chat_template(messages, add_generation_prompt=True) with the tokenizer's template.
+  ('developer' is OpenAI's newer name for 'system'.)"""
+  return encoder.prompt([dict(role='system' if m['role'] == 'developer' else m['role'],
+                              content=m['content']) for m in messages])
+
+
+class ReplyText:
+  """A reply's text as its ids arrive: whole characters, cut before the first `stop` string."""
+
+  def __init__(self, tokenizer, stop: list[str]):
+    self.tokenizer, self.stop = tokenizer, stop
+    self.ids: list[int] = []
+    self.sent = 0
+    self.stopped = False
+
+  def feed(self, ids: list[int], final: bool) -> str:
+    """The new text that is safe to send; at a stop string, the text before it (stopped)."""
+    self.ids += ids
+    text = tok_lib.decode(self.tokenizer, self.ids)
+    hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+    if hits:
+      self.stopped, text = True, text[:min(hits)]
+    elif not final:
+      text = sample.complete_suffix(text, 0)
+      # Hold back a tail that may grow into a stop string.
+      hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])),
+                 default=0)
+      text = text[:len(text) - hold]
+    piece = text[self.sent:]
+    self.sent = max(self.sent, len(text))
+    return piece
+
+
+class Server:
+  """The model, its tokenizer, and the engine that runs requests."""
+
+  def __init__(self, cfg, params, tokenizer, sample_cfg, *, model_id: str, slots: int,
+               chunk: int, max_request_bytes: int):
+    from zhgpt_jax import sft   # the ChatML encoder
+    self.cfg, self.tokenizer, self.sample_cfg, self.model_id = cfg, tokenizer, sample_cfg, model_id
+    self.encoder = sft.ChatEncoder(tokenizer)
+    self.max_request_bytes = max_request_bytes
+    stop_ids = [tokenizer.token_to_id(t) for t in sample.STOP_TOKENS]
+    self.engine = engine_lib.Engine(cfg, params, slots=slots, chunk=chunk,
+                                    stop_ids=[i for i in stop_ids if i is not None])
+    self.created = int(time.time())
+
+  def chat_ids(self, messages: list[api.Message]) -> list[int]:
+    return chat_prompt_ids(self.encoder, [dict(role=m.role, content=m.text()) for m in messages])
+
+  def completion_ids(self, prompt) -> list[int]:
+    if isinstance(prompt, list) and all(isinstance(x, str) for x in prompt):
+      if len(prompt) != 1:
+        raise ApiError(400, 'prompt: give one prompt (a batch of prompts is not supported)',
+                       'prompt')
+      prompt = prompt[0]
+    if isinstance(prompt, str):
+      return sample.encode_prompt(self.tokenizer, prompt)
+    bad = [t for t in prompt if not 0 <= t < self.cfg.real_vocab_size]
+    if bad or not prompt:
+      raise ApiError(400, f'prompt: token id {bad[0]} is outside the vocabulary' if bad
+                     else 'prompt: no token ids', 'prompt')
+    return list(prompt)
+
+  def request(self, req: api._Sampling, prompt: list[int], max_tokens: int | None):
+    """An engine.Request for `prompt` with `req`'s options (config.sample's where unset)."""
+    if req.model != self.model_id:
+      raise ApiError(404, f'the model {req.model!r} does not exist; this server has '
+                     f'{self.model_id!r}', 'model', 'model_not_found')
+    room = self.cfg.seq_len - len(prompt)
+    if room < 1:
+      raise ApiError(400, f"the prompt's {len(prompt)} tokens fill the model's context of "
+                     f'{self.cfg.seq_len} tokens', 'messages', 'context_length_exceeded')
+    if max_tokens is not None and max_tokens > room:
+      raise ApiError(400, f'max_tokens={max_tokens} is too large: the prompt takes '
+                     f'{len(prompt)} of the context of {self.cfg.seq_len} tokens, leaving '
+                     f'{room}', 'max_tokens', 'context_length_exceeded')
+    s = self.sample_cfg
+    pick = lambda value, default: default if value is None else value
+    return engine_lib.Request(
+        prompt, pick(max_tokens, min(s.max_new_tokens, room)), on_tokens=None,
+        temperature=pick(req.temperature, s.temperature), top_k=pick(req.top_k, s.top_k),
+        top_p=pick(req.top_p, s.top_p),
+        repetition_penalty=pick(req.repetition_penalty, s.repetition_penalty),
+        seed=pick(req.seed, secrets.randbits(31)))
+
+  async def run(self, request: engine_lib.Request, stop: list[str]):
+    """Submits `request`; yields (text piece, finish reason or None), and the ReplyText last.
+
+    Leaving early (a client gone, a stop string) cancels the request, freeing its slot.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def on_tokens(ids, finish):
+      try:
+        loop.call_soon_threadsafe(queue.put_nowait, (ids, finish))
+      except RuntimeError:   # the event loop is closed: the server is shutting down
+        pass
+
+    request.on_tokens = on_tokens
+    text, finish = ReplyText(self.tokenizer, stop), None
+    self.engine.submit(request)
+    try:
+      while finish is None:
+        ids, finish = await queue.get()
+        piece = text.feed(ids, final=finish is not None)
+        if text.stopped:
+          finish = 'stop'
+        if finish == 'error':
+          raise ApiError(500, 'decoding failed on the server', kind='server_error')
+        if piece or finish:
+          yield piece, finish, text
+    finally:
+      if finish is None or text.stopped:
+        self.engine.cancel(request)
+
+
+def _usage(prompt: list[int], text: ReplyText) -> dict:
+  n = len(text.ids)
+  return dict(prompt_tokens=len(prompt), completion_tokens=n, total_tokens=len(prompt) + n)
+
+
+def _sse(obj) -> str:
+  import json
+  return f'data: {json.dumps(obj, ensure_ascii=False)}\n\n'
+
+
+async def _body(request: fastapi.Request, limit: int) -> bytes:
+  """The request body, refused (413) past `limit` bytes without reading the rest."""
+  size = request.headers.get('content-length', '')
+  if size.isdigit() and int(size) > limit:
+    raise ApiError(413, f'the request body of {size} bytes is over the limit of {limit}',
+                   code='request_too_large')
+  body = bytearray()
+  async for part in request.stream():
+    body += part
+    if len(body) > limit:
+      raise ApiError(413, f'the request body is over the limit of {limit} bytes',
+                     code='request_too_large')
+  return bytes(body)
+
+
+async def _until_disconnect(request: fastapi.Request) -> None:
+  while (await request.receive())['type'] != 'http.disconnect':
+    pass
+
+
+async def _respond(request: fastapi.Request, server: Server, req, prompt: list[int],
+                   max_tokens: int | None, kind: str):
+  """Runs one request: a JSON reply, or (req.stream) an SSE stream. kind: 'chat' | 'text'."""
+  job = server.request(req, prompt, max_tokens)
+  stop = req.stops()
+  rid = f'{"chatcmpl" if kind == "chat" else "cmpl"}-{uuid.uuid4().hex[:24]}'
+  head = dict(id=rid, created=int(time.time()), model=server.model_id)
+
+  def choice(piece, finish, delta):
+    if kind == 'text':
+      return dict(index=0, text=piece, logprobs=None, finish_reason=finish)
+    return dict(index=0, finish_reason=finish, logprobs=None,
+                **{'delta' if delta else 'message':
+                   dict(content=piece) if delta else dict(role='assistant', content=piece)})
+
+  if req.stream:
+    obj = 'chat.completion.chunk' if kind == 'chat' else 'text_completion'
+    usage = req.stream_options is not None and req.stream_options.include_usage
+
+    async def events():
+      if kind == 'chat':
+        first = choice('', None, True)
+        first['delta']['role'] = 'assistant'
+        yield _sse(dict(head, object=obj, choices=[first]))
+      try:
+        async for piece, finish, text in server.run(job, stop):
+          yield _sse(dict(head, object=obj, choices=[choice(piece, finish, True)]))
+        if usage:
+          yield _sse(dict(head, object=obj, choices=[], usage=_usage(prompt, text)))
+      except ApiError as e:
+        yield _sse(e.body())
+      yield 'data: [DONE]\n\n'
+
+    return StreamingResponse(events(), media_type='text/event-stream',
+                             headers={'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'})
+
+  async def collect():
+    pieces = []
+    async for piece, finish, text in server.run(job, stop):
+      pieces.append(piece)
+    return ''.join(pieces), finish, text
+
+  watch = asyncio.ensure_future(_until_disconnect(request))
+  work = asyncio.ensure_future(collect())
+  try:
+    await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+  finally:
+    watch.cancel()
+    if not work.done():   # the client went away: cancelling `work` cancels the request
+      work.cancel()
+      return fastapi.Response(status_code=499)
+  reply, finish, text = work.result()
+  obj = 'chat.completion' if kind == 'chat' else 'text_completion'
+  return JSONResponse(dict(head, object=obj, choices=[choice(reply, finish, False)],
+                           usage=_usage(prompt, text)))
+
+
+def create_app(server: Server, api_key: str | None = None) -> fastapi.FastAPI:
+  app = fastapi.FastAPI(title='zhgpt-jax', docs_url=None, redoc_url=None)
+
+  @app.exception_handler(ApiError)
+  async def api_error(_, e: ApiError):
+    return JSONResponse(e.body(), status_code=e.status)
+
+  @app.exception_handler(StarletteHTTPException)
+  async def http_error(_, e: StarletteHTTPException):
+    return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+  async def authorize(request: fastapi.Request):
+    if api_key:
+      given = request.headers.get('authorization', '')
+      if not hmac.compare_digest(given.encode(), f'Bearer {api_key}'.encode()):
+        raise ApiError(401, 'missing or wrong API key: send Authorization: Bearer KEY',
+                       code='invalid_api_key')
+
+  v1 = fastapi.APIRouter(prefix='/v1', dependencies=[fastapi.Depends(authorize)])
+
+  @app.get('/', response_class=HTMLResponse)
+  async def page():
+    return chat_page()
+
+  @app.get('/health')
+  async def health():
+    waiting = len(server.engine.waiting)
+    return dict(status='ok', model=server.model_id, slots=len(server.engine.slots),
+                active=server.engine.active(), waiting=waiting)
+
+  @v1.get('/models')
+  async def models():
+    return dict(object='list', data=[dict(id=server.model_id, object='model',
+                                          created=server.created, owned_by='zhgpt-jax')])
+
+  @v1.post('/chat/completions')
+  async def chat_completions(request: fastapi.Request):
+    req = api.parse(api.ChatRequest, await _body(request, server.max_request_bytes))
+    prompt = server.chat_ids(req.messages)
+    max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
+    return await _respond(request, server, req, prompt, max_tokens, 'chat')
+
+  @v1.post('/completions')
+  async def completions(request: fastapi.Request):
+    req = api.parse(api.CompletionRequest, await _body(request, server.max_request_bytes))
+    prompt = server.completion_ids(req.prompt)
+    return await _respond(request, server, req, prompt, req.max_tokens, 'text')
+
+  app.include_router(v1)
+  return app
+
+
+def load(source: str, step: int | None = None):
+  """(GPTConfig, params, tokenizer, model id) of a workdir of ours or an `hf:DIR` directory."""
+  import jax
+  import jax.numpy as jnp
+  if source.startswith('hf:'):
+    from zhgpt_jax import export
+    path = source[3:]
+    cfg, params = export.import_hf(path)
+    tokenizer = tok_lib.load_tokenizer(path)
+  else:
+    from zhgpt_jax import checkpoint
+    cfg, params, tokenizer, _ = checkpoint.load_model(source, step)
+  model_id = os.path.basename(os.path.normpath(source.removeprefix('hf:'))) or 'zhgpt'
+  return cfg, jax.tree.map(jnp.asarray, params), tokenizer, model_id
+
+
+def serve(source: str, config, *, host: str, port: int, api_key: str | None = None,
+          step: int | None = None) -> None:
+  """`main.py serve`: loads the model, compiles every program, then serves until Ctrl-C."""
+  import uvicorn
+  if not 0 < port < 65536:
+    raise UserError(f'--port {port}: must be in 1..65535')
+  api_key = api_key or os.environ.get(API_KEY_ENV) or None
+  cfg, params, tokenizer, model_id = load(source, step)
+  s = config.serve
+  server = Server(cfg, params, tokenizer, config.sample, model_id=model_id, slots=s.slots,
+                  chunk=s.chunk, max_request_bytes=s.max_request_bytes)
+  t0 = time.time()
+  programs = server.engine.warm_up()
+  print(f'serve: {model_id} ({cfg.seq_len}-token context), {s.slots} slots; compiled '
+        f'{programs} prefill buckets + decode in {time.time() - t0:.1f}s', file=sys.stderr)
+  print(f'serve: http://{host}:{port}/  (API: http://{host}:{port}/v1'
+        f'{", key required" if api_key else ""})', file=sys.stderr, flush=True)
+  try:
+    uvicorn.run(create_app(server, api_key), host=host, port=port, log_level='warning',
+                timeout_graceful_shutdown=2)
+  finally:
+    server.engine.close()
