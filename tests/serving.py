@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -71,7 +72,7 @@ class Served:
   def __init__(self, workdir: str, *args: str, env: dict | None = None, timeout: float = 240):
     self.port = free_port()
     self.url = f'http://127.0.0.1:{self.port}'
-    self.log = open(os.path.join(workdir, f'serve-{self.port}.log'), 'w+', encoding='utf-8')
+    self.log = tempfile.TemporaryFile('w+', encoding='utf-8')
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', **(env or {}))
     self.proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, 'main.py'), 'serve', '--workdir', workdir,
@@ -106,7 +107,7 @@ class Served:
     self.log.close()
 
 
-def chromium(user_data_dir: str, size=(1000, 720)):
+def chromium(user_data_dir: str, size=(880, 560)):
   """A headless Debian chromium driven by selenium through chromium-driver (apt packages).
 
   Raises FileNotFoundError when either is missing: the caller decides whether to skip.

@@ -78,6 +78,17 @@ README_COMMANDS = {
     'python main.py --config configs/sft.py': 'test_cli.py::test_sft_config_fine_tunes_a_run',
     'python main.py export --workdir runs/tiny --out runs/tiny-hf':
         'test_train.py::test_cli_eval_sample_and_export',
+    # serving: the module's server is started with these flags (--port, a key from the env,
+    # a --config.serve override); the curl lines are run against it
+    'python main.py serve --workdir runs/sft': 'test_serve.py::test_models_health_and_page',
+    'python main.py serve --workdir runs/sft --host 0.0.0.0 --port 8080 --api_key SECRET '
+    '--config.serve.slots=32': 'test_serve.py::test_serve_flags_and_hf_directory',
+    'curl http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" '
+    '-H "Authorization: Bearer $ZHGPT_API_KEY" -d \'{"model": "sft", "messages": [{"role": '
+    '"user", "content": "你好"}], "max_tokens": 32}\'': 'test_serve.py::test_readme_examples',
+    'curl -N http://127.0.0.1:8000/v1/completions -H "Content-Type: application/json" '
+    '-H "Authorization: Bearer $ZHGPT_API_KEY" -d \'{"model": "sft", "prompt": "村民们都很高兴", '
+    '"max_tokens": 32, "stream": true, "top_k": 20}\'': 'test_serve.py::test_readme_examples',
 }
 
 

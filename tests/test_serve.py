@@ -309,6 +309,11 @@ def test_chat_page_in_chromium(server, client, tmp_path):
   try:
     got = chat_in_page(driver, server.url, ['你好', '村民们都很高兴吗？'], api_key=API_KEY,
                        max_tokens=16)
+    # README's docs/chat-page.png is this screenshot (ZHGPT_SCREENSHOT=docs/chat-page.png).
+    shot = os.environ.get('ZHGPT_SCREENSHOT') or str(tmp_path / 'page.png')
+    assert driver.save_screenshot(shot)
+    with open(shot, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   finally:
     driver.quit()
   turns = [dict(role=r, content=t) for r, t in got['bubbles']]
@@ -323,3 +328,62 @@ def test_chat_page_in_chromium(server, client, tmp_path):
   for i, texts in zip((1, 3), got['partials']):
     assert len(texts) >= 2 and texts[-1] == turns[i]['content'], texts
     assert all(turns[i]['content'].startswith(t) for t in texts), texts
+
+
+# ---------------------------------------------------------------- README, flags, hf: directories
+
+def readme_serving_examples() -> tuple[str, list[str]]:
+  """The README's openai-client example (python) and its curl command lines."""
+  import re
+  with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+    text = f.read()
+  python = next(b for b in re.findall(r'```python\n(.*?)```', text, re.S) if 'from openai' in b)
+  curls = [line for b in re.findall(r'```bash\n(.*?)```', text, re.S)
+           for line in b.splitlines() if line.startswith('curl ')]
+  return python, curls
+
+
+def test_readme_examples(server, capsys):
+  """The README's openai-client and curl examples, pointed at the test server."""
+  here = lambda s: (s.replace('127.0.0.1:8000', f'127.0.0.1:{server.port}')
+                    .replace("'sft'", "'model'").replace('"sft"', '"model"')
+                    .replace("'SECRET'", repr(API_KEY)))
+  python, curls = readme_serving_examples()
+  assert len(curls) == 2
+  exec(compile(here(python), 'README.md', 'exec'), {})   # pylint: disable=exec-used
+  assert len(capsys.readouterr().out) > 5
+  import shutil
+  if not shutil.which('curl'):
+    if os.environ.get('CI') == 'true':
+      raise AssertionError('curl is not installed (.ci/run installs it)')
+    pytest.skip('curl is not installed')
+  outs = [subprocess.run(['bash', '-c', here(c)], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, ZHGPT_API_KEY=API_KEY)) for c in curls]
+  assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
+  assert json.loads(outs[0].stdout)['usage']['completion_tokens'] > 0
+  events = [e for e in outs[1].stdout.split('\n\n') if e]
+  assert events[-1] == 'data: [DONE]' and len(events) > 2
+  assert json.loads(events[-2][len('data: '):])['choices'][0]['finish_reason']
+
+
+def test_serve_flags_and_hf_directory(workdir, reference, tmp_path):
+  """The README's flags are parsed and checked before any loading (one line, exit 2); an
+  exported HF directory (`--workdir hf:DIR`) loads as the same model and tokenizer."""
+  def main_py(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), 'serve', *args],
+                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'),
+                          capture_output=True, text=True, timeout=120)
+  out = main_py('--workdir', workdir, '--host', '0.0.0.0', '--port', '70000', '--api_key', 'SECRET',
+                '--config.serve.slots=32')
+  assert (out.returncode, out.stderr) == (2, 'main.py: error: --port 70000: must be in 1..65535\n')
+  out = main_py('--workdir', workdir, '--config.serve.slots=0')
+  assert (out.returncode, out.stderr) == (2, 'main.py: error: config.serve.slots=0: must be > 0\n')
+  from zhgpt_jax import export
+  hf_dir = export.export_workdir(workdir, str(tmp_path / 'hf'))
+  cfg, params, tokenizer, model_id = serve.load(f'hf:{hf_dir}')
+  want_cfg, want_params, want_tok, _ = reference
+  assert model_id == 'hf' and cfg.real_vocab_size == want_cfg.real_vocab_size
+  assert tokenizer.get_vocab() == want_tok.get_vocab()
+  import jax
+  import numpy as np
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params, want_params)

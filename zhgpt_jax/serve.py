@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import os
 import secrets
 import sys
@@ -172,7 +173,6 @@ def _usage(prompt: list[int], text: ReplyText) -> dict:
 
 
 def _sse(obj) -> str:
-  import json
   return f'data: {json.dumps(obj, ensure_ascii=False)}\n\n'
 
 
