@@ -65,9 +65,13 @@ def _choose(cfg, logits_RxV, rows: dict):
       rows['key'], rows['length'])
   args = (logits_RxV, rows['seen'], opts, keys_R)
   greedy_R = sample.choose(cfg, GREEDY, *args)
-  filters = jnp.any((rows['top_k'] > 0) | (rows['top_p'] < 1.0))   # the sort only when asked
-  sampled_R = jax.lax.cond(filters, lambda: sample.choose(cfg, FILTERED, *args),
-                           lambda: sample.choose(cfg, SAMPLED, *args))
+  # Only what a live row asks for runs: no sampling when all are greedy, no sort without
+  # a top-k/top-p cut.
+  sampling_R = rows['live'] & (rows['temperature'] > 0)
+  filters = jnp.any(sampling_R & ((rows['top_k'] > 0) | (rows['top_p'] < 1.0)))
+  sampled = lambda: jax.lax.cond(filters, lambda: sample.choose(cfg, FILTERED, *args),
+                                 lambda: sample.choose(cfg, SAMPLED, *args))
+  sampled_R = jax.lax.cond(jnp.any(sampling_R), sampled, lambda: greedy_R)
   return jnp.where(rows['temperature'] > 0, sampled_R, greedy_R)
 
 
