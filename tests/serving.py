@@ -135,7 +135,8 @@ def chat_in_page(driver, url: str, messages: list[str], *, api_key: str | None =
   """Opens the chat page, sets its controls, sends `messages` one turn at a time.
 
   Returns {'bubbles': [(role, text)], 'partials': [each reply's distinct non-empty texts as it
-  streamed in],
+  streamed in (pieces that arrive together show as one)], 'pieces': [how many streamed
+  pieces each reply was built from],
   'history': the page's conversation as its next request would send it}.
   """
   from selenium.webdriver.common.by import By
@@ -170,5 +171,8 @@ def chat_in_page(driver, url: str, messages: list[str], *, api_key: str | None =
     partials.append(driver.execute_script('return window.__texts'))
   bubbles = driver.execute_script(
       'return [...document.querySelectorAll(".msg")].map(e => [e.dataset.role, e.textContent])')
+  pieces = driver.execute_script(
+      'return [...document.querySelectorAll(".msg.assistant")].map(e => Number(e.dataset.pieces))')
   history = driver.execute_script('return conversation')
-  return dict(bubbles=[tuple(b) for b in bubbles], partials=partials, history=history)
+  return dict(bubbles=[tuple(b) for b in bubbles], partials=partials, pieces=pieces,
+              history=history)

@@ -250,6 +250,11 @@ class Engine:
       done.acquire()
     return len(set(lengths))
 
+  @staticmethod
+  def compiled() -> dict:
+    """How many prefill and decode programs this process has compiled: fixed after warm_up."""
+    return dict(prefill=_prefill._cache_size(), decode=_decode._cache_size())  # pylint: disable=protected-access
+
   def active(self) -> int:
     with self.cond:
       return sum(r is not None for r in self.slots)

@@ -1,7 +1,7 @@
 """`main.py serve`: an OpenAI-compatible HTTP API and a chat page, on FastAPI + uvicorn.
 
   GET  /                     the chat page (static/chat.html: plain HTML + JS, no external assets)
-  GET  /health               {"status": "ok", "slots", "active", "waiting"}
+  GET  /health               {"status": "ok", "slots", "active", "waiting", "compiled"}
   GET  /v1/models            the one model served
   POST /v1/chat/completions  messages -> ChatML prompt (the ids of HF apply_chat_template)
   POST /v1/completions       prompt text (or token ids) -> continuation
@@ -281,7 +281,8 @@ def create_app(server: Server, api_key: str | None = None) -> fastapi.FastAPI:
   async def health():
     waiting = len(server.engine.waiting)
     return dict(status='ok', model=server.model_id, slots=len(server.engine.slots),
-                active=server.engine.active(), waiting=waiting)
+                active=server.engine.active(), waiting=waiting,
+                compiled=server.engine.compiled())
 
   @v1.get('/models')
   async def models():
