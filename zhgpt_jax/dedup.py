@@ -24,7 +24,7 @@ NUM_PERM = 128
 SEED = 1
 KEEP, EXACT, NEAR = 0, 1, 2          # codes of `removed`
 _PRIME = np.uint64(0x100000001B3)     # FNV's 64-bit prime: the rolling shingle hash
-_VERIFY_CHUNK = 1 << 16
+_VERIFY_CHUNK = 1 << 13
 
 
 def text_hash(text: str) -> int:
@@ -81,12 +81,13 @@ def exact_removed(hashes: np.ndarray) -> np.ndarray:
   return removed
 
 
-def near_removed(bands: list, sigs: np.ndarray, removed: np.ndarray,
-                 threshold: float) -> None:
+def near_removed(bands: list, sigs, removed: np.ndarray, threshold: float) -> None:
   """Marks NEAR in `removed` (in place) for near-duplicates of earlier documents.
 
   `bands`: each band's uint64 keys, an array or a file of them (read one at a time);
-  `sigs` [n, num_perm] may be memory-mapped. Documents already removed take no part.
+  `sigs`: the [n, NUM_PERM] uint32 signatures, or the file that holds them (mapped afresh
+  for each chunk of candidates, so the pages read never pile up in memory). Documents
+  already removed take no part.
   """
   n = len(removed)
   alive = np.flatnonzero(removed == KEEP)
@@ -99,7 +100,10 @@ def near_removed(bands: list, sigs: np.ndarray, removed: np.ndarray,
     a, c = alive[order[:-1][same]], alive[order[1:][same]]
     for i in range(0, len(a), _VERIFY_CHUNK):
       x, y = a[i:i + _VERIFY_CHUNK], c[i:i + _VERIFY_CHUNK]
-      agree = (np.asarray(sigs[x]) == np.asarray(sigs[y])).mean(axis=1)
+      table = (np.memmap(sigs, np.uint32, 'r', shape=(n, NUM_PERM)) if isinstance(sigs, str)
+               else sigs)
+      agree = (table[x] == table[y]).mean(axis=1)
+      del table
       ok = agree >= threshold
       edges.append(np.stack([x[ok], y[ok]], 1))
   pairs = np.unique(np.concatenate(edges), axis=0) if edges else np.zeros((0, 2), np.int64)

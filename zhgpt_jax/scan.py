@@ -193,12 +193,14 @@ def scan(config, n_heldout: int, want_sample: bool, progress: bool, work_dir: st
   stats = corpus.CorpusStats(text_field=data.text_field)
   if data.corpus == 'builtin':
     _ = list(corpus.builtin_documents(data, stats, n_heldout))  # the builtin skips, once
-  block_docs, src, chars, hashes, val, val_docs = [], [], [], [], [], []
+  block_docs, val_docs = [], []
   sample = _Sample(cap)
   os.makedirs(work_dir, exist_ok=True)
-  # Band-major key files, so that each band is read back alone.
-  files = ({k: open(os.path.join(work_dir, f'{k}.bin'), 'wb')
-            for k in ['sigs', *(f'band{b}' for b in range(near[1]))]} if near else {})
+  # The per-document arrays go to disk as they come (memory stays flat while the workers
+  # run); LSH keys band-major, so that each band is read back alone.
+  per_doc = {'source': np.uint16, 'chars': np.uint32, 'hash': np.uint64, 'val': np.bool_}
+  names = [*per_doc, *(['sigs', *(f'band{b}' for b in range(near[1]))] if near else [])]
+  files = {k: open(os.path.join(work_dir, f'{k}.bin'), 'wb') for k in names}
   n_docs = 0
   blocks = ((b, (b, sample_below, near)) for b in sources.iter_blocks(data, n_heldout))
   try:
@@ -208,15 +210,12 @@ def scan(config, n_heldout: int, want_sample: bool, progress: bool, work_dir: st
         bar.update(block.size)
         stats.merge(out['stats'])
         block_docs.append(out['n'])
-        src.append(np.full(out['n'], block.source, np.uint16))
-        chars.append(out['chars'])
-        hashes.append(out['hash'])
-        val.append(out['val'])
+        out['source'] = np.full(out['n'], block.source, np.uint16)
         val_docs.extend(out['val_docs'][:1000 - len(val_docs)])
         for h, i, text in out['sample']:
           sample.add(h, n_docs + i, block.source, text)
         for k, f in files.items():
-          (out['sigs'] if k == 'sigs' else out['keys'][:, int(k[4:])]).tofile(f)
+          (out['keys'][:, int(k[4:])] if k.startswith('band') else out[k]).tofile(f)
         n_docs += out['n']
   finally:
     for f in files.values():
@@ -224,19 +223,15 @@ def scan(config, n_heldout: int, want_sample: bool, progress: bool, work_dir: st
   if not n_docs:
     raise UserError(f'config.data.corpus={data.corpus!r}: no usable documents '
                     f'({stats.summary()})')
-  hashes = np.concatenate(hashes)
-  removed = (dedup.exact_removed(hashes) if data.dedup != 'none'
-             else np.zeros(n_docs, np.uint8))
-  del hashes
+  arrays = {k: np.fromfile(files[k].name, t) for k, t in per_doc.items() if k != 'hash'}
+  removed = (dedup.exact_removed(np.fromfile(files['hash'].name, np.uint64))
+             if data.dedup != 'none' else np.zeros(n_docs, np.uint8))
   if near:
     bands = [files[f'band{b}'].name for b in range(near[1])]
-    sigs = np.memmap(files['sigs'].name, np.uint32, 'r', shape=(n_docs, dedup.NUM_PERM))
-    dedup.near_removed(bands, sigs, removed, data.near_threshold)
-    del sigs
+    dedup.near_removed(bands, files['sigs'].name, removed, data.near_threshold)
   shutil.rmtree(work_dir, ignore_errors=True)
   chosen = sample.final(removed)
-  return Scan(block_docs=block_docs, source=np.concatenate(src), chars=np.concatenate(chars),
-              val=np.concatenate(val), removed=removed, stats=stats,
+  return Scan(block_docs=block_docs, **arrays, removed=removed, stats=stats,
               sample=[t for *_, t in chosen], sample_sources=[s for _, _, s, _ in chosen],
               val_docs=val_docs)
 
