@@ -70,11 +70,13 @@ def main() -> None:
   parser.add_argument('--scale', default='', help='GB sizes of synthetic corpora (scale mode)')
   parser.add_argument('--kill_trials', type=int, default=5)
   parser.add_argument('--scale_dir', default='/tmp/zhgpt_scale')
+  parser.add_argument('--phases', default='scan,prepare', help='scale mode: scan and/or prepare')
+  parser.add_argument('--results', default='results.json', help='scale mode: file in scale_dir')
   args = parser.parse_args()
   if args.scale:
     import prepare_scale  # pylint: disable=import-outside-toplevel
     prepare_scale.main([float(x) for x in args.scale.split(',')], args.vocab, args.kill_trials,
-                       args.scale_dir)
+                       args.scale_dir, tuple(args.phases.split(',')), args.results)
     return
   if args.child_train:
     _train_child(args.child_train, args.vocab)

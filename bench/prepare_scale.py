@@ -250,12 +250,16 @@ def _sha(root: str) -> str:
   return h.hexdigest()
 
 
+RESULTS = 'results.json'
+
+
 def _save(results: dict, scale_dir: str) -> None:
-  with open(os.path.join(scale_dir, 'results.json'), 'w', encoding='utf-8') as f:
+  with open(os.path.join(scale_dir, RESULTS), 'w', encoding='utf-8') as f:
     json.dump(results, f, indent=1)
 
 
-def measure_size(gb: float, scale_dir: str, tokenizer: str, results: dict) -> None:
+def measure_size(gb: float, scale_dir: str, tokenizer: str, results: dict,
+                 phases=('scan', 'prepare')) -> None:
   d = os.path.join(scale_dir, f'{gb:g}GB')
   synthesize(d, gb)
   corpus_spec = spec(d)
@@ -263,6 +267,14 @@ def measure_size(gb: float, scale_dir: str, tokenizer: str, results: dict) -> No
            for f in os.listdir(os.path.join(d, n))) / 1e6
   r = results.setdefault(f'{gb:g}GB', dict(input_mb=mb))
   removed = os.path.join(scale_dir, 'removed.npy')
+  if 'scan' in phases:
+    _scans(d, corpus_spec, scale_dir, removed, r, results)
+  if 'prepare' in phases:
+    _prepare(d, mb, corpus_spec, scale_dir, tokenizer, r, results)
+  print(f'{gb:g} GB: {json.dumps(r)}', flush=True)
+
+
+def _scans(d, corpus_spec, scale_dir, removed, r, results):
   near = run_child('scan', dict(corpus=corpus_spec, dedup='near', sample=True,
                                 work=os.path.join(scale_dir, 'scratch'), removed=removed))
   r['scan_near'] = dict(seconds=near['seconds'], peak_rss_mb=near['peak_rss_mb'],
@@ -274,6 +286,9 @@ def measure_size(gb: float, scale_dir: str, tokenizer: str, results: dict) -> No
                                  work=os.path.join(scale_dir, 'scratch'), removed=removed))
   r['scan_none'] = dict(seconds=plain['seconds'], peak_rss_mb=plain['peak_rss_mb'])
   _save(results, scale_dir)
+
+
+def _prepare(d, mb, corpus_spec, scale_dir, tokenizer, r, results):
   raw = run_child('raw', dict(dir=d, bytes=48e6, tokenizer=tokenizer))
   r['raw_encode_batch_mb_s'] = raw['utf8_bytes'] / raw['seconds'] / 1e6
   cache = os.path.join(scale_dir, 'prepared')
@@ -287,7 +302,6 @@ def measure_size(gb: float, scale_dir: str, tokenizer: str, results: dict) -> No
   r['prepare']['ratio_tokenized_vs_raw'] = r['prepare']['tokenized_mb_s'] / r['raw_encode_batch_mb_s']
   _save(results, scale_dir)
   subprocess.run(['rm', '-rf', cache], check=True)
-  print(f'{gb:g} GB: {json.dumps(r)}', flush=True)
 
 
 def kill_trials(n: int, scale_dir: str, tokenizer: str, results: dict) -> None:
@@ -361,7 +375,10 @@ def _mixing(data_root: str, seq: int = 128) -> dict:
               resume_same=resume_same)
 
 
-def main(sizes, vocab: int, n_kill: int, scale_dir: str) -> None:
+def main(sizes, vocab: int, n_kill: int, scale_dir: str, phases=('scan', 'prepare'),
+         results_name: str = 'results.json') -> None:
+  global RESULTS
+  RESULTS = results_name
   os.makedirs(scale_dir, exist_ok=True)
   results = {}
   tokenizer = os.path.join(scale_dir, f'tokenizer-{vocab}')
@@ -370,7 +387,7 @@ def main(sizes, vocab: int, n_kill: int, scale_dir: str) -> None:
   if n_kill:
     kill_trials(n_kill, scale_dir, tokenizer, results)
   for gb in sizes:
-    measure_size(gb, scale_dir, tokenizer, results)
+    measure_size(gb, scale_dir, tokenizer, results, phases)
   results['near_jaccard_sample'] = dict(
       zip(('min', 'median'), np.percentile(_near_jaccard(scale_dir), [0, 50]).tolist()))
   _save(results, scale_dir)
