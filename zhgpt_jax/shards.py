@@ -313,9 +313,14 @@ def prepare(config, workdir: str, progress: bool = True) -> PrepareSummary:
       if found is None and not want_sample:
         found = scan.load(scan_dir, scan_key)
       if found is None or (want_sample and not found.sample):
+        t_scan = time.time()
         found = scan.scan(config, _n_heldout(config), want_sample, progress,
                           os.path.join(root, f'.tmp-scan-{os.getpid()}'))
         scan.save(found, scan_dir, scan_key)
+        codes = np.bincount(found.removed, minlength=3)
+        print(f'scan: {len(found.removed):,} documents in {time.time() - t_scan:.1f} s; '
+              f'dedup={config.data.dedup} removed {codes[1]:,} exact and {codes[2]:,} near '
+              'duplicates', flush=True)
       return found
 
     tok_dir = os.path.join(root, 'tokenizer')
