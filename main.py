@@ -83,8 +83,9 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join('runs', _config_name(FLAGS['config'].serialize()))
 
   from zhgpt_jax.config import UserError
+  explicit = set(config_flags.get_override_values(FLAGS['config']))
   try:
-    dispatch(command, config, workdir)
+    dispatch(command, config, workdir, explicit)
   except UserError as e:
     _fail(str(e))
   except KeyboardInterrupt:
@@ -107,8 +108,12 @@ def _config_name(serialized: str) -> str:
   return f'{base}-{arg}' if arg and base != 'from_workdir' else base
 
 
-def dispatch(command, config, workdir):
+def dispatch(command, config, workdir, explicit=()):
+  """Runs `command`; `explicit` holds the config keys set on the command line."""
   from zhgpt_jax.config import validate
+  if command in ('train', 'prepare'):
+    from zhgpt_jax import pretrained   # init_from's model shape and tokenizer
+    config = pretrained.resolve(config, explicit)
   validate(config)
   if command == 'prepare':
     from zhgpt_jax import shards

@@ -31,6 +31,9 @@ VARIANTS = {
                      'LlamaForCausalLM'),
     'llama_tied': (dict(ROPE, mlp='swiglu', n_kv_head=2), 'LlamaForCausalLM'),
     'llama_bias': (dict(ROPE, mlp='swiglu', bias=True), 'LlamaForCausalLM'),
+    'qwen2_tied': (dict(ROPE, mlp='swiglu', n_kv_head=2, qkv_bias=True), 'Qwen2ForCausalLM'),
+    'qwen2_untied': (dict(ROPE, mlp='swiglu', qkv_bias=True, tie_embeddings=False),
+                     'Qwen2ForCausalLM'),
     'moe_shared1': (dict(ROPE, mlp='moe', moe=dict(n_routed=4, top_k=2, n_shared=1)),
                     'Qwen2MoeForCausalLM'),
     'moe_shared2_every2': (dict(ROPE, mlp='moe', n_kv_head=2, tie_embeddings=False,
@@ -38,6 +41,9 @@ VARIANTS = {
                            'Qwen2MoeForCausalLM'),
     'moe_shared0': (dict(ROPE, mlp='moe', moe=dict(n_routed=4, top_k=2, n_shared=0)),
                     'Qwen2MoeForCausalLM'),
+    'moe_gate_qkv_bias': (dict(ROPE, mlp='moe', qkv_bias=True,
+                               moe=dict(n_routed=4, top_k=2, n_shared=1, shared_gate=True)),
+                          'Qwen2MoeForCausalLM'),
 }
 
 
@@ -144,10 +150,11 @@ def test_tokenizer_and_special_ids_exported(gpt2, tok_dir):
   ids = hf_tok(text)['input_ids']
   assert ids == ours.encode(text).ids and hf_tok.decode(ids) == text
   assert (hf_tok.eos_token_id, hf_tok.pad_token_id) == (eot, pad)
-  for name in ('config.json', 'generation_config.json'):
+  im_end = ours.token_to_id('<|im_end|>')
+  for name, eos in (('config.json', eot), ('generation_config.json', [eot, im_end])):
     with open(os.path.join(out, name)) as f:
       c = json.load(f)
-    assert (c['bos_token_id'], c['eos_token_id'], c['pad_token_id']) == (eot, eot, pad)
+    assert (c['bos_token_id'], c['eos_token_id'], c['pad_token_id']) == (eot, eos, pad)
   assert c['suppress_tokens'] == list(range(ours.get_vocab_size(), 320))   # vocab padding
 
 
@@ -198,7 +205,13 @@ def test_out_dir_needs_overwrite_and_is_replaced(gpt2, tmp_path):
     E.export_hf(cfg, params, str(out))
   assert os.listdir(out) == ['old.txt']
   E.export_hf(cfg, params, str(out), overwrite=True)
-  assert sorted(os.listdir(out)) == ['config.json', 'generation_config.json', 'model.safetensors']
+  assert sorted(os.listdir(out)) == ['README.md', 'config.json', 'generation_config.json',
+                                     'model.safetensors']
+  # Ordinary permissions (the temporary directory it was built in is 0700).
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(out).st_mode & 0o777 == 0o755 & ~umask
+  assert os.stat(out / 'config.json').st_mode & 0o777 == 0o644 & ~umask
   assert os.listdir(tmp_path) == ['hf']   # no temporary or old directories left behind
   with pytest.raises(UserError, match='do not match'):
     E.export_hf(cfg, {**params, 'wte': {'embedding': np.zeros((8, 64))}}, str(out), overwrite=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 import jax
 import ml_collections
@@ -23,10 +22,11 @@ from zhgpt_jax.config import UserError
 
 # Fields whose change makes old parameters meaningless (shapes, vocab, architecture).
 SHAPE_FIELDS = ('model.n_layer', 'model.n_head', 'model.n_kv_head', 'model.d_model',
-                'model.seq_len', 'model.vocab_multiple', 'model.position', 'model.mlp',
-                'model.mlp_ratio', 'model.norm', 'model.bias', 'model.tie_embeddings',
-                'model.moe.n_routed', 'model.moe.n_shared', 'model.moe.expert_hidden',
-                'model.moe.every', 'model.moe.top_k', 'tokenizer.vocab_size')
+                'model.seq_len', 'model.vocab_multiple', 'model.vocab_size', 'model.position',
+                'model.mlp', 'model.mlp_ratio', 'model.mlp_hidden', 'model.norm', 'model.bias',
+                'model.qkv_bias', 'model.tie_embeddings', 'model.moe.n_routed',
+                'model.moe.n_shared', 'model.moe.expert_hidden', 'model.moe.every',
+                'model.moe.top_k', 'model.moe.shared_gate', 'tokenizer.vocab_size')
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -37,16 +37,13 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def save_run_files(workdir: str, config, tokenizer_dir: str) -> None:
-  """Writes config.json and a copy of the tokenizer into the workdir (process 0 only)."""
+  """Writes config.json and a copy of the tokenizer's files into the workdir (process 0 only)."""
+  from zhgpt_jax import tokenizer as tok_lib
   os.makedirs(workdir, exist_ok=True)
   write_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   dst = os.path.join(workdir, 'tokenizer')
   if os.path.abspath(tokenizer_dir) != os.path.abspath(dst):
-    tmp = f'{dst}.tmp-{os.getpid()}'
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(tokenizer_dir, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    tok_lib.copy_tokenizer(tokenizer_dir, dst)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -65,8 +62,10 @@ def _get(config, dotted):
 
 def check_compatible(saved, config, saved_tok_hash: str, tok_hash: str) -> None:
   """Raises UserError naming every field that differs in a way a resume cannot absorb."""
-  diffs = [f'{k}: {_get(saved, k)!r} -> {_get(config, k)!r}'
-           for k in SHAPE_FIELDS if _get(saved, k) != _get(config, k)]
+  # A field a run saved before it existed (None) had the behaviour of its default (0/False).
+  diffs = [f'{k}: {_get(saved, k)!r} -> {_get(config, k)!r}' for k in SHAPE_FIELDS
+           if _get(saved, k) != _get(config, k) and (_get(saved, k) is not None
+                                                     or _get(config, k))]
   if saved_tok_hash != tok_hash:
     diffs.append('tokenizer: a different tokenizer.json')
   if diffs:

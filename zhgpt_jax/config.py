@@ -32,6 +32,8 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
   c.seed = 0
   c.task = 'pretrain'            # 'pretrain' | 'sft' (chat data, see configs/sft.py)
   # '' (train from scratch) | a workdir of ours (latest checkpoint) | 'hf:PATH' (a HF directory).
+  # init_from=hf:DIR takes the model's shape (config.model's shape fields) and the tokenizer
+  # from DIR; a shape field set on the command line must agree with DIR.
   c.init_from = ''
 
   c.data = ml_collections.ConfigDict(dict(
@@ -70,12 +72,15 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
       n_kv_head=0,               # 0 = n_head (grouped-query attention when smaller)
       seq_len=1024,              # context length the model is built for
       vocab_multiple=128,        # pad the tokenizer's vocab up to this multiple (1 = exact)
+      vocab_size=0,              # embedding rows; 0 = the tokenizer's vocab padded as above
       dropout=0.0,
       bias=True,
+      qkv_bias=False,            # q/k/v projections have biases even when bias=False (Qwen2)
       position='learned',        # 'learned' | 'rope'
       rope_theta=10000.0,
       mlp='gelu',                # 'gelu' | 'swiglu' | 'moe'
       mlp_ratio=4.0,             # hidden = ratio * d_model (swiglu: 2/3 of that, rounded up to 64)
+      mlp_hidden=0,              # the MLP's hidden width; 0 = from mlp_ratio
       norm='layernorm',          # 'layernorm' | 'rmsnorm'
       norm_eps=1e-5,
       tie_embeddings=True,
@@ -92,6 +97,7 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
           gate='softmax',        # 'softmax' | 'sigmoid'
           expert_hidden=0,       # 0 = mlp hidden / top_k
           every=1,               # every k-th layer is MoE (others dense)
+          shared_gate=False,     # scale the shared experts by sigmoid(x · w) (Qwen2-MoE)
           aux_weight=0.01,       # load-balancing loss weight
           z_weight=0.001,        # router z-loss weight
       )),
@@ -217,6 +223,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail('model.n_kv_head', f'must divide model.n_head={m.n_head}')
   if m.position == 'rope' and (m.d_model // m.n_head) % 2:
     fail('model.d_model', 'rope needs an even head dimension')
+  for key in ('vocab_size', 'mlp_hidden'):
+    if m.get(key, 0) < 0:
+      fail(f'model.{key}', 'must be >= 0 (0 = derived)')
   if m.residual_init < 0:
     fail('model.residual_init', 'must be >= 0')
   if not 0.0 <= m.dropout < 1.0:

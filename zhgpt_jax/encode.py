@@ -49,7 +49,7 @@ def _encode_block(block: sources.Block, removed: np.ndarray | None, eot: int,
   out = dict(stats=stats)
   for split, batch in texts.items():
     flat = []
-    for enc in state['tok'].encode_batch_fast(batch):
+    for enc in state['tok'].encode_batch_fast(batch, add_special_tokens=False):
       flat.extend(enc.ids)
       flat.append(eot)
     out[split] = dict(tokens=np.array(flat, dtype=dtype), documents=len(batch),
@@ -169,7 +169,7 @@ def build(config, tok, n_heldout: int, build_dir: str, key: str, found: scan.Sca
                             state and state['writers'][s]) for s in SPLITS}
   start = state['next_block'] if state else 0
   offsets = np.concatenate([[0], np.cumsum(found.block_docs)]) if found else None
-  eot = tok.token_to_id(tokenizer_lib.EOT)
+  eot = tokenizer_lib.special_ids(tok).eos
 
   def jobs():
     for i, block in enumerate(sources.iter_blocks(data, n_heldout)):

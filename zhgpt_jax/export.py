@@ -5,6 +5,7 @@ Each of our variants maps onto a stock transformers class, so the export loads w
 
   GPT-2 (learned positions, GELU, LayerNorm, biases)  -> GPT2LMHeadModel
   Llama-style (RoPE, SwiGLU, RMSNorm; GQA; biases optional) -> LlamaForCausalLM
+  the same with q/k/v biases only (model.qkv_bias)    -> Qwen2ForCausalLM
   MoE (RoPE, RMSNorm, softmax-gated SwiGLU experts)   -> Qwen2MoeForCausalLM
 
 Anything else (e.g. RoPE with GELU, a sigmoid MoE gate) is refused with the fields at fault.
@@ -30,22 +31,24 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from zhgpt_jax import export_files
 from zhgpt_jax import tokenizer as tokenizer_lib
 from zhgpt_jax.config import UserError
 from zhgpt_jax.model import GPTConfig, init_params
 
-TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json')
 _EXTRA_KEY = 'zhgpt_jax'
 
 # What each class needs of a GPTConfig; the first with no mismatch wins.
 _NEEDS = {
     'GPT2LMHeadModel': dict(position='learned', mlp='gelu', norm='layernorm', bias=True),
-    'LlamaForCausalLM': dict(position='rope', mlp='swiglu', norm='rmsnorm'),
+    'LlamaForCausalLM': dict(position='rope', mlp='swiglu', norm='rmsnorm', qkv_bias=False),
+    'Qwen2ForCausalLM': dict(position='rope', mlp='swiglu', norm='rmsnorm', bias=False,
+                             qkv_bias=True),
     'Qwen2MoeForCausalLM': dict(position='rope', mlp='moe', norm='rmsnorm', bias=False,
                                 moe_gate='softmax'),
 }
 
-_BY_TYPE = dict(gpt2='GPT2LMHeadModel', llama='LlamaForCausalLM',
+_BY_TYPE = dict(gpt2='GPT2LMHeadModel', llama='LlamaForCausalLM', qwen2='Qwen2ForCausalLM',
                 qwen2_moe='Qwen2MoeForCausalLM')
 
 Row = tuple[str, str, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
@@ -62,6 +65,8 @@ def _t(w):
 def hf_architecture(cfg: GPTConfig) -> str:
   """The transformers class `cfg` exports to; UserError naming the fields that do not map."""
   misses = {}
+  # With biases everywhere, the q/k/v-only switch changes nothing.
+  cfg = dataclasses.replace(cfg, qkv_bias=cfg.qkv_bias and not cfg.bias)
   for arch, needs in _NEEDS.items():
     miss = {k: v for k, v in needs.items() if getattr(cfg, k) != v}
     if arch == 'GPT2LMHeadModel' and cfg.n_kv_head != cfg.n_head:
@@ -98,6 +103,9 @@ def _hf_config(cfg: GPTConfig, arch: str, ids: dict) -> dict:
              attention_dropout=0.0)
     if arch == 'LlamaForCausalLM':
       c.update(model_type='llama', attention_bias=cfg.bias, mlp_bias=cfg.bias)
+    elif arch == 'Qwen2ForCausalLM':
+      c.update(model_type='qwen2', use_sliding_window=False, sliding_window=None,
+               max_window_layers=cfg.n_layer, layer_types=['full_attention'] * cfg.n_layer)
     else:
       # Our softmax gate over all experts, top-k kept without renormalising, is Qwen2-MoE's
       # router with norm_topk_prob=False; every k-th layer MoE is decoder_sparse_step=k.
@@ -121,7 +129,7 @@ def _rope_theta(c: dict) -> float:
   return float(rope.get('rope_theta', c.get('rope_theta', 10000.0)))
 
 
-def _our_config(c: dict) -> GPTConfig:
+def hf_config_to_ours(c: dict) -> GPTConfig:
   """GPTConfig from an HF config dict: HF fields decide, "zhgpt_jax" fills in the rest."""
   arch = (c.get('architectures') or [_BY_TYPE.get(c.get('model_type'), '')])[0]
   if arch == 'GPT2LMHeadModel':
@@ -135,7 +143,7 @@ def _our_config(c: dict) -> GPTConfig:
               mlp_hidden=c.get('n_inner') or 4 * d, seq_len=c['n_positions'], bias=True,
               position='learned', mlp='gelu', norm='layernorm',
               norm_eps=c.get('layer_norm_epsilon', 1e-5))
-  elif arch in ('LlamaForCausalLM', 'Qwen2MoeForCausalLM'):
+  elif arch in ('LlamaForCausalLM', 'Qwen2ForCausalLM', 'Qwen2MoeForCausalLM'):
     d, n = c['hidden_size'], c['num_attention_heads']
     if c.get('hidden_act', 'silu') != 'silu' or (c.get('head_dim') or d // n) != d // n:
       raise UserError(f'{arch} with hidden_act={c.get("hidden_act")!r}, '
@@ -148,6 +156,10 @@ def _our_config(c: dict) -> GPTConfig:
       if c.get('attention_bias', False) != c.get('mlp_bias', False):
         raise UserError('attention_bias != mlp_bias: our model has one bias switch for both')
       hf.update(mlp='swiglu', bias=c.get('attention_bias', False))
+    elif arch == 'Qwen2ForCausalLM':
+      if c.get('use_sliding_window'):
+        raise UserError('Qwen2 with use_sliding_window=true has no counterpart in our model')
+      hf.update(mlp='swiglu', bias=False, qkv_bias=True)
     else:
       f, shared = c['moe_intermediate_size'], c.get('shared_expert_intermediate_size', 0)
       if c.get('norm_topk_prob') or c.get('mlp_only_layers') or c.get('use_sliding_window') \
@@ -155,9 +167,14 @@ def _our_config(c: dict) -> GPTConfig:
         raise UserError('Qwen2-MoE with norm_topk_prob, mlp_only_layers, sliding windows or a '
                         'shared expert width not a multiple of moe_intermediate_size has no '
                         'counterpart in our model')
+      # Our own exports say (under "zhgpt_jax") when the q/k/v biases and the shared
+      # expert's gate are fixed zeros; a stock Qwen2-MoE has both.
+      ours = c.get(_EXTRA_KEY) or {}
       hf.update(mlp='moe', bias=False, moe_routed=c['num_experts'],
                 moe_top_k=c['num_experts_per_tok'], moe_hidden=f, moe_shared=shared // f,
-                moe_gate='softmax', moe_every=c.get('decoder_sparse_step', 1))
+                moe_gate='softmax', moe_every=c.get('decoder_sparse_step', 1),
+                qkv_bias=ours.get('qkv_bias', c.get('qkv_bias', True)),
+                moe_shared_gate=ours.get('moe_shared_gate', bool(shared)))
   else:
     raise UserError(f'cannot import architecture {arch or "(none)"!r}: supported are '
                     f'{", ".join(_NEEDS)}')
@@ -203,17 +220,21 @@ def _rows(cfg: GPTConfig, arch: str) -> list[Row]:
              (hf + 'post_attention_layernorm.weight', us + 'ln_2/scale', _same, _same)]
     for x in 'qkvo':
       rows.append((f'{hf}self_attn.{x}_proj.weight', f'{us}attn/{x}/kernel', _t, _t))
-      if cfg.bias:
+      if cfg.bias or (cfg.qkv_bias and x != 'o'):
         rows.append((f'{hf}self_attn.{x}_proj.bias', f'{us}attn/{x}/bias', _same, _same))
     if cfg.is_moe_layer(i):
       rows.append((hf + 'mlp.gate.weight', us + 'moe/router/kernel', _t, _t))
+      if cfg.moe_shared and cfg.moe_shared_gate:
+        rows.append((hf + 'mlp.shared_expert_gate.weight', us + 'moe/shared_gate/kernel', _t, _t))
       if cfg.moe_shared:
+        # HF scales the shared expert by sigmoid(gate · x). Without a gate of our own we
+        # export it as 0, i.e. a fixed 1/2, and double the down projection (exact: a power
+        # of two).
+        two = np.float32(1 if cfg.moe_shared_gate else 2)
         rows += [(hf + 'mlp.shared_expert.gate_proj.weight', us + 'moe/shared/gate/kernel', _t, _t),
                  (hf + 'mlp.shared_expert.up_proj.weight', us + 'moe/shared/up/kernel', _t, _t),
-                 # HF scales the shared expert by sigmoid(gate · x); we export that gate as 0,
-                 # i.e. a fixed 1/2, and double the down projection (exact: a power of two).
                  (hf + 'mlp.shared_expert.down_proj.weight', us + 'moe/shared/down/kernel',
-                  lambda w: _t(w) * np.float32(2), lambda w: _t(w) / np.float32(2))]
+                  lambda w: _t(w) * two, lambda w: _t(w) / two)]
     else:
       for x in ('gate', 'up', 'down'):
         rows.append((f'{hf}mlp.{x}_proj.weight', f'{us}mlp/{x}/kernel', _t, _t))
@@ -235,12 +256,14 @@ def _to_hf_tensors(cfg: GPTConfig, arch: str, flat: dict) -> dict[str, np.ndarra
           [flat[a + x + '/bias'] for x in 'qkv'])
     elif arch == 'Qwen2MoeForCausalLM':
       hf, m = f'model.layers.{i}.', f'h_{i}/moe/'
-      # Qwen2 attention always has q/k/v biases in transformers 4.x: zeros are exact.
+      # Qwen2-MoE attention always has q/k/v biases in transformers 4.x: zeros are exact.
       for x, width in (('q', cfg.n_head), ('k', cfg.n_kv_head), ('v', cfg.n_kv_head)):
-        out[f'{hf}self_attn.{x}_proj.bias'] = np.zeros(width * cfg.head_dim, np.float32)
+        if not cfg.qkv_bias:
+          out[f'{hf}self_attn.{x}_proj.bias'] = np.zeros(width * cfg.head_dim, np.float32)
       if not cfg.is_moe_layer(i):
         continue
-      out[hf + 'mlp.shared_expert_gate.weight'] = np.zeros((1, d), np.float32)
+      if not (cfg.moe_shared and cfg.moe_shared_gate):
+        out[hf + 'mlp.shared_expert_gate.weight'] = np.zeros((1, d), np.float32)
       if not cfg.moe_shared:   # HF always builds a shared expert: give it width 0
         for x, shape in (('gate', (0, d)), ('up', (0, d)), ('down', (d, 0))):
           out[f'{hf}mlp.shared_expert.{x}_proj.weight'] = np.zeros(shape, np.float32)
@@ -274,12 +297,13 @@ def _from_hf_tensors(cfg: GPTConfig, arch: str, t: dict[str, np.ndarray]) -> dic
         flat[a + x + '/kernel'], flat[a + x + '/bias'] = np.ascontiguousarray(w), b
     elif arch == 'Qwen2MoeForCausalLM':
       hf, m = f'model.layers.{i}.', f'h_{i}/moe/'
-      for x in 'qkv':
+      for x in 'qkv' if not cfg.qkv_bias else '':
         zero(f'{hf}self_attn.{x}_proj.bias')
       if not cfg.is_moe_layer(i):
         continue
-      take(hf + 'mlp.shared_expert_gate.weight')
-      zero(hf + 'mlp.shared_expert_gate.weight')
+      if not (cfg.moe_shared and cfg.moe_shared_gate):
+        take(hf + 'mlp.shared_expert_gate.weight')
+        zero(hf + 'mlp.shared_expert_gate.weight')
       if not cfg.moe_shared:
         for x in ('gate', 'up', 'down'):
           zero(f'{hf}mlp.shared_expert.{x}_proj.weight')
@@ -320,25 +344,6 @@ def _flat_params(cfg: GPTConfig, params) -> dict[str, np.ndarray]:
   return {k: np.asarray(v, np.float32) for k, v in flat.items()}
 
 
-def _special_ids(tokenizer_dir: str | None, cfg: GPTConfig) -> dict:
-  ids = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
-  if tokenizer_dir is None:
-    return ids
-  tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
-  if tok.get_vocab_size() != cfg.real_vocab_size:
-    raise UserError(f'tokenizer {tokenizer_dir} has {tok.get_vocab_size()} tokens but the model '
-                    f'was built for {cfg.real_vocab_size}: wrong tokenizer directory?')
-  eot = tok.token_to_id(tokenizer_lib.EOT)
-  return dict(bos_token_id=eot, eos_token_id=eot,
-              pad_token_id=tok.token_to_id(tokenizer_lib.PAD))
-
-
-def _generation_config(cfg: GPTConfig, ids: dict) -> dict:
-  # Padding ids never occur in data; like our sampler, HF's generate must never pick them.
-  pad_ids = list(range(cfg.real_vocab_size, cfg.vocab_size))
-  return dict(ids, **({'suppress_tokens': pad_ids} if pad_ids else {}))
-
-
 def _write_json(path: str, obj: dict) -> None:
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(obj, f, ensure_ascii=False, indent=2)
@@ -365,12 +370,14 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
 
 
 def export_hf(cfg: GPTConfig, params, out_dir: str, tokenizer_dir: str | None = None,
-              overwrite: bool = False) -> str:
+              overwrite: bool = False, sample_cfg=None, run: dict | None = None) -> str:
   """Writes `params` as a HuggingFace directory (float32 safetensors); returns its path.
 
-  Writes config.json, model.safetensors, generation_config.json (special ids; vocab padding
-  suppressed) and the tokenizer files found in `tokenizer_dir`, into a temporary directory
-  renamed to `out_dir` at the end.
+  Writes config.json, model.safetensors, generation_config.json (stop ids, `sample_cfg`'s
+  sampling defaults, vocab padding suppressed), the tokenizer files found in
+  `tokenizer_dir` with the chat template, and a model card README.md (with what `run`
+  recorded: config, step, val metrics), into a temporary directory renamed to `out_dir` at
+  the end; files and directories get ordinary permissions.
   Raises UserError when the model has no stock HF class, the params do not fit `cfg`, the
   tokenizer does not fit the model, or `out_dir` is not empty and `overwrite` is False.
   """
@@ -378,7 +385,7 @@ def export_hf(cfg: GPTConfig, params, out_dir: str, tokenizer_dir: str | None = 
   out_dir = os.path.abspath(out_dir)
   _check_out_dir(out_dir, overwrite)
   flat = _flat_params(cfg, params)
-  ids = _special_ids(tokenizer_dir, cfg)
+  ids, stop = export_files.special_ids(tokenizer_dir, cfg)
   os.makedirs(os.path.dirname(out_dir), exist_ok=True)
   tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir),
                          prefix=f'.{os.path.basename(out_dir)}.tmp-')
@@ -386,10 +393,14 @@ def export_hf(cfg: GPTConfig, params, out_dir: str, tokenizer_dir: str | None = 
     save_file(_to_hf_tensors(cfg, arch, flat), os.path.join(tmp, 'model.safetensors'),
               metadata={'format': 'pt'})
     _write_json(os.path.join(tmp, 'config.json'), _hf_config(cfg, arch, ids))
-    _write_json(os.path.join(tmp, 'generation_config.json'), _generation_config(cfg, ids))
-    for name in TOKENIZER_FILES if tokenizer_dir else ():
-      if os.path.isfile(os.path.join(tokenizer_dir, name)):
-        shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+    _write_json(os.path.join(tmp, 'generation_config.json'),
+                export_files.generation_config(cfg, ids, stop, sample_cfg))
+    if tokenizer_dir:
+      export_files.copy_tokenizer_files(tokenizer_dir, tmp)
+    with open(os.path.join(tmp, 'README.md'), 'w', encoding='utf-8') as f:
+      f.write(export_files.model_card(cfg, arch, sum(v.size for v in flat.values()),
+                                      tokenizer_dir, run))
+    export_files.ordinary_permissions(tmp)
     _replace_dir(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -436,7 +447,7 @@ def import_hf(path: str) -> tuple[GPTConfig, Any]:
     raise UserError(f'no HuggingFace model at {path}: {config_path} does not exist')
   with open(config_path, encoding='utf-8') as f:
     hf_cfg = json.load(f)
-  cfg = _our_config(hf_cfg)
+  cfg = hf_config_to_ours(hf_cfg)
   arch = hf_architecture(cfg)
   return cfg, _from_hf_tensors(cfg, arch, _with_prefix(_load_tensors(path), arch))
 
@@ -445,8 +456,12 @@ def export_workdir(workdir: str, out_dir: str, overwrite: bool = False,
                    step: int | None = None) -> str:
   """`main.py export`: a workdir's latest (or `step`) checkpoint as a HuggingFace directory."""
   from zhgpt_jax import checkpoint
+  from zhgpt_jax.model import model_config
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise UserError(f'{workdir}: no checkpoints to export; train first')
-  cfg, params, _, _ = checkpoint.load_model(workdir, step)
-  hf_architecture(cfg)   # refuse before reading more
-  return export_hf(cfg, params, out_dir, os.path.join(workdir, 'tokenizer'), overwrite)
+  config, params, meta = checkpoint.load_params(workdir, step)
+  tokenizer_dir = os.path.join(workdir, 'tokenizer')
+  cfg = model_config(config.model, tokenizer_lib.load_tokenizer(tokenizer_dir).get_vocab_size())
+  hf_architecture(cfg)   # refuse before writing anything
+  run = dict(config=config.to_dict(), step=meta['step'], val=meta.get('val'))
+  return export_hf(cfg, params, out_dir, tokenizer_dir, overwrite, config.sample, run)

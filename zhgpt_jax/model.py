@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from zhgpt_jax.config import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
@@ -31,6 +33,7 @@ class GPTConfig:
   seq_len: int
   dropout: float = 0.0
   bias: bool = True
+  qkv_bias: bool = False        # q/k/v biases even when bias=False (Qwen2)
   position: str = 'learned'
   rope_theta: float = 10000.0
   mlp: str = 'gelu'
@@ -48,6 +51,7 @@ class GPTConfig:
   moe_gate: str = 'softmax'
   moe_hidden: int = 0
   moe_every: int = 1
+  moe_shared_gate: bool = False  # shared experts scaled by sigmoid(x · w) (Qwen2-MoE)
 
   @property
   def head_dim(self) -> int:
@@ -62,15 +66,26 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 def model_config(model_cfg, vocab_size: int) -> GPTConfig:
-  """Builds a GPTConfig from `config.model` and the tokenizer's vocab size (never typed by hand)."""
-  hidden = int(model_cfg.mlp_ratio * model_cfg.d_model)
-  if model_cfg.mlp in ('swiglu', 'moe'):
+  """Builds a GPTConfig from `config.model` and the tokenizer's vocab size (never typed by hand).
+
+  model.vocab_size and model.mlp_hidden, when set (e.g. from init_from=hf:DIR), are taken
+  as they are; 0 derives them from the tokenizer and mlp_ratio. Raises UserError when the
+  tokenizer has more tokens than model.vocab_size rows.
+  """
+  hidden = model_cfg.get('mlp_hidden', 0) or int(model_cfg.mlp_ratio * model_cfg.d_model)
+  if model_cfg.mlp in ('swiglu', 'moe') and not model_cfg.get('mlp_hidden', 0):
     # Two input matrices instead of one: 2/3 of the width keeps the parameter count (Llama).
     hidden = _round_up(int(2 * hidden / 3), 64)
+  rows = model_cfg.get('vocab_size', 0) or _round_up(vocab_size, model_cfg.vocab_multiple)
+  if rows < vocab_size:
+    raise UserError(f'config.model.vocab_size={rows} is smaller than the tokenizer '
+                     f'({vocab_size} tokens)')
   moe = model_cfg.moe
   return GPTConfig(
-      vocab_size=_round_up(vocab_size, model_cfg.vocab_multiple),
+      vocab_size=rows,
       real_vocab_size=vocab_size,
+      qkv_bias=model_cfg.get('qkv_bias', False),
+      moe_shared_gate=moe.get('shared_gate', False),
       n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
       n_kv_head=model_cfg.n_kv_head or model_cfg.n_head, d_model=model_cfg.d_model,
       seq_len=model_cfg.seq_len, dropout=model_cfg.dropout, bias=model_cfg.bias,
@@ -128,9 +143,10 @@ class Attention(nn.Module):
     cfg = self.cfg
     n, k, h = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     b, l, _ = x_BxLxD.shape
-    q_BxLxNxH = _dense(cfg, n * h, 'q')(x_BxLxD).reshape(b, l, n, h)
-    k_BxLxKxH = _dense(cfg, k * h, 'k')(x_BxLxD).reshape(b, l, k, h)
-    v_BxLxKxH = _dense(cfg, k * h, 'v')(x_BxLxD).reshape(b, l, k, h)
+    qkv_bias = cfg.bias or cfg.qkv_bias
+    q_BxLxNxH = _dense(cfg, n * h, 'q', bias=qkv_bias)(x_BxLxD).reshape(b, l, n, h)
+    k_BxLxKxH = _dense(cfg, k * h, 'k', bias=qkv_bias)(x_BxLxD).reshape(b, l, k, h)
+    v_BxLxKxH = _dense(cfg, k * h, 'v', bias=qkv_bias)(x_BxLxD).reshape(b, l, k, h)
     if cfg.position == 'rope':
       q_BxLxNxH = rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
       k_BxLxKxH = rope(k_BxLxKxH, positions_BxL, cfg.rope_theta)
@@ -212,8 +228,12 @@ class MoE(nn.Module):
     y_BxLxD = jnp.einsum('bled,ble->bld', y_BxLxExD, gates_BxLxE.astype(cfg.dtype))
     if cfg.moe_shared:
       # n_shared experts of width f are one SwiGLU of width n_shared·f.
-      y_BxLxD = y_BxLxD + MLP(dataclasses.replace(cfg, mlp='swiglu'), cfg.moe_shared * f,
-                              bias=False, name='shared')(x_BxLxD)
+      shared_BxLxD = MLP(dataclasses.replace(cfg, mlp='swiglu'), cfg.moe_shared * f,
+                         bias=False, name='shared')(x_BxLxD)
+      if cfg.moe_shared_gate:
+        shared_BxLxD = shared_BxLxD * nn.sigmoid(
+            _dense(cfg, 1, 'shared_gate', bias=False)(x_BxLxD))
+      y_BxLxD = y_BxLxD + shared_BxLxD
 
     # Switch-Transformer balance loss: E · Σ_e (fraction of top-k picks to e) · (mean score of e);
     # it is 1 at uniform routing, its minimum. z-loss keeps router logits small (ST-MoE).

@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from zhgpt_jax import model as model_lib
-from zhgpt_jax.tokenizer import decode
+from zhgpt_jax.tokenizer import decode, special_ids
 from zhgpt_jax.config import UserError
 
+# Our tokenizers' stop tokens; any tokenizer's are `tokenizer.special_ids(tok).stop`.
 STOP_TOKENS = ('<|endoftext|>', '<|im_end|>')
 
 
@@ -316,19 +317,18 @@ def _chunks(cfg, params, state: dict, run: _Run, chunk: int) -> Iterator[list[in
 # ---------------------------------------------------------------- text
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-  ids = tokenizer.encode(text).ids
+  ids = tokenizer.encode(text, add_special_tokens=False).ids
   if not ids:   # an empty prompt: start from a document boundary, as GPT-2 does
-    eot = tokenizer.token_to_id(STOP_TOKENS[0])
-    if eot is None:
-      raise UserError('empty prompt, and the tokenizer has no <|endoftext|> to start from')
-    ids = [eot]
+    ids = [special_ids(tokenizer).eos]
   return ids
 
 
 def _options(cfg, tokenizer, prompts: list[list[int]], sample_cfg,
              stop_tokens: Sequence[str]) -> dict:
-  """generate's keyword options for `prompts` from `config.sample` and stop-token strings."""
-  stop_ids = [tokenizer.token_to_id(t) for t in stop_tokens]
+  """generate's keyword options for `prompts` from `config.sample` and stop-token strings
+  (None: the tokenizer's end of text and <|im_end|>)."""
+  stop_ids = (list(special_ids(tokenizer).stop) if stop_tokens is None
+              else [tokenizer.token_to_id(t) for t in stop_tokens])
   sliding = sample_cfg.get('sliding', False)
   return dict(max_new_tokens=_max_new(cfg, prompts, sample_cfg.max_new_tokens, sliding),
               temperature=sample_cfg.temperature, top_k=sample_cfg.top_k,
@@ -358,11 +358,11 @@ def complete_suffix(text: str, sent: int) -> str:
 
 
 def generate_text(cfg, params, tokenizer, prompts: list[str], sample_cfg,
-                  stop_tokens: Sequence[str] = STOP_TOKENS) -> list[str]:
+                  stop_tokens: Sequence[str] | None = None) -> list[str]:
   """The continuation of each prompt, as text; `sample_cfg` is `config.sample`.
 
   `tokenizer` is a `tokenizers.Tokenizer`; generation ends at any of `stop_tokens` (not
-  included), and after sample_cfg.max_new_tokens tokens or where the model's context ends,
+  included; None: the tokenizer's end of text and <|im_end|>), and after sample_cfg.max_new_tokens tokens or where the model's context ends,
   whichever comes first. `sample_cfg.sliding`, where present, is generate's `sliding`.
   """
   out = generate_ids(cfg, params, tokenizer, prompts, sample_cfg, stop_tokens)
@@ -370,7 +370,7 @@ def generate_text(cfg, params, tokenizer, prompts: list[str], sample_cfg,
 
 
 def generate_ids(cfg, params, tokenizer, prompts: list[str], sample_cfg,
-                 stop_tokens: Sequence[str] = STOP_TOKENS) -> list[list[int]]:
+                 stop_tokens: Sequence[str] | None = None) -> list[list[int]]:
   """`generate_text`'s new tokens, as ids."""
   ids = [encode_prompt(tokenizer, p) for p in prompts]
   return generate(cfg, params, ids, **_options(cfg, tokenizer, ids, sample_cfg, stop_tokens))
@@ -386,7 +386,7 @@ def longest_run(ids: Sequence[int]) -> int:
 
 
 def stream_text(cfg, params, tokenizer, prompt: str, sample_cfg,
-                stop_tokens: Sequence[str] = STOP_TOKENS, chunk: int = 16) -> Iterator[str]:
+                stop_tokens: Sequence[str] | None = None, chunk: int = 16) -> Iterator[str]:
   """`generate_text` for one prompt, yielding text pieces as they are generated.
 
   Each piece is whole characters: the accumulated tokens are decoded after every chunk and

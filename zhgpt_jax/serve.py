@@ -91,9 +91,8 @@ class Server:
     self.cfg, self.tokenizer, self.sample_cfg, self.model_id = cfg, tokenizer, sample_cfg, model_id
     self.encoder = sft.ChatEncoder(tokenizer)
     self.max_request_bytes = max_request_bytes
-    stop_ids = [tokenizer.token_to_id(t) for t in sample.STOP_TOKENS]
     self.engine = engine_lib.Engine(cfg, params, slots=slots, chunk=chunk,
-                                    stop_ids=[i for i in stop_ids if i is not None])
+                                    stop_ids=list(tok_lib.special_ids(tokenizer).stop))
     self.created = int(time.time())
 
   def chat_ids(self, messages: list[api.Message]) -> list[int]:

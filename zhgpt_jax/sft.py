@@ -208,8 +208,9 @@ class ChatEncoder:
     self.im_end = tokenizer.token_to_id(tok_lib.IM_END)
     # The header ends in '\n' and content starts with a non-space (it is stripped), so the
     # byte-level pre-tokenizer splits there: encoding the two apart equals encoding them joined.
-    self.header = {r: [self.im_start] + self.plain.encode(r + '\n').ids for r in ROLES}
-    self.newline = self.plain.encode('\n').ids
+    self.header = {r: [self.im_start] + self.plain.encode(r + '\n', add_special_tokens=False).ids
+                   for r in ROLES}
+    self.newline = self.plain.encode('\n', add_special_tokens=False).ids
 
   def encode(self, conversations: Sequence[list[dict]]) -> list[Encoded]:
     """Encodes many conversations (one batched tokenizer call)."""
@@ -503,7 +504,7 @@ def make_task(config, workdir: str, run):
   encoder = ChatEncoder(run.tokenizer)
   stats = SftStats()
   train_enc, val_enc, extra = load_data(config, encoder, stats)
-  pad = run.tokenizer.token_to_id(tok_lib.PAD)
+  pad = tok_lib.special_ids(run.tokenizer).pad
   train_rows = packed_rows(train_enc, seq_len, pad)
   val_rows = packed_rows(val_enc, seq_len, pad)
   if jax.process_index() == 0:
@@ -557,7 +558,7 @@ def chat_loop(cfg, params, tokenizer, sample_cfg, *, read: Callable[[str], str] 
   options = dict(max_new_tokens=max_new, temperature=sample_cfg.temperature,
                  top_k=sample_cfg.top_k, top_p=sample_cfg.top_p,
                  repetition_penalty=sample_cfg.repetition_penalty,
-                 stop_ids=(encoder.im_end, tokenizer.token_to_id(tok_lib.EOT)))
+                 stop_ids=tok_lib.special_ids(tokenizer).stop)
   history: list[dict] = []
   turn = 0
   while True:

@@ -222,12 +222,8 @@ def _tokenizer(config, tok_dir: str, text_inputs: dict, sampled: Callable[[], sc
     with contextlib.suppress(FileNotFoundError):
       os.remove(os.path.join(tok_dir, 'prepare.json'))  # untrusted until rebuilt
     if t.path:
-      tokenizer_lib.save_tokenizer(tokenizer_lib.load_tokenizer(t.path), tok_dir,
-                                   config.model.seq_len)
-      # The very bytes, so tokenizer_hash is the same for the copy and config.tokenizer.path.
-      tmp = os.path.join(tok_dir, f'tokenizer.json.tmp-{os.getpid()}')
-      shutil.copyfile(tokenizer_lib.json_path(t.path), tmp)
-      os.replace(tmp, os.path.join(tok_dir, 'tokenizer.json'))
+      # The very files, so tokenizer_hash is the same for the copy and config.tokenizer.path.
+      tokenizer_lib.copy_tokenizer(t.path, tok_dir)
       _write_json(os.path.join(tok_dir, 'prepare.json'),
                   dict(key=key, hash=tokenizer_lib.tokenizer_hash(tok_dir),
                        example=config.train.prompt))
@@ -272,7 +268,7 @@ def _seal(config, tok: Tokenizer, tok_hash: str, root: str, build_dir: str, key:
         tokens=sum(s['tokens'] for s in st['shards']), documents=st['documents'],
         characters=st['characters'], utf8_bytes=st['utf8_bytes'], shards=st['shards'],
         shard_tokens=config.data.shard_tokens, vocab_size=tok.get_vocab_size(),
-        eot_id=tok.token_to_id(tokenizer_lib.EOT), tokenizer_hash=tok_hash,
+        eot_id=tokenizer_lib.special_ids(tok).eos, tokenizer_hash=tok_hash,
         corpus=sources.without_weights(config.data.corpus), source_groups=groups,
         dedup=dict(mode=config.data.dedup, near_threshold=config.data.near_threshold,
                    near_ngram=config.data.near_ngram),

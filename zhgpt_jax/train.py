@@ -262,11 +262,19 @@ class Run:
 
 
 def build(config, workdir: str, with_data: bool = True) -> Run:
-  """Validates the config, prepares data (process 0), and builds model and optimizer."""
+  """Validates the config, prepares data (process 0), and builds model and optimizer.
+
+  Run.config is `config` resolved against init_from (pretrained.resolve): the model shape
+  and tokenizer of the model the run starts from.
+  """
+  from zhgpt_jax import pretrained, shards, tokenizer as tok_lib
+  config = pretrained.resolve(config)
   validate(config)
   parallel.initialize(config.dist)
-  from zhgpt_jax import shards, tokenizer as tok_lib
-  tokenizer_dir = init_tokenizer_dir(config)
+  tokenizer_dir = pretrained.init_tokenizer_dir(config)
+  if config.task == 'sft' and tokenizer_dir and \
+      not tok_lib.has_chatml(tok_lib.load_tokenizer(tokenizer_dir)):
+    tokenizer_dir = _with_chatml(tokenizer_dir, workdir)
   data_dir = None
   if with_data and config.task == 'pretrain':
     if jax.process_index() == 0:
@@ -295,39 +303,37 @@ def build(config, workdir: str, with_data: bool = True) -> Run:
   return run
 
 
-def init_tokenizer_dir(config) -> str:
-  """The tokenizer a run must reuse: config.tokenizer.path, else init_from's, else ''."""
-  if config.tokenizer.path:
-    return config.tokenizer.path
-  if config.init_from.startswith('hf:'):
-    return config.init_from[3:]
-  if config.init_from:
-    return os.path.join(config.init_from, 'tokenizer')
-  return ''
+def _with_chatml(tokenizer_dir: str, workdir: str) -> str:
+  """workdir/tokenizer: a copy of `tokenizer_dir` given the ChatML tokens (process 0 writes)."""
+  from zhgpt_jax import tokenizer as tok_lib
+  dst = os.path.join(workdir, 'tokenizer')
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tok_lib.copy_tokenizer(tokenizer_dir, dst)
+    tok_lib.add_chatml(dst)
+    print(f'tokenizer: added the ChatML tokens to a copy of {tokenizer_dir} in {dst}')
+  parallel.sync('chatml')
+  return dst
 
 
 def initial_params(run: Run, rng):
   """Fresh params, or those of config.init_from (a workdir of ours, or hf:PATH)."""
+  from zhgpt_jax import pretrained
   src = run.config.init_from
   if not src:
     return model_lib.init_params(run.cfg, rng)
-  if src.startswith('hf:'):
-    from zhgpt_jax import export
+  if pretrained.hf_dir(run.config) is not None:
+    from zhgpt_jax import export, tokenizer as tok_lib
     cfg, params = export.import_hf(src[3:])
+    src_tokens = tok_lib.load_tokenizer(src[3:]).get_vocab_size()
   else:
     saved, params, _ = ckpt_lib.load_params(src)
     cfg = model_lib.model_config(saved.model, run.tokenizer.get_vocab_size())
-  if dataclasses.replace(cfg, dropout=run.cfg.dropout, attention=run.cfg.attention,
-                         dtype=run.cfg.dtype, remat=run.cfg.remat,
-                         residual_init=run.cfg.residual_init) != run.cfg:
-    raise UserError(f'init_from={src}: its model differs from config.model '
-                    f'({_cfg_diff(cfg, run.cfg)})')
-  return jax.tree.map(jnp.asarray, params)
-
-
-def _cfg_diff(a, b) -> str:
-  return ', '.join(f'{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}'
-                   for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name))
+    src_tokens = cfg.real_vocab_size
+  diff = pretrained.compatible(cfg, run.cfg)
+  if diff:
+    raise UserError(f'init_from={src}: its model differs from config.model ({", ".join(diff)})')
+  return jax.tree.map(jnp.asarray, pretrained.fit_params(params, cfg, run.cfg, src_tokens))
 
 
 def new_state(optimizer, params, seed: int) -> dict:
@@ -376,6 +382,7 @@ class _StopFlag:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains to config.train.steps (resuming from the workdir's checkpoint); returns the last eval."""
   run = build(config, workdir)
+  config = run.config
   t = config.train
   is_main = jax.process_index() == 0
   devices = jax.local_device_count()

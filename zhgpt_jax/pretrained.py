@@ -1,0 +1,190 @@
+"""Starting from a pretrained model: `init_from=hf:DIR` (or a workdir of ours).
+
+`resolve(config, explicit)` makes the run's config describe the model it starts from:
+config.model's shape fields (`SHAPE`) come from DIR's config.json, config.tokenizer.path
+points at DIR's tokenizer (so `prepare` cuts the shards with it, never with a freshly
+trained one), model.seq_len may stay shorter than DIR's context, and an SFT run whose
+tokenizer lacks the ChatML tokens gets room for them. Fields that only change compute
+(dtype, attention, remat, dropout) are left as configured. A shape field set explicitly on
+the command line (`explicit`) that contradicts DIR is a UserError naming both values.
+
+`fit_params` fits the imported parameters to the run's model: the first seq_len rows of a
+learned position table, and embedding (and head) rows for the tokens the run added, set to
+the mean row of the pretrained ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import ml_collections
+import numpy as np
+
+from zhgpt_jax import tokenizer as tok_lib
+from zhgpt_jax.config import UserError
+from zhgpt_jax.model import GPTConfig
+
+# GPTConfig field -> config.model key: the fields that shape a pretrained model's params.
+SHAPE = {
+    'n_layer': 'n_layer', 'n_head': 'n_head', 'n_kv_head': 'n_kv_head', 'd_model': 'd_model',
+    'vocab_size': 'vocab_size', 'mlp_hidden': 'mlp_hidden', 'position': 'position',
+    'mlp': 'mlp', 'norm': 'norm', 'norm_eps': 'norm_eps', 'bias': 'bias',
+    'qkv_bias': 'qkv_bias', 'rope_theta': 'rope_theta', 'tie_embeddings': 'tie_embeddings',
+}
+MOE_SHAPE = {
+    'moe_routed': 'moe.n_routed', 'moe_shared': 'moe.n_shared', 'moe_top_k': 'moe.top_k',
+    'moe_gate': 'moe.gate', 'moe_hidden': 'moe.expert_hidden', 'moe_every': 'moe.every',
+    'moe_shared_gate': 'moe.shared_gate',
+}
+
+
+def hf_dir(config) -> str | None:
+  return config.init_from[3:] if config.init_from.startswith('hf:') else None
+
+
+def init_tokenizer_dir(config) -> str:
+  """The tokenizer a run must use: config.tokenizer.path, else init_from's, else ''."""
+  if config.tokenizer.path:
+    return config.tokenizer.path
+  if hf_dir(config) is not None:
+    return hf_dir(config)
+  if config.init_from:
+    return os.path.join(config.init_from, 'tokenizer')
+  return ''
+
+
+def _get(config, dotted):
+  for part in dotted.split('.'):
+    config = config[part]
+  return config
+
+
+def _set(config, dotted, value):
+  *head, last = dotted.split('.')
+  for part in head:
+    config = config[part]
+  config[last] = value
+
+
+def _hf_config(directory: str) -> dict:
+  path = os.path.join(directory, 'config.json')
+  if not os.path.isfile(path):
+    raise UserError(f'init_from=hf:{directory}: no HuggingFace model there ({path} does not '
+                    'exist)')
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f'init_from=hf:{directory}: cannot read {path}: {e}') from e
+
+
+def _same_tokenizer(a: str, b: str) -> bool:
+  return os.path.abspath(a) == os.path.abspath(b) or \
+      tok_lib.tokenizer_hash(a) == tok_lib.tokenizer_hash(b)
+
+
+def _resolve_tokenizer(c, source: str, what: str) -> None:
+  if not os.path.isfile(tok_lib.json_path(source)):
+    raise UserError(f'{what} has no tokenizer ({tok_lib.json_path(source)} does not exist): '
+                    'save the tokenizer beside the model (tokenizer.save_pretrained(DIR))')
+  if c.tokenizer.path and not _same_tokenizer(c.tokenizer.path, source):
+    raise UserError(f'config.tokenizer.path={c.tokenizer.path!r} conflicts with {what}, whose '
+                    'model was trained with its own tokenizer; leave tokenizer.path empty')
+  c.tokenizer.path = c.tokenizer.path or source
+
+
+def pretrained_shape(directory: str, task: str = 'pretrain') -> tuple[GPTConfig, dict, int]:
+  """(DIR's GPTConfig, {config.model key: value} of its shape, its context length).
+
+  The vocab_size value leaves room for the ChatML tokens when an SFT run will add them.
+  """
+  from zhgpt_jax import export
+  cfg = export.hf_config_to_ours(_hf_config(directory))
+  fields = dict(SHAPE, **(MOE_SHAPE if cfg.mlp == 'moe' else {}))
+  shape = {key: getattr(cfg, name) for name, key in fields.items()}
+  tok = tok_lib.load_tokenizer(directory)
+  if tok.get_vocab_size() > cfg.vocab_size:
+    raise UserError(f'init_from=hf:{directory}: its tokenizer has {tok.get_vocab_size()} tokens '
+                    f'but its model only {cfg.vocab_size} embedding rows')
+  if task == 'sft':
+    shape['vocab_size'] = max(cfg.vocab_size, tok_lib.chatml_vocab_size(directory))
+  return cfg, shape, cfg.seq_len
+
+
+def resolve(config, explicit=()) -> ml_collections.ConfigDict:
+  """`config` with init_from's model shape and tokenizer (a copy; `config` is not changed).
+
+  `explicit` holds the dotted keys set on the command line (e.g. 'model.n_layer'); one of
+  them that contradicts DIR raises UserError. Resolving a resolved config changes nothing.
+  """
+  if not config.init_from:
+    return config
+  c = config.copy_and_resolve_references()
+  directory = hf_dir(c)
+  if directory is None:
+    _resolve_tokenizer(c, os.path.join(c.init_from, 'tokenizer'), f'init_from={c.init_from}')
+    return c
+  what = f'init_from=hf:{directory}'
+  _resolve_tokenizer(c, directory, what)
+  _, shape, context = pretrained_shape(directory, c.task)
+  for key, value in shape.items():
+    key = f'model.{key}'
+    current = _get(c, key)
+    if key == 'model.n_kv_head' and current == 0:
+      current = _get(c, 'model.n_head')   # 0 means n_head
+    if key in explicit and current != value:
+      raise UserError(f'--config.{key}={_get(c, key)!r} contradicts {what}, whose '
+                      f'config.json gives {key[6:]}={value!r}; drop the override (the '
+                      'shape comes from the pretrained model)')
+    _set(c, key, value)
+  if c.model.seq_len > context:
+    if 'model.seq_len' in explicit:
+      raise UserError(f'--config.model.seq_len={c.model.seq_len} is longer than {what}\'s '
+                      f'context ({context} positions)')
+    print(f'model.seq_len: {c.model.seq_len} -> {context}, the context of {directory}')
+    c.model.seq_len = context
+  return c
+
+
+def _mean_rows(table_VxD: np.ndarray, rows: int, real: int, new_ids: list[int]) -> np.ndarray:
+  out = np.zeros((rows, table_VxD.shape[1]), np.float32)
+  n = min(rows, table_VxD.shape[0])
+  out[:n] = table_VxD[:n]
+  out[new_ids] = table_VxD[:real].mean(axis=0)
+  return out
+
+
+def fit_params(params: dict, src: GPTConfig, cfg: GPTConfig, src_tokens: int) -> dict:
+  """`params` of model `src` fitted to `cfg`: learned positions cut to cfg.seq_len, and the
+  rows of token ids >= src_tokens (tokens the run added) set to the mean of the first
+  src_tokens rows, in the embedding and in an untied head."""
+  params = dict(params)
+  new_ids = list(range(src_tokens, cfg.real_vocab_size))
+  if cfg.position == 'learned' and cfg.seq_len < src.seq_len:
+    params['wpe'] = {'embedding': np.asarray(params['wpe']['embedding'])[:cfg.seq_len]}
+  if cfg.vocab_size != src.vocab_size or new_ids:
+    wte = np.asarray(params['wte']['embedding'])
+    params['wte'] = {'embedding': _mean_rows(wte, cfg.vocab_size, src_tokens, new_ids)}
+    if 'lm_head' in params:
+      head = np.asarray(params['lm_head'])
+      params['lm_head'] = _mean_rows(head.T, cfg.vocab_size, src_tokens, new_ids).T
+  return params
+
+
+def compatible(src: GPTConfig, cfg: GPTConfig) -> list[str]:
+  """The fields in which pretrained model `src` differs from the run's `cfg` beyond what
+  `fit_params` absorbs and what only changes compute."""
+  absorbed = dict(dropout=cfg.dropout, attention=cfg.attention, dtype=cfg.dtype,
+                  remat=cfg.remat, residual_init=cfg.residual_init,
+                  real_vocab_size=cfg.real_vocab_size)
+  if cfg.seq_len <= src.seq_len:
+    absorbed['seq_len'] = cfg.seq_len
+  if cfg.vocab_size >= src.vocab_size:
+    absorbed['vocab_size'] = cfg.vocab_size
+  if src.mlp != 'moe':   # the MoE fields shape nothing in a dense model
+    absorbed.update({f: getattr(cfg, f) for f in MOE_SHAPE})
+  src = dataclasses.replace(src, **absorbed)
+  return [f'{f.name}: {getattr(src, f.name)!r} vs {getattr(cfg, f.name)!r}'
+          for f in dataclasses.fields(src) if getattr(src, f.name) != getattr(cfg, f.name)]
