@@ -371,8 +371,9 @@ def test_readme_examples(server, capsys):
 
 
 def test_serve_flags_and_hf_directory(workdir, reference, tmp_path):
-  """The README's flags are parsed and checked before any loading (one line, exit 2); an
-  exported HF directory (`--workdir hf:DIR`) loads as the same model and tokenizer."""
+  """The README's flags are parsed and checked before any loading (one line, exit 2), also for
+  a run saved before `serve` existed; an exported HF directory (`--workdir hf:DIR`) loads as
+  the same model and tokenizer."""
   def main_py(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), 'serve', *args],
                           env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'),
@@ -380,7 +381,13 @@ def test_serve_flags_and_hf_directory(workdir, reference, tmp_path):
   out = main_py('--workdir', workdir, '--host', '0.0.0.0', '--port', '70000', '--api_key', 'SECRET',
                 '--config.serve.slots=32')
   assert (out.returncode, out.stderr) == (2, 'main.py: error: --port 70000: must be in 1..65535\n')
-  out = main_py('--workdir', workdir, '--config.serve.slots=0')
+  # A run saved before `serve` (or another key) existed takes the defaults of what it lacks.
+  with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
+    saved = json.load(f)
+  del saved['serve'], saved['data']['val_fraction']
+  (tmp_path / 'old').mkdir()
+  (tmp_path / 'old' / 'config.json').write_text(json.dumps(saved), encoding='utf-8')
+  out = main_py('--workdir', str(tmp_path / 'old'), '--config.serve.slots=0')
   assert (out.returncode, out.stderr) == (2, 'main.py: error: config.serve.slots=0: must be > 0\n')
   from zhgpt_jax import export
   hf_dir = export.export_workdir(workdir, str(tmp_path / 'hf'))
