@@ -56,7 +56,7 @@ def reference(workdir):
 
 
 def stop_ids(tokenizer):
-  return [tokenizer.token_to_id(t) for t in sample.STOP_TOKENS]
+  return list(tok_lib.special_ids(tokenizer).stop)
 
 
 def complete(client, prompt, **kw):

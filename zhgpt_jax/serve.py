@@ -89,13 +89,17 @@ class Server:
                chunk: int, max_request_bytes: int):
     from zhgpt_jax import sft   # the ChatML encoder
     self.cfg, self.tokenizer, self.sample_cfg, self.model_id = cfg, tokenizer, sample_cfg, model_id
-    self.encoder = sft.ChatEncoder(tokenizer)
+    # A tokenizer without ChatML (a stock HF one) serves completions only.
+    self.encoder = sft.ChatEncoder(tokenizer) if tok_lib.has_chatml(tokenizer) else None
     self.max_request_bytes = max_request_bytes
     self.engine = engine_lib.Engine(cfg, params, slots=slots, chunk=chunk,
                                     stop_ids=list(tok_lib.special_ids(tokenizer).stop))
     self.created = int(time.time())
 
   def chat_ids(self, messages: list[api.Message]) -> list[int]:
+    if self.encoder is None:
+      raise ApiError(400, f'{self.model_id} has no chat template (its tokenizer lacks the ChatML '
+                     'tokens): use /v1/completions', 'messages', 'chat_not_supported')
     return chat_prompt_ids(self.encoder, [dict(role=m.role, content=m.text()) for m in messages])
 
   def completion_ids(self, prompt) -> list[int]:
