@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -204,6 +205,14 @@ def test_a_client_killed_mid_stream_does_not_stall_others(server, client):
   while json.loads(get(f'{server.url}/health')[1])['active'] and time.time() < deadline:
     time.sleep(0.1)
   assert json.loads(get(f'{server.url}/health')[1])['active'] == 0
+  assert complete(client, PROMPTS[8], max_tokens=16).choices[0].text == others[PROMPTS[8]]
+  # Non-streaming clients that hang up right after sending.
+  body = json.dumps(dict(model='model', prompt=PROMPTS[9], max_tokens=100)).encode()
+  for _ in range(3):
+    with socket.create_connection(('127.0.0.1', server.port)) as s:
+      s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                b'Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s'
+                % (API_KEY.encode(), len(body), body))
   assert complete(client, PROMPTS[8], max_tokens=16).choices[0].text == others[PROMPTS[8]]
 
 
@@ -401,6 +410,9 @@ def test_serve_flags_and_hf_directory(workdir, reference, tmp_path):
 
 
 def test_nothing_recompiled_after_every_request_above(server):
-  """The module's requests (lengths, options, seeds, stops, cancels) compiled nothing new."""
+  """The module's requests (lengths, options, seeds, stops, cancels) compiled nothing new,
+  and none of them (bad ones, hang-ups included) raised inside the server."""
   health = json.loads(get(f'{server.url}/health')[1])
   assert health['compiled'] == dict(prefill=4, decode=1) and health['active'] == 0
+  assert 'Traceback' not in server.output() and 'ERROR' not in server.output(), \
+      server.output()[-3000:]

@@ -50,7 +50,7 @@ class StreamOptions(_Strict):
   include_usage: bool = False
 
 
-class _Sampling(_Strict):
+class Sampling(_Strict):
   """The fields both endpoints share; None = the server's default (config.sample)."""
   model: str
   max_tokens: int | None = Field(None, ge=1)
@@ -81,12 +81,12 @@ class _Sampling(_Strict):
       raise ApiError(400, f'{name} is not supported by this server', name, 'unsupported')
 
 
-class ChatRequest(_Sampling):
+class ChatRequest(Sampling):
   messages: list[Message] = Field(min_length=1)
   max_completion_tokens: int | None = Field(None, ge=1)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(Sampling):
   prompt: Union[str, list[int], list[str]]
   echo: bool = False
   suffix: str | None = None

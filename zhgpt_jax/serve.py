@@ -116,7 +116,7 @@ class Server:
                      else 'prompt: no token ids', 'prompt')
     return list(prompt)
 
-  def request(self, req: api._Sampling, prompt: list[int], max_tokens: int | None):
+  def request(self, req: api.Sampling, prompt: list[int], max_tokens: int | None):
     """An engine.Request for `prompt` with `req`'s options (config.sample's where unset)."""
     if req.model != self.model_id:
       raise ApiError(404, f'the model {req.model!r} does not exist; this server has '
@@ -139,7 +139,7 @@ class Server:
         seed=pick(req.seed, secrets.randbits(31)))
 
   async def run(self, request: engine_lib.Request, stop: list[str]):
-    """Submits `request`; yields (text piece, finish reason or None), and the ReplyText last.
+    """Submits `request`; yields (text piece, finish reason or None, the ReplyText so far).
 
     Leaving early (a client gone, a stop string) cancels the request, freeing its slot.
     """
@@ -247,9 +247,11 @@ async def _respond(request: fastapi.Request, server: Server, req, prompt: list[i
     await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
   finally:
     watch.cancel()
-    if not work.done():   # the client went away: cancelling `work` cancels the request
+    gone = not work.done()
+    if gone:   # the client went away: cancelling `work` cancels the request
       work.cancel()
-      return fastapi.Response(status_code=499)
+  if gone:
+    return fastapi.Response(status_code=499)
   reply, finish, text = work.result()
   obj = 'chat.completion' if kind == 'chat' else 'text_completion'
   return JSONResponse(dict(head, object=obj, choices=[choice(reply, finish, False)],
