@@ -176,3 +176,24 @@ def chat_in_page(driver, url: str, messages: list[str], *, api_key: str | None =
   history = driver.execute_script('return conversation')
   return dict(bubbles=[tuple(b) for b in bubbles], partials=partials, pieces=pieces,
               history=history)
+
+
+def refused_turn(driver, text: str, max_tokens: int, timeout: float = 60) -> dict:
+  """Sends `text` with a max-tokens setting the server refuses; returns the page's bubbles,
+  the input box's text and the conversation afterwards."""
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.common.keys import Keys
+  from selenium.webdriver.support.ui import WebDriverWait
+  field = driver.find_element(By.ID, 'max-tokens')
+  field.clear()
+  field.send_keys(str(max_tokens))
+  box = driver.find_element(By.ID, 'input')
+  box.send_keys(text)
+  box.send_keys(Keys.ENTER)
+  WebDriverWait(driver, timeout).until(
+      lambda d: d.find_elements(By.CSS_SELECTOR, '.msg.error')
+      and d.find_element(By.TAG_NAME, 'body').get_attribute('data-state') == 'idle')
+  return dict(
+      bubbles=[tuple(b) for b in driver.execute_script(
+          'return [...document.querySelectorAll(".msg")].map(e => [e.dataset.role, e.textContent])')],
+      input=box.get_property('value'), history=driver.execute_script('return conversation'))

@@ -310,7 +310,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
 def test_chat_page_in_chromium(server, client, tmp_path):
   """Two turns typed into the page in headless chromium: each reply streams in and equals the
   API's greedy reply to the conversation so far; the page keeps the history."""
-  from serving import chat_in_page, chromium
+  from serving import chat_in_page, chromium, refused_turn
   try:
     driver = chromium(str(tmp_path / 'chromium-profile'))
   except FileNotFoundError as e:
@@ -325,8 +325,14 @@ def test_chat_page_in_chromium(server, client, tmp_path):
     assert driver.save_screenshot(shot)
     with open(shot, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    # A refused turn (max tokens past the context): the error shows, the turn is taken back
+    # and its text returned to the input box.
+    refused = refused_turn(driver, '再来一次', max_tokens=5000)
   finally:
     driver.quit()
+  assert refused['bubbles'] == got['bubbles'] + [('error', refused['bubbles'][-1][1])]
+  assert 'max_tokens=5000 is too large' in refused['bubbles'][-1][1]
+  assert refused['input'] == '再来一次' and refused['history'] == got['history']
   turns = [dict(role=r, content=t) for r, t in got['bubbles']]
   assert [t['role'] for t in turns] == ['user', 'assistant'] * 2
   assert [turns[0]['content'], turns[2]['content']] == ['你好', '村民们都很高兴吗？']
