@@ -89,6 +89,14 @@ README_COMMANDS = {
     'curl -N http://127.0.0.1:8000/v1/completions -H "Content-Type: application/json" '
     '-H "Authorization: Bearer $ZHGPT_API_KEY" -d \'{"model": "sft", "prompt": "村民们都很高兴", '
     '"max_tokens": 32, "stream": true, "top_k": 20}\'': 'test_serve.py::test_readme_examples',
+    # start from a pretrained model: stock transformers checkpoints built by the test
+    'python main.py --config configs/tiny.py --config.init_from=hf:/models/gpt2-zh '
+    '--workdir runs/gpt2-zh': 'test_pretrained.py::test_trains_on_the_checkpoints_own_tokenizer',
+    'python main.py --config configs/sft.py --config.init_from=hf:/models/qwen2-0.5b '
+    '--workdir runs/qwen-sft':
+        'test_pretrained.py::test_sft_adds_chatml_and_the_chat_export_stops_at_im_end',
+    'python main.py export --workdir runs/qwen-sft --out runs/qwen-sft-hf':
+        'test_pretrained.py::test_export_loads_in_transformers_with_equal_logits_and_greedy',
 }
 
 
