@@ -244,6 +244,12 @@ def test_resolve_rules(runs):
   c.model.seq_len = 128
   with pytest.raises(UserError, match='seq_len=128 is longer than'):
     pretrained.resolve(c, {'model.seq_len'})
+  c.model.seq_len = 64
+  c.model.mlp_ratio = 2.5                                       # 2.5 * 64 = DIR's n_inner 160
+  assert pretrained.resolve(c, {'model.mlp_ratio'}).model.mlp_hidden == 160
+  c.model.mlp_ratio = 4.0
+  with pytest.raises(UserError, match='mlp_ratio=4.0 gives mlp_hidden=256, which contradicts'):
+    pretrained.resolve(c, {'model.mlp_ratio'})
   c.tokenizer.path = gpt2
   with pytest.raises(UserError, match='conflicts with init_from'):
     pretrained.resolve(c)

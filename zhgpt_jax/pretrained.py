@@ -123,8 +123,9 @@ def resolve(config, explicit=()) -> ml_collections.ConfigDict:
     return config
   c = config.copy_and_resolve_references()
   directory = hf_dir(c)
-  if directory is None:
-    _resolve_tokenizer(c, os.path.join(c.init_from, 'tokenizer'), f'init_from={c.init_from}')
+  if directory is None:   # a workdir of ours: continued pretraining cuts shards with its tokenizer
+    if c.task == 'pretrain':
+      _resolve_tokenizer(c, os.path.join(c.init_from, 'tokenizer'), f'init_from={c.init_from}')
     return c
   what = f'init_from=hf:{directory}'
   _resolve_tokenizer(c, directory, what)
@@ -139,6 +140,7 @@ def resolve(config, explicit=()) -> ml_collections.ConfigDict:
                       f'config.json gives {key[6:]}={value!r}; drop the override (the '
                       'shape comes from the pretrained model)')
     _set(c, key, value)
+  _check_derived(c, config, explicit, what)
   if c.model.seq_len > context:
     if 'model.seq_len' in explicit:
       raise UserError(f'--config.model.seq_len={c.model.seq_len} is longer than {what}\'s '
@@ -146,6 +148,22 @@ def resolve(config, explicit=()) -> ml_collections.ConfigDict:
     print(f'model.seq_len: {c.model.seq_len} -> {context}, the context of {directory}')
     c.model.seq_len = context
   return c
+
+
+def _check_derived(resolved, config, explicit, what: str) -> None:
+  """mlp_ratio and vocab_multiple set on the command line must give DIR's widths."""
+  from zhgpt_jax.model import model_config
+  vocab = tok_lib.load_tokenizer(resolved.tokenizer.path).get_vocab_size()
+  have = model_config(resolved.model, vocab)
+  for key, field in (('mlp_ratio', 'mlp_hidden'), ('vocab_multiple', 'vocab_size')):
+    if f'model.{key}' in explicit:
+      m = resolved.model.copy_and_resolve_references()
+      m[key], m[field] = config.model[key], 0
+      got = getattr(model_config(m, vocab), field)
+      if got != getattr(have, field):
+        raise UserError(f'--config.model.{key}={config.model[key]!r} gives {field}={got}, which '
+                        f'contradicts {what}, whose config.json gives {field}='
+                        f'{getattr(have, field)}; drop the override')
 
 
 def _mean_rows(table_VxD: np.ndarray, rows: int, real: int, new_ids: list[int]) -> np.ndarray:
