@@ -39,11 +39,13 @@ VARIANTS = {
     'moe_shared2_every2': (dict(ROPE, mlp='moe', n_kv_head=2, tie_embeddings=False,
                                 moe=dict(n_routed=4, top_k=2, n_shared=2, every=2)),
                            'Qwen2MoeForCausalLM'),
-    'moe_shared0': (dict(ROPE, mlp='moe', moe=dict(n_routed=4, top_k=2, n_shared=0)),
-                    'Qwen2MoeForCausalLM'),
     'moe_gate_qkv_bias': (dict(ROPE, mlp='moe', qkv_bias=True,
                                moe=dict(n_routed=4, top_k=2, n_shared=1, shared_gate=True)),
                           'Qwen2MoeForCausalLM'),
+    # Layer 0 dense, layer 1 MoE (DeepSeekMoE's first_dense): Qwen2-MoE's mlp_only_layers.
+    'moe_shared0_first_dense': (dict(ROPE, mlp='moe', moe=dict(n_routed=4, top_k=2, n_shared=0,
+                                                               first_dense=1)),
+                                'Qwen2MoeForCausalLM'),
 }
 
 
@@ -194,6 +196,13 @@ def test_unmapped_variants_refused(overrides, fields, tmp_path):
     E.export_hf(tiny_cfg(**dict(overrides)), None, str(tmp_path / 'hf'))
   assert all(f'{f}=' in str(e.value) for f in fields)
   assert os.listdir(tmp_path) == []
+
+
+def test_bias_balanced_moe_refused_in_one_line(tmp_path):
+  cfg = tiny_cfg(**ROPE, mlp='moe', moe=dict(n_routed=4, balance='bias'))
+  with pytest.raises(UserError, match='balance=bias: Qwen2MoeForCausalLM has no per-expert') as e:
+    E.export_hf(cfg, None, str(tmp_path / 'hf'))
+  assert '\n' not in str(e.value) and os.listdir(tmp_path) == []
 
 
 def test_out_dir_needs_overwrite_and_is_replaced(gpt2, tmp_path):

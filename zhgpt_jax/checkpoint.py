@@ -26,7 +26,8 @@ SHAPE_FIELDS = ('model.n_layer', 'model.n_head', 'model.n_kv_head', 'model.d_mod
                 'model.mlp', 'model.mlp_ratio', 'model.mlp_hidden', 'model.norm', 'model.bias',
                 'model.qkv_bias', 'model.tie_embeddings', 'model.moe.n_routed',
                 'model.moe.n_shared', 'model.moe.expert_hidden', 'model.moe.every',
-                'model.moe.top_k', 'model.moe.shared_gate', 'tokenizer.vocab_size')
+                'model.moe.top_k', 'model.moe.shared_gate', 'model.moe.first_dense',
+                'model.moe.balance', 'tokenizer.vocab_size')
 
 
 def write_atomic(path: str, text: str) -> None:

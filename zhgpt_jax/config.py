@@ -98,7 +98,20 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
           expert_hidden=0,       # 0 = mlp hidden / top_k
           every=1,               # every k-th layer is MoE (others dense)
           shared_gate=False,     # scale the shared experts by sigmoid(x · w) (Qwen2-MoE)
-          aux_weight=0.01,       # load-balancing loss weight
+          first_dense=0,         # the first k layers keep a dense MLP (DeepSeekMoE: 1)
+          # 'sparse': each expert runs on its own tokens (FLOPs follow top_k); 'dense': every
+          # expert on every token (the exact reference; cost grows with n_routed).
+          dispatch='sparse',
+          # How sparse runs its expert groups: 'capacity' ([E, C, d] blocks; drops past C),
+          # 'ragged_dot' (jax.lax.ragged_dot; never drops), 'auto' (capacity on CPU, else
+          # ragged_dot; bench/moe.py measures both). Expert parallelism uses capacity.
+          grouped='auto',
+          capacity_factor=2.0,   # rows per expert = factor x tokens·top_k/n_routed (0: never drop)
+          # 'aux': the balance loss (aux_weight); 'bias': DeepSeek-V3's auxiliary-loss-free
+          # per-expert routing bias, moved by ±bias_rate toward equal load after every step.
+          balance='aux',
+          bias_rate=0.001,
+          aux_weight=0.01,       # load-balancing loss weight (balance='aux')
           z_weight=0.001,        # router z-loss weight
       )),
   ))
@@ -181,6 +194,9 @@ _CHOICES = {
     'model.dtype': ('float32', 'bfloat16'),
     'model.remat': ('none', 'block'),
     'model.moe.gate': ('softmax', 'sigmoid'),
+    'model.moe.dispatch': ('sparse', 'dense'),
+    'model.moe.grouped': ('auto', 'capacity', 'ragged_dot'),
+    'model.moe.balance': ('aux', 'bias'),
     'data.txt_mode': ('line', 'paragraph'),
     'data.dedup': ('none', 'exact', 'near'),
     'sft.long_policy': ('truncate', 'drop'),
@@ -232,6 +248,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail('model.dropout', 'must be in [0, 1)')
   if m.mlp == 'moe' and m.moe.top_k > m.moe.n_routed:
     fail('model.moe.top_k', f'must be <= model.moe.n_routed={m.moe.n_routed}')
+  if m.mlp == 'moe' and not 0 <= m.moe.first_dense < m.n_layer:
+    fail('model.moe.first_dense', f'must be in [0, model.n_layer={m.n_layer})')
+  for key in ('capacity_factor', 'bias_rate', 'aux_weight', 'z_weight'):
+    if m.moe[key] < 0:
+      fail(f'model.moe.{key}', 'must be >= 0')
   if config.tokenizer.vocab_size < 256 + len(SPECIAL_TOKENS):
     fail('tokenizer.vocab_size', f'must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials)')
   if not 0.0 <= config.data.val_fraction < 1.0:

@@ -7,8 +7,10 @@ Each of our variants maps onto a stock transformers class, so the export loads w
   Llama-style (RoPE, SwiGLU, RMSNorm; GQA; biases optional) -> LlamaForCausalLM
   the same with q/k/v biases only (model.qkv_bias)    -> Qwen2ForCausalLM
   MoE (RoPE, RMSNorm, softmax-gated SwiGLU experts)   -> Qwen2MoeForCausalLM
+    (sparse or dense dispatch alike; first dense layers as mlp_only_layers)
 
-Anything else (e.g. RoPE with GELU, a sigmoid MoE gate) is refused with the fields at fault.
+Anything else (e.g. RoPE with GELU, a sigmoid MoE gate, the moe.balance=bias routing bias) is
+refused with the fields at fault.
 
 The mapping of tensors is a table of (HF name, our path, to HF, from HF) rows, used in both
 directions, plus the few tensors that are not one-to-one (GPT-2's fused q|k|v, per-expert
@@ -64,6 +66,13 @@ def _t(w):
 
 def hf_architecture(cfg: GPTConfig) -> str:
   """The transformers class `cfg` exports to; UserError naming the fields that do not map."""
+  if cfg.mlp == 'moe' and cfg.moe_balance == 'bias':
+    # The bias only changes which experts are chosen, but it does change them: dropping it
+    # would route differently. DeepseekV3's e_score_correction_bias is the same idea, but that
+    # class needs MLA attention and group-limited routing, which our model does not have.
+    raise UserError('model.moe.balance=bias: Qwen2MoeForCausalLM has no per-expert routing '
+                    'bias (it only moves the top-k choice), so no stock class routes as this '
+                    'model does; not exported')
   misses = {}
   # With biases everywhere, the q/k/v-only switch changes nothing.
   cfg = dataclasses.replace(cfg, qkv_bias=cfg.qkv_bias and not cfg.bias)
@@ -112,7 +121,7 @@ def _hf_config(cfg: GPTConfig, arch: str, ids: dict) -> dict:
       c.update(model_type='qwen2_moe', num_experts=cfg.moe_routed,
                num_experts_per_tok=cfg.moe_top_k, moe_intermediate_size=cfg.moe_hidden,
                shared_expert_intermediate_size=cfg.moe_shared * cfg.moe_hidden,
-               norm_topk_prob=False, decoder_sparse_step=cfg.moe_every, mlp_only_layers=[],
+               norm_topk_prob=False, **_sparse_layers(cfg),
                use_sliding_window=False, qkv_bias=True)
   # Special ids are written even when None: GPT2Config would otherwise default them to 50256.
   c.update(architectures=[arch], vocab_size=cfg.vocab_size,
@@ -120,6 +129,14 @@ def _hf_config(cfg: GPTConfig, arch: str, ids: dict) -> dict:
            use_cache=True, **ids)
   c[_EXTRA_KEY] = dataclasses.asdict(cfg)
   return c
+
+
+def _sparse_layers(cfg: GPTConfig) -> dict:
+  """Qwen2-MoE's choice of MoE layers: every k-th (decoder_sparse_step), less mlp_only_layers."""
+  if not cfg.moe_first_dense:
+    return dict(decoder_sparse_step=cfg.moe_every, mlp_only_layers=[])
+  return dict(decoder_sparse_step=1,
+              mlp_only_layers=[i for i in range(cfg.n_layer) if not cfg.is_moe_layer(i)])
 
 
 def _rope_theta(c: dict) -> float:
@@ -162,11 +179,15 @@ def hf_config_to_ours(c: dict) -> GPTConfig:
       hf.update(mlp='swiglu', bias=False, qkv_bias=True)
     else:
       f, shared = c['moe_intermediate_size'], c.get('shared_expert_intermediate_size', 0)
-      if c.get('norm_topk_prob') or c.get('mlp_only_layers') or c.get('use_sliding_window') \
+      # mlp_only_layers we model: the first k layers (moe.first_dense), every layer after MoE.
+      dense_first = list(c.get('mlp_only_layers') or [])
+      first_dense_ok = dense_first == list(range(len(dense_first))) and \
+          (not dense_first or c.get('decoder_sparse_step', 1) == 1)
+      if c.get('norm_topk_prob') or not first_dense_ok or c.get('use_sliding_window') \
           or shared % f:
-        raise UserError('Qwen2-MoE with norm_topk_prob, mlp_only_layers, sliding windows or a '
-                        'shared expert width not a multiple of moe_intermediate_size has no '
-                        'counterpart in our model')
+        raise UserError('Qwen2-MoE with norm_topk_prob, mlp_only_layers other than the first '
+                        'k, sliding windows or a shared expert width not a multiple of '
+                        'moe_intermediate_size has no counterpart in our model')
       # Our own exports say (under "zhgpt_jax") when the q/k/v biases and the shared
       # expert's gate are fixed zeros; a stock Qwen2-MoE has both.
       ours = c.get(_EXTRA_KEY) or {}
@@ -174,7 +195,8 @@ def hf_config_to_ours(c: dict) -> GPTConfig:
                 moe_top_k=c['num_experts_per_tok'], moe_hidden=f, moe_shared=shared // f,
                 moe_gate='softmax', moe_every=c.get('decoder_sparse_step', 1),
                 qkv_bias=ours.get('qkv_bias', c.get('qkv_bias', True)),
-                moe_shared_gate=ours.get('moe_shared_gate', bool(shared)))
+                moe_shared_gate=ours.get('moe_shared_gate', bool(shared)),
+                moe_first_dense=len(dense_first), moe_balance='aux')
   else:
     raise UserError(f'cannot import architecture {arch or "(none)"!r}: supported are '
                     f'{", ".join(_NEEDS)}')

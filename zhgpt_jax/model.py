@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from zhgpt_jax.config import UserError
+from zhgpt_jax import moe as moe_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,13 +53,22 @@ class GPTConfig:
   moe_hidden: int = 0
   moe_every: int = 1
   moe_shared_gate: bool = False  # shared experts scaled by sigmoid(x · w) (Qwen2-MoE)
+  moe_first_dense: int = 0      # the first k layers keep a dense MLP (DeepSeekMoE: 1)
+  moe_dispatch: str = 'sparse'  # 'sparse' | 'dense' (moe.py)
+  moe_grouped: str = 'auto'     # 'auto' | 'capacity' | 'ragged_dot'
+  moe_capacity: float = 2.0     # capacity factor of grouped='capacity' (0: never drop)
+  moe_balance: str = 'aux'      # 'aux' (balance loss) | 'bias' (DeepSeek-V3 expert bias)
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.n_head
 
   def is_moe_layer(self, i: int) -> bool:
-    return self.mlp == 'moe' and (i + 1) % self.moe_every == 0
+    return (self.mlp == 'moe' and i >= self.moe_first_dense
+            and (i + 1 - self.moe_first_dense) % self.moe_every == 0)
+
+  def moe_layers(self) -> list[int]:
+    return [i for i in range(self.n_layer) if self.is_moe_layer(i)]
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -95,7 +105,9 @@ def model_config(model_cfg, vocab_size: int) -> GPTConfig:
       dtype=model_cfg.dtype, remat=model_cfg.remat, residual_init=model_cfg.residual_init,
       moe_routed=moe.n_routed, moe_shared=moe.n_shared, moe_top_k=moe.top_k, moe_gate=moe.gate,
       moe_hidden=moe.expert_hidden or max(64, _round_up(hidden // moe.top_k, 64)),
-      moe_every=moe.every)
+      moe_every=moe.every, moe_first_dense=moe.get('first_dense', 0),
+      moe_dispatch=moe.get('dispatch', 'sparse'), moe_grouped=moe.get('grouped', 'auto'),
+      moe_capacity=moe.get('capacity_factor', 2.0), moe_balance=moe.get('balance', 'aux'))
 
 
 def _init(std: float):
@@ -195,10 +207,11 @@ class MLP(nn.Module):
 class MoE(nn.Module):
   """DeepSeekMoE: fine-grained routed SwiGLU experts plus always-on shared experts.
 
-  Dense dispatch: every expert runs on every token and the top-k gates (zero elsewhere)
-  weight the outputs, one einsum per matrix. It is exact and simple, has no capacity and so
-  drops no tokens, and on small expert counts costs E/k times the routed FLOPs; a sorted
-  grouped matmul would remove that factor for large E.
+  Routing and the expert computation live in `moe.py`: dispatch 'sparse' (default) runs
+  each expert on its own tokens only (routed FLOPs follow top-k), 'dense' runs every expert
+  on every token (the exact reference). balance='bias' adds the param `expert_bias` [E]:
+  it shifts the top-k choice only, gets no gradient, and the train step moves it toward
+  equal load (DeepSeek-V3); it stays part of the model, so sampling routes as training did.
   """
   cfg: GPTConfig
   train: bool = False
@@ -207,25 +220,21 @@ class MoE(nn.Module):
   def __call__(self, x_BxLxD):
     cfg = self.cfg
     e, f, d = cfg.moe_routed, cfg.moe_hidden, cfg.d_model
-    logits_BxLxE = _dense(cfg, e, 'router', bias=False)(x_BxLxD).astype(jnp.float32)
-    if cfg.moe_gate == 'softmax':
-      scores_BxLxE = jax.nn.softmax(logits_BxLxE, axis=-1)
-    else:
-      scores_BxLxE = jax.nn.sigmoid(logits_BxLxE)
-    top_BxLxk, top_idx_BxLxk = jax.lax.top_k(scores_BxLxE, cfg.moe_top_k)
-    if cfg.moe_gate == 'sigmoid':  # sigmoid scores are independent: renormalise the chosen k
-      top_BxLxk = top_BxLxk / jnp.sum(top_BxLxk, axis=-1, keepdims=True)
-    chosen_BxLxkxE = jax.nn.one_hot(top_idx_BxLxk, e, dtype=jnp.float32)
-    gates_BxLxE = jnp.einsum('blk,blke->ble', top_BxLxk, chosen_BxLxkxE)
+    b, l, _ = x_BxLxD.shape
+    logits_NxE = _dense(cfg, e, 'router', bias=False)(x_BxLxD).reshape(b * l, e)
+    bias_E = None
+    if cfg.moe_balance == 'bias':
+      bias_E = self.param('expert_bias', nn.initializers.zeros, (e,), jnp.float32)
+    gate_Nxk, idx_Nxk, scores_NxE = moe_lib.route(logits_NxE, bias_E, cfg.moe_top_k, cfg.moe_gate)
 
-    w_gate_ExDxF = self.param('w_gate', _init(0.02), (e, d, f), jnp.float32)
-    w_up_ExDxF = self.param('w_up', _init(0.02), (e, d, f), jnp.float32)
-    w_down_ExFxD = self.param('w_down', _init(_residual_std(cfg)), (e, f, d), jnp.float32)
-    x = x_BxLxD.astype(cfg.dtype)
-    h_BxLxExF = nn.silu(jnp.einsum('bld,edf->blef', x, w_gate_ExDxF.astype(cfg.dtype))) * \
-        jnp.einsum('bld,edf->blef', x, w_up_ExDxF.astype(cfg.dtype))
-    y_BxLxExD = jnp.einsum('blef,efd->bled', h_BxLxExF, w_down_ExFxD.astype(cfg.dtype))
-    y_BxLxD = jnp.einsum('bled,ble->bld', y_BxLxExD, gates_BxLxE.astype(cfg.dtype))
+    weights = (self.param('w_gate', _init(0.02), (e, d, f), jnp.float32),
+               self.param('w_up', _init(0.02), (e, d, f), jnp.float32),
+               self.param('w_down', _init(_residual_std(cfg)), (e, f, d), jnp.float32))
+    y_NxD, dropped = moe_lib.routed_experts(
+        x_BxLxD.astype(cfg.dtype).reshape(b * l, d), gate_Nxk, idx_Nxk,
+        [w.astype(cfg.dtype) for w in weights], cfg.moe_dispatch, cfg.moe_grouped,
+        cfg.moe_capacity)
+    y_BxLxD = y_NxD.reshape(b, l, d)
     if cfg.moe_shared:
       # n_shared experts of width f are one SwiGLU of width n_shared·f.
       shared_BxLxD = MLP(dataclasses.replace(cfg, mlp='swiglu'), cfg.moe_shared * f,
@@ -237,11 +246,11 @@ class MoE(nn.Module):
 
     # Switch-Transformer balance loss: E · Σ_e (fraction of top-k picks to e) · (mean score of e);
     # it is 1 at uniform routing, its minimum. z-loss keeps router logits small (ST-MoE).
-    load_E = jnp.mean(chosen_BxLxkxE.sum(axis=2), axis=(0, 1)) / cfg.moe_top_k
-    probs_E = jnp.mean(scores_BxLxE / jnp.sum(scores_BxLxE, -1, keepdims=True), axis=(0, 1))
+    load_E = jnp.bincount(idx_Nxk.reshape(-1), length=e).astype(jnp.float32) / idx_Nxk.size
+    probs_E = jnp.mean(scores_NxE / jnp.sum(scores_NxE, -1, keepdims=True), axis=0)
     aux = dict(balance=e * jnp.sum(load_E * probs_E),
-               z=jnp.mean(jax.nn.logsumexp(logits_BxLxE, axis=-1) ** 2),
-               load=load_E)
+               z=jnp.mean(jax.nn.logsumexp(logits_NxE.astype(jnp.float32), axis=-1) ** 2),
+               load=load_E, dropped=dropped.astype(jnp.float32) / idx_Nxk.size)
     return nn.Dropout(cfg.dropout, deterministic=not self.train)(y_BxLxD), aux
 
 
@@ -328,6 +337,7 @@ class GPT(nn.Module):
       out['moe_balance'] = jnp.mean(jnp.stack([a['balance'] for a in moe_aux]))
       out['moe_z'] = jnp.mean(jnp.stack([a['z'] for a in moe_aux]))
       out['moe_load'] = jnp.stack([a['load'] for a in moe_aux])   # [moe layers, E]
+      out['moe_dropped'] = jnp.mean(jnp.stack([a['dropped'] for a in moe_aux]))
     return logits_BxLxV, out
 
 
@@ -352,8 +362,15 @@ def active_params(cfg: GPTConfig, params) -> int:
   """Parameters one token uses: all, less the routed experts it is not sent to."""
   n = count_params(params)
   per_expert = 3 * cfg.d_model * cfg.moe_hidden
-  n_moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layer))
+  n_moe_layers = len(cfg.moe_layers())
+  # The expert bias (balance='bias') is a routing offset, not a weight a token multiplies.
+  n -= n_moe_layers * cfg.moe_routed * (cfg.moe_balance == 'bias')
   return n - n_moe_layers * (cfg.moe_routed - cfg.moe_top_k) * per_expert
+
+
+def routed_flops_per_token(cfg: GPTConfig) -> float:
+  """Training FLOPs per token in the routed experts (6 × the top-k experts' weights)."""
+  return 6.0 * len(cfg.moe_layers()) * cfg.moe_top_k * 3 * cfg.d_model * cfg.moe_hidden
 
 
 def flops_per_token(cfg: GPTConfig, params) -> float:

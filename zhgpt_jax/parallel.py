@@ -157,3 +157,22 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+EXPERT_STACKS = ('w_gate', 'w_up', 'w_down')
+
+
+def expert_specs(params):
+  """PartitionSpecs for expert parallelism: each MoE layer's [E, ...] expert stacks split over
+  the mesh's 'expert' axis, every other parameter replicated.
+
+  Under `jax.set_mesh` of a mesh with an 'expert' axis (Auto axis types), model.MoE pins its
+  [E, C, D] token blocks to the same axis, so each device runs its own experts on the rows
+  routed to them; XLA moves the rows between the data and expert layouts.
+  """
+  from jax.sharding import PartitionSpec as P
+
+  def spec(path, leaf):
+    names = [getattr(p, 'key', None) for p in path]
+    return P('expert') if 'moe' in names and names[-1] in EXPERT_STACKS else P()
+  return jax.tree_util.tree_map_with_path(spec, params)

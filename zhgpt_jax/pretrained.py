@@ -36,7 +36,8 @@ SHAPE = {
 MOE_SHAPE = {
     'moe_routed': 'moe.n_routed', 'moe_shared': 'moe.n_shared', 'moe_top_k': 'moe.top_k',
     'moe_gate': 'moe.gate', 'moe_hidden': 'moe.expert_hidden', 'moe_every': 'moe.every',
-    'moe_shared_gate': 'moe.shared_gate',
+    'moe_shared_gate': 'moe.shared_gate', 'moe_first_dense': 'moe.first_dense',
+    'moe_balance': 'moe.balance',
 }
 
 

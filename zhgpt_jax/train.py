@@ -24,6 +24,7 @@ import optax
 from zhgpt_jax import checkpoint as ckpt_lib
 from zhgpt_jax import data as data_lib
 from zhgpt_jax import model as model_lib
+from zhgpt_jax import moe as moe_lib
 from zhgpt_jax import optim, parallel, sources
 from zhgpt_jax.config import UserError, validate
 from zhgpt_jax.metrics import MetricsWriter
@@ -121,9 +122,22 @@ def loss_fn(params, model: model_lib.GPT, batch: dict, rng, train: bool, moe_cfg
   metrics = {'loss': ce}
   total = ce
   if 'moe_balance' in aux:
-    total = total + moe_cfg.aux_weight * aux['moe_balance'] + moe_cfg.z_weight * aux['moe_z']
-    metrics.update(moe_balance=aux['moe_balance'], moe_z=aux['moe_z'], moe_load=aux['moe_load'])
+    aux_weight = moe_cfg.aux_weight if moe_cfg.balance == 'aux' else 0.0
+    total = total + aux_weight * aux['moe_balance'] + moe_cfg.z_weight * aux['moe_z']
+    metrics.update({k: aux[k] for k in ('moe_balance', 'moe_z', 'moe_load', 'moe_dropped')})
   return total, metrics
+
+
+def balance_experts(params, cfg: model_lib.GPTConfig, load_LxE, rate: float):
+  """params with every MoE layer's expert_bias moved toward equal load (balance='bias')."""
+  params = dict(params)
+  for row, i in enumerate(cfg.moe_layers()):
+    block = dict(params[f'h_{i}'])
+    layer = dict(block['moe'])
+    layer['expert_bias'] = moe_lib.update_bias(layer['expert_bias'], load_LxE[row], rate)
+    block['moe'] = layer
+    params[f'h_{i}'] = block
+  return params
 
 
 def make_train_step(model, optimizer, lr_schedule, moe_cfg, loss_chunk: int = 0) -> Callable:
@@ -153,6 +167,8 @@ def make_train_step(model, optimizer, lr_schedule, moe_cfg, loss_chunk: int = 0)
     ok = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
+    if model.cfg.moe_balance == 'bias' and 'moe_load' in metrics:
+      params = balance_experts(params, model.cfg, metrics['moe_load'], moe_cfg.bias_rate)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     metrics.update(grad_norm=grad_norm, lr=lr_schedule(state['step']), skipped=1.0 - ok)
     new_state = dict(step=state['step'] + 1, rng=state['rng'],
@@ -415,9 +431,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   flops_tok = model_lib.flops_per_token(run.cfg, state['params'])
   peak = t.peak_flops or measure_peak_flops()
   if is_main:
+    routed = (f', routed {model_lib.routed_flops_per_token(run.cfg) / 1e6:.1f} MFLOPs/token'
+              if run.cfg.moe_layers() else '')
     print(f'model: {n_params:,} params ({model_lib.active_params(run.cfg, state["params"]):,} '
-          f'active), {flops_tok / 1e6:.1f} MFLOPs/token, vocab {run.cfg.real_vocab_size} '
-          f'(padded {run.cfg.vocab_size})')
+          f'active), {flops_tok / 1e6:.1f} MFLOPs/token (active{routed}), vocab '
+          f'{run.cfg.real_vocab_size} (padded {run.cfg.vocab_size})')
     print(f'batch: {t.per_device_batch} per device x {jax.device_count()} devices x '
           f'{t.grad_accum} accumulation = {global_batch} sequences of {config.model.seq_len} '
           f'= {tokens_per_step:,} tokens/step; peak {peak / 1e12:.3f} TFLOP/s per device')
@@ -483,8 +501,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logged = dict(loss=host['loss'], lr=host['lr'], grad_norm=host['grad_norm'],
                       tokens_per_s=tps, mfu=tps * flops_tok / (peak * jax.device_count()))
         if 'moe_balance' in host:
-          logged.update(moe_balance=host['moe_balance'], moe_z=host['moe_z'])
-          for layer, load in enumerate(host['moe_load']):
+          logged.update(moe_balance=host['moe_balance'], moe_z=host['moe_z'],
+                        moe_dropped=host['moe_dropped'])
+          for layer, load in zip(run.cfg.moe_layers(), host['moe_load']):
+            logged[f'moe_max_min_l{layer}'] = min(moe_lib.load_ratio(load), 1e9)
             logged.update({f'moe_load_l{layer}_e{e}': v for e, v in enumerate(load)})
         writer.scalars(step, 'train', logged)
         bar.set_postfix(loss=f'{host["loss"]:.3f}', lr=f'{host["lr"]:.2e}', tok_s=f'{tps:,.0f}')

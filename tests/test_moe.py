@@ -1,0 +1,171 @@
+"""The DeepSeek-style MoE: sparse dispatch equals dense, capacity drops are counted, the
+auxiliary-loss-free bias steers the choice only, expert parallelism equals one device, and a
+bias-balanced run resumes bitwise."""
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import tiny_cfg
+
+from zhgpt_jax import checkpoint as ckpt_lib
+from zhgpt_jax import model as M
+from zhgpt_jax import moe
+from zhgpt_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOE = dict(position='rope', mlp='moe', norm='rmsnorm', bias=False)
+
+
+def logits_and_grads(cfg, params, tokens):
+  def loss(p):
+    logits, aux = M.GPT(cfg).apply({'params': p}, tokens[:, :-1])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    return jnp.mean(ce), (logits, aux['moe_load'])
+  (_, (logits, load)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return (logits, grads), load
+
+
+def assert_rel_close(a_tree, b_tree, rel=1e-5):
+  for path, a, b in zip(jax.tree_util.tree_leaves_with_path(a_tree), jax.tree.leaves(a_tree),
+                        jax.tree.leaves(b_tree)):
+    a, b = np.asarray(a), np.asarray(b)
+    scale = max(np.abs(b).max(), 1e-30)
+    assert np.abs(a - b).max() <= rel * scale, (jax.tree_util.keystr(path[0]),
+                                               np.abs(a - b).max() / scale)
+
+
+@pytest.mark.parametrize('gate,shared,grouped', [
+    ('softmax', 1, 'capacity'), ('sigmoid', 0, 'capacity'), ('softmax', 0, 'ragged_dot'),
+    ('sigmoid', 2, 'ragged_dot')])
+def test_sparse_equals_dense(gate, shared, grouped):
+  """Logits and every gradient agree to 1e-5 (relative), including experts with no tokens."""
+  moe_cfg = dict(n_routed=32, top_k=2, n_shared=shared, gate=gate, grouped=grouped,
+                 capacity_factor=0)
+  sparse = tiny_cfg(**MOE, n_layer=1, moe=moe_cfg)
+  dense = tiny_cfg(**MOE, n_layer=1, moe=dict(moe_cfg, dispatch='dense'))
+  params = M.init_params(sparse, jax.random.PRNGKey(1))
+  # 12 tokens send 24 assignments to 32 experts: at least 8 experts get no token.
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 300, (2, 7)), jnp.int32)
+  got, load = logits_and_grads(sparse, params, tokens)
+  want, _ = logits_and_grads(dense, params, tokens)
+  assert int((load == 0).sum()) >= 8
+  assert_rel_close(got, want)
+
+
+def test_capacity_drops_are_counted_and_zeroed():
+  """With every token sent to experts 0 and 1 by the bias, each keeps C rows, drops the rest."""
+  cfg = tiny_cfg(**MOE, moe=dict(n_routed=8, top_k=2, n_shared=0, balance='bias',
+                                 grouped='capacity', capacity_factor=1.0))
+  layer = M.MoE(cfg)
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 32, cfg.d_model))   # N = 64 tokens
+  params = layer.init(jax.random.PRNGKey(0), x)['params']
+  params['expert_bias'] = jnp.array([10.0, 10.0, 0, 0, 0, 0, 0, 0])
+  c = moe.capacity(64, 8, 2, 1.0)
+  assert c == moe.MIN_CAPACITY == 32
+  y, aux = layer.apply({'params': params}, x)
+  assert float(aux['dropped']) == (64 - c) * 2 / 128
+  np.testing.assert_allclose(aux['load'][:2], 0.5)
+  # The first C tokens keep both experts (the dense result), the rest get nothing routed.
+  full, _ = M.MoE(tiny_cfg(**MOE, moe=dict(n_routed=8, top_k=2, n_shared=0, balance='bias',
+                                           dispatch='dense'))).apply({'params': params}, x)
+  np.testing.assert_allclose(y.reshape(64, -1)[:c], full.reshape(64, -1)[:c], atol=1e-6)
+  np.testing.assert_array_equal(y.reshape(64, -1)[c:], 0.0)
+
+
+@pytest.mark.parametrize('gate', ['softmax', 'sigmoid'])
+def test_bias_moves_the_choice_not_the_gates(gate):
+  logits = jax.random.normal(jax.random.PRNGKey(0), (32, 8))
+  gates, idx, scores = moe.route(logits, None, 2, gate)
+  bias = jnp.zeros(8).at[7].set(5.0)
+  b_gates, b_idx, _ = moe.route(logits, bias, 2, gate)
+  assert bool((b_idx == 7).any(axis=1).all()) and not bool((idx == 7).any(axis=1).all())
+  raw = jnp.take_along_axis(scores, b_idx, axis=1)
+  expected = raw / raw.sum(1, keepdims=True) if gate == 'sigmoid' else raw
+  np.testing.assert_allclose(b_gates, expected, rtol=1e-6)
+  # The bias gets no gradient: it only picks experts.
+  g = jax.grad(lambda b: moe.route(logits, b, 2, gate)[0].sum())(bias)
+  np.testing.assert_array_equal(g, 0.0)
+
+
+def test_bias_update_steps_toward_equal_load():
+  load = jnp.array([0.5, 0.25, 0.25, 0.0])
+  np.testing.assert_allclose(moe.update_bias(jnp.zeros(4), load, 0.01), [-0.01, 0, 0, 0.01])
+  assert moe.load_ratio([0.5, 0.25]) == 2.0 and moe.load_ratio([0.5, 0.0]) == float('inf')
+
+
+def test_grouped_auto_picks_per_backend():
+  assert moe.grouped_impl('auto', 'cpu') == 'capacity'
+  assert moe.grouped_impl('auto', 'gpu') == 'ragged_dot'
+  assert moe.grouped_impl('capacity', 'gpu') == 'capacity'
+
+
+def test_first_dense_layers_and_active_counts():
+  cfg = tiny_cfg(**MOE, n_layer=3, moe=dict(n_routed=8, top_k=2, first_dense=1, balance='bias'))
+  assert cfg.moe_layers() == [1, 2]
+  params = M.init_params(cfg, jax.random.PRNGKey(0))
+  assert 'mlp' in params['h_0'] and params['h_1']['moe']['expert_bias'].shape == (8,)
+  per_expert = 3 * cfg.d_model * cfg.moe_hidden
+  assert M.active_params(cfg, params) == M.count_params(params) - 2 * (6 * per_expert + 8)
+  assert M.routed_flops_per_token(cfg) == 6 * 2 * 2 * per_expert
+
+
+EP_SCRIPT = textwrap.dedent('''
+    import jax, numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from zhgpt_jax import model as M, parallel
+    import test_moe as T
+    from helpers import tiny_cfg
+    assert jax.device_count() == 8
+    cfg = tiny_cfg(**T.MOE, moe=dict(n_routed=8, top_k=2, n_shared=1, capacity_factor=0))
+    params = M.init_params(cfg, jax.random.PRNGKey(0))
+    tokens = np.random.default_rng(0).integers(0, 300, (8, 17)).astype(np.int32)
+    one = T.logits_and_grads(cfg, params, tokens)[0]
+    mesh = jax.make_mesh((2, 4), ('data', 'expert'), axis_types=(AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh):
+      specs = parallel.expert_specs(params)
+      sharded = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+      ep = T.logits_and_grads(cfg, sharded, jax.device_put(tokens, NamedSharding(mesh, P('data'))))[0]
+    w = sharded['h_0']['moe']['w_gate']
+    assert w.addressable_shards[0].data.shape[0] == 2, w.sharding     # 8 experts / 4
+    assert ep[1]['h_0']['moe']['w_up'].sharding.spec == P('expert')
+    T.assert_rel_close(ep, one)
+    print('OK')
+''')
+
+
+def test_expert_parallel_equals_one_device():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, 'tests')]), JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', EP_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0 and 'OK' in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+def test_bias_balanced_resume_is_bitwise(tiny_data, tmp_path):
+  config = copy.deepcopy(tiny_data.config)
+  config.data.cache_dir = tiny_data.data_dir
+  config.model.update(MOE, mlp='moe')
+  config.model.moe.update(n_routed=8, top_k=2, balance='bias', bias_rate=0.01, first_dense=1)
+  config.train.update(steps=6, ckpt_every=3, eval_every=100, sample_tokens=0, log_every=3)
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  train.train_and_evaluate(config, straight)
+  # The run as it stood at step 3 (its step-6 checkpoint removed), resumed to step 6.
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', '6'))
+  train.train_and_evaluate(config, resumed)
+  _, a, _ = ckpt_lib.load_params(str(tmp_path / 'straight'))
+  _, b, meta = ckpt_lib.load_params(str(tmp_path / 'resumed'))
+  assert meta['step'] == 6
+  bias = np.asarray(a['h_1']['moe']['expert_bias'])
+  assert np.abs(bias).max() > 0, 'the bias never moved'
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
