@@ -7,7 +7,7 @@
    backward) over --rows token-assignments (rows/2 tokens, top-2) of width --width, experts of
    width --width, at each expert count: jax.lax.ragged_dot on the rows sorted by expert, the
    same rows in fixed-capacity [E, C, d] blocks with one batched matmul (capacity factor 1.0,
-   uniform random routing), and every expert on every token (dense). Median of --rounds × 5
+   uniform random routing), and every expert on every token (dense). Median of --rounds × 2
    calls each.
 2. Train steps: the model of --config (any --config.a.b=v applies) with n_routed = each of
    --experts, top_k = 2 and the expert width held at its value for the first count, so the
@@ -45,7 +45,7 @@ _ROWS = flags.DEFINE_integer('rows', 4096, 'Token-assignments of the grouped-mat
 _WIDTH = flags.DEFINE_integer('width', 256, 'd_model and expert width of the grouped test.')
 
 
-def _median_ms(fn, args, rounds: int, calls: int = 5) -> float:
+def _median_ms(fn, args, rounds: int, calls: int = 2) -> float:
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(rounds):
@@ -72,11 +72,12 @@ def grouped_matmuls(experts: list[int], rows: int, width: int, rounds: int) -> N
     gate = jnp.full((n, k), 0.5)
     c = moe.capacity(n, e, k, 1.0)
 
-    forms = (lambda x, ws: moe.ragged_experts(x, gate, idx, *ws),
-             lambda x, ws: moe.capacity_experts(x, gate, idx, *ws, c)[0],
-             lambda x, ws: moe.dense_experts(x, gate, idx, *ws))
-    ms = [_median_ms(jax.jit(jax.grad(lambda x, ws, f=f: jnp.sum(f(x, ws) ** 2), argnums=(0, 1))),
-                     (x, ws), rounds) for f in forms]
+    # Routing as arguments, not constants: XLA would sort a constant at compile time.
+    forms = (lambda x, ws, gate, idx: moe.ragged_experts(x, gate, idx, *ws),
+             lambda x, ws, gate, idx: moe.capacity_experts(x, gate, idx, *ws, c)[0],
+             lambda x, ws, gate, idx: moe.dense_experts(x, gate, idx, *ws))
+    ms = [_median_ms(jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) ** 2), argnums=(0, 1))),
+                     (x, ws, gate, idx), rounds) for f in forms]
     print(f'| {e} | ' + ' | '.join(f'{m:,.1f}' for m in ms) + ' |', flush=True)
 
 

@@ -170,8 +170,8 @@ def test_user_mistakes_are_one_line_exit_2(args, message):
 
 @pytest.mark.parametrize('config', ['configs/tiny.py', 'configs/base.py', 'configs/base.py:medium',
                                     'configs/base.py:xl', 'configs/modern.py',
-                                    'configs/modern.py:tiny', 'configs/moe.py', 'configs/moe.py:deepseek',
-                                    'configs/sft.py'])
+                                    'configs/modern.py:tiny', 'configs/moe.py',
+                                    'configs/moe.py:deepseek', 'configs/sft.py'])
 def test_every_config_of_the_readme_loads_and_validates(config):
   # The config is validated before `prepare` reads the corpus, whose absence is the one error.
   out = run('prepare', '--config', config, '--config.data.corpus=/no/such/dir/')

@@ -133,7 +133,8 @@ EP_SCRIPT = textwrap.dedent('''
     with jax.set_mesh(mesh):
       specs = parallel.expert_specs(params)
       sharded = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
-      ep = T.logits_and_grads(cfg, sharded, jax.device_put(tokens, NamedSharding(mesh, P('data'))))[0]
+      data = jax.device_put(tokens, NamedSharding(mesh, P('data')))
+      ep = T.logits_and_grads(cfg, sharded, data)[0]
     w = sharded['h_0']['moe']['w_gate']
     assert w.addressable_shards[0].data.shape[0] == 2, w.sharding     # 8 experts / 4
     assert ep[1]['h_0']['moe']['w_up'].sharding.spec == P('expert')

@@ -169,6 +169,18 @@ def update_bias(bias_E, load_E, rate: float):
   return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E).astype(bias_E.dtype)
 
 
+def balance_params(params, moe_layers: list[int], load_LxE, rate: float):
+  """GPT params with each MoE layer's expert_bias moved by `update_bias` (load_LxE: row per
+  MoE layer, in `moe_layers` order); every other leaf as it was."""
+  params = dict(params)
+  for row, i in enumerate(moe_layers):
+    block = dict(params[f'h_{i}'])
+    block['moe'] = dict(block['moe'], expert_bias=update_bias(
+        block['moe']['expert_bias'], load_LxE[row], rate))
+    params[f'h_{i}'] = block
+  return params
+
+
 def load_ratio(load_E) -> float:
   """Max/min expert load (inf when an expert got nothing)."""
   lo, hi = float(min(load_E)), float(max(load_E))

@@ -128,18 +128,6 @@ def loss_fn(params, model: model_lib.GPT, batch: dict, rng, train: bool, moe_cfg
   return total, metrics
 
 
-def balance_experts(params, cfg: model_lib.GPTConfig, load_LxE, rate: float):
-  """params with every MoE layer's expert_bias moved toward equal load (balance='bias')."""
-  params = dict(params)
-  for row, i in enumerate(cfg.moe_layers()):
-    block = dict(params[f'h_{i}'])
-    layer = dict(block['moe'])
-    layer['expert_bias'] = moe_lib.update_bias(layer['expert_bias'], load_LxE[row], rate)
-    block['moe'] = layer
-    params[f'h_{i}'] = block
-  return params
-
-
 def make_train_step(model, optimizer, lr_schedule, moe_cfg, loss_chunk: int = 0) -> Callable:
   """The pmapped update: grads accumulated over micro-batches, averaged over all devices.
 
@@ -168,7 +156,8 @@ def make_train_step(model, optimizer, lr_schedule, moe_cfg, loss_chunk: int = 0)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     if model.cfg.moe_balance == 'bias' and 'moe_load' in metrics:
-      params = balance_experts(params, model.cfg, metrics['moe_load'], moe_cfg.bias_rate)
+      params = moe_lib.balance_params(params, model.cfg.moe_layers(), metrics['moe_load'],
+                                      moe_cfg.bias_rate)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     metrics.update(grad_norm=grad_norm, lr=lr_schedule(state['step']), skipped=1.0 - ok)
     new_state = dict(step=state['step'] + 1, rng=state['rng'],
