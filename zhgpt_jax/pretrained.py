@@ -197,7 +197,8 @@ def compatible(src: GPTConfig, cfg: GPTConfig) -> list[str]:
   `fit_params` absorbs and what only changes compute."""
   absorbed = dict(dropout=cfg.dropout, attention=cfg.attention, dtype=cfg.dtype,
                   remat=cfg.remat, residual_init=cfg.residual_init,
-                  real_vocab_size=cfg.real_vocab_size)
+                  real_vocab_size=cfg.real_vocab_size, moe_dispatch=cfg.moe_dispatch,
+                  moe_grouped=cfg.moe_grouped, moe_capacity=cfg.moe_capacity)
   if cfg.seq_len <= src.seq_len:
     absorbed['seq_len'] = cfg.seq_len
   if cfg.vocab_size >= src.vocab_size:
