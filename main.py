@@ -140,7 +140,7 @@ def dispatch(command, config, workdir, explicit=()):
   elif command == 'serve':
     from zhgpt_jax import serve
     serve.serve(workdir, config, host=FLAGS.host, port=FLAGS.port, api_key=FLAGS.api_key,
-                step=FLAGS.step)
+                step=FLAGS.step, explicit=explicit)
 
 
 def _prompts():

@@ -413,6 +413,14 @@ def test_serve_flags_and_hf_directory(workdir, reference, tmp_path):
   import jax
   import numpy as np
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params, want_params)
+  # Requests' unset fields default to the directory's generation_config.json, save what the
+  # command line set.
+  with open(os.path.join(hf_dir, 'generation_config.json'), 'w', encoding='utf-8') as f:
+    json.dump(dict(do_sample=False, top_k=7, top_p=0.5, repetition_penalty=1.3), f)
+  config = reference[3]
+  got = serve.hf_sample_defaults(hf_dir, config.sample, explicit={'sample.top_p'})
+  assert (got.temperature, got.top_k, got.top_p, got.repetition_penalty) == (
+      0.0, 7, config.sample.top_p, 1.3)
 
 
 def test_nothing_recompiled_after_every_request_above(server):

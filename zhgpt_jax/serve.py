@@ -327,16 +327,44 @@ def load(source: str, step: int | None = None):
   return cfg, jax.tree.map(jnp.asarray, params), tokenizer, model_id
 
 
+def hf_sample_defaults(directory: str, sample_cfg, explicit=()):
+  """`sample_cfg` with the sampling settings of `directory`/generation_config.json (what HF's
+  generate would use: do_sample false = greedy, temperature, top_k, top_p,
+  repetition_penalty), except the keys set on the command line (`explicit`: 'sample.top_k')."""
+  path = os.path.join(directory, 'generation_config.json')
+  try:
+    with open(path, encoding='utf-8') as f:
+      gen = json.load(f)
+  except FileNotFoundError:
+    return sample_cfg
+  except (OSError, ValueError) as e:
+    raise UserError(f'cannot read {path}: {e}') from e
+  out = sample_cfg.copy_and_resolve_references()
+  for key in ('temperature', 'top_k', 'top_p', 'repetition_penalty'):
+    if isinstance(gen.get(key), (int, float)) and f'sample.{key}' not in explicit:
+      out[key] = type(out[key])(gen[key])
+  if gen.get('do_sample') is False and 'sample.temperature' not in explicit:
+    out.temperature = 0.0
+  return out
+
+
 def serve(source: str, config, *, host: str, port: int, api_key: str | None = None,
-          step: int | None = None) -> None:
-  """`main.py serve`: loads the model, compiles every program, then serves until Ctrl-C."""
+          step: int | None = None, explicit=()) -> None:
+  """`main.py serve`: loads the model, compiles every program, then serves until Ctrl-C.
+
+  For `hf:DIR`, unset fields of a request default to DIR's generation_config.json, where it
+  has them, rather than config.sample's (command-line `--config.sample.*` still win).
+  """
   import uvicorn
   if not 0 < port < 65536:
     raise UserError(f'--port {port}: must be in 1..65535')
   api_key = api_key or os.environ.get(API_KEY_ENV) or None
   cfg, params, tokenizer, model_id = load(source, step)
+  sample_cfg = config.sample
+  if source.startswith('hf:'):
+    sample_cfg = hf_sample_defaults(source[3:], sample_cfg, explicit)
   s = config.serve
-  server = Server(cfg, params, tokenizer, config.sample, model_id=model_id, slots=s.slots,
+  server = Server(cfg, params, tokenizer, sample_cfg, model_id=model_id, slots=s.slots,
                   chunk=s.chunk, max_request_bytes=s.max_request_bytes)
   t0 = time.time()
   programs = server.engine.warm_up()
