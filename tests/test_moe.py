@@ -170,3 +170,16 @@ def test_bias_balanced_resume_is_bitwise(tiny_data, tmp_path):
   assert np.abs(bias).max() > 0, 'the bias never moved'
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_a_run_saved_before_the_moe_keys_resumes_only_as_their_defaults():
+  import ml_collections
+  from zhgpt_jax.config import UserError, default_config
+  saved = default_config().to_dict()
+  del saved['model']['moe']['balance'], saved['model']['moe']['first_dense']
+  saved = ml_collections.ConfigDict(saved)
+  ckpt_lib.check_compatible(saved, default_config(), 'h', 'h')
+  config = default_config()
+  config.model.moe.balance = 'bias'
+  with pytest.raises(UserError, match="model.moe.balance: None -> 'bias'"):
+    ckpt_lib.check_compatible(saved, config, 'h', 'h')

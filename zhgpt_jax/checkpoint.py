@@ -18,7 +18,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from zhgpt_jax.config import UserError
+from zhgpt_jax.config import UserError, default_config
 
 # Fields whose change makes old parameters meaningless (shapes, vocab, architecture).
 SHAPE_FIELDS = ('model.n_layer', 'model.n_head', 'model.n_kv_head', 'model.d_model',
@@ -63,10 +63,11 @@ def _get(config, dotted):
 
 def check_compatible(saved, config, saved_tok_hash: str, tok_hash: str) -> None:
   """Raises UserError naming every field that differs in a way a resume cannot absorb."""
-  # A field a run saved before it existed (None) had the behaviour of its default (0/False).
+  # A field a run saved before it existed (None) had the behaviour of its default.
+  defaults = default_config()
   diffs = [f'{k}: {_get(saved, k)!r} -> {_get(config, k)!r}' for k in SHAPE_FIELDS
            if _get(saved, k) != _get(config, k) and (_get(saved, k) is not None
-                                                     or _get(config, k))]
+                                                     or _get(config, k) != _get(defaults, k))]
   if saved_tok_hash != tok_hash:
     diffs.append('tokenizer: a different tokenizer.json')
   if diffs:
