@@ -41,7 +41,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/moe.py', 'Config fi
 _EXPERTS = flags.DEFINE_list('experts', ['8', '16', '32', '64'], 'Routed expert counts.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed train steps per configuration and round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved timing rounds.')
-_ROWS = flags.DEFINE_integer('rows', 4096, 'Token-assignments of the grouped-matmul test.')
+_ROWS = flags.DEFINE_integer('rows', 4096, 'Token-assignments of the grouped-matmul test '
+                             '(0: skip it).')
 _WIDTH = flags.DEFINE_integer('width', 256, 'd_model and expert width of the grouped test.')
 
 
@@ -143,7 +144,8 @@ def main(argv) -> None:
     raise app.UsageError(f'--config must be an MoE model (model.mlp=moe), not {config.model.mlp}')
   experts = [int(e) for e in _EXPERTS.value]
   print(f'jax {jax.__version__} on {jax.local_device_count()} {jax.default_backend()} device(s)')
-  grouped_matmuls(experts, _ROWS.value, _WIDTH.value, _ROUNDS.value)
+  if _ROWS.value:
+    grouped_matmuls(experts, _ROWS.value, _WIDTH.value, _ROUNDS.value)
   train_steps(config, experts, _STEPS.value, _ROUNDS.value)
 
 
