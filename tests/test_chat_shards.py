@@ -42,3 +42,33 @@ def test_rows_are_built_once_then_mapped(tmp_path):
     assert not chat_shards.cached_rows(config, str(tmp_path / 'data'), tok, build)[2]
   assert len(calls) == 4
   assert len(list((tmp_path / 'data' / 'sft').iterdir())) == 4
+
+
+def test_sft_task_packs_once_then_maps(tmp_path, capsys):
+  import types
+  from zhgpt_jax import sft
+  from zhgpt_jax import tokenizer as tokenizer_lib
+  from zhgpt_jax.config import default_config
+  texts = ['今天天气很好。', '我们一起去公园散步吧。', '好的，下午三点见。', '请问这本书多少钱？']
+  tok = tokenizer_lib.train_tokenizer(texts * 20, 300)
+  chat = tmp_path / 'chat.jsonl'
+  with open(chat, 'w', encoding='utf-8') as f:
+    for i in range(40):
+      f.write(json.dumps({'messages': [
+          {'role': 'user', 'content': texts[i % 4] * (1 + i % 3)},
+          {'role': 'assistant', 'content': texts[(i + 1) % 4]}]}, ensure_ascii=False) + '\n')
+  config = default_config('tiny')
+  config.task, config.sft.data = 'sft', str(chat)
+  config.model.seq_len, config.train.short_seq_steps, config.train.per_device_batch = 64, 0, 1
+  run = types.SimpleNamespace(tokenizer=tok)
+  first = sft.make_task(config, str(tmp_path / 'w1'), run)
+  config.data.cache_dir = str(tmp_path / 'w1' / 'data')
+  second = sft.make_task(config, str(tmp_path / 'w2'), run)
+  out = capsys.readouterr().out
+  assert 'saved to' in out and 'read from' in out and out.count('40 conversations') == 2
+  a, b = next(iter(first.train_loader)), next(iter(second.train_loader))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  assert [x['inputs'].tolist() for x in first.eval_batches()] == [
+      x['inputs'].tolist() for x in second.eval_batches()]

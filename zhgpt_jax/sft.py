@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zhgpt_jax import corpus, train
+from zhgpt_jax import chat_shards, corpus, shards, train
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.config import UserError
 
@@ -493,25 +493,39 @@ def load_data(config, encoder: ChatEncoder, stats: SftStats):
   return train_enc, val_enc, None
 
 
+def _packed(config, encoder: ChatEncoder, pad: int):
+  """({'train': rows, 'val': rows}, {'summary': line}, extra_eval) built from config.sft.data."""
+  stats, seq_len = SftStats(), config.model.seq_len
+  train_enc, val_enc, extra = load_data(config, encoder, stats)
+  splits = {'train': packed_rows(train_enc, seq_len, pad), 'val': packed_rows(val_enc, seq_len, pad)}
+  fill = splits['train']['segment_ids'].astype(bool).mean()
+  summary = (f'{stats.summary()}; {len(train_enc)} train conversations in '
+             f'{len(splits["train"]["inputs"])} rows of {seq_len} ({fill:.0%} filled), '
+             f'{len(val_enc)} val in {len(splits["val"]["inputs"])} rows')
+  return splits, dict(summary=summary), extra
+
+
 def make_task(config, workdir: str, run):
   """The train.Task of config.sft: packed chat rows, val loss on held-out rows, and accuracy
-  for the builtin task. Raises UserError for missing or unusable data."""
-  del workdir
+  for the builtin task. User chat data is packed once into cached files (chat_shards) that
+  later starts memory-map. Raises UserError for missing or unusable data."""
   t, seq_len = config.train, config.model.seq_len
   if t.short_seq_steps > 0:
     raise UserError(f'config.train.short_seq_steps={t.short_seq_steps}: must be 0 for '
                     'task=sft (cutting packed rows would cut conversations)')
   encoder = ChatEncoder(run.tokenizer)
-  stats = SftStats()
-  train_enc, val_enc, extra = load_data(config, encoder, stats)
   pad = tok_lib.special_ids(run.tokenizer).pad
-  train_rows = packed_rows(train_enc, seq_len, pad)
-  val_rows = packed_rows(val_enc, seq_len, pad)
+  if config.sft.data == 'builtin':   # 16k short reviews: packed at each start
+    splits, meta, extra = _packed(config, encoder, pad)
+    cached = ''
+  else:
+    splits, meta, reused = chat_shards.cached_rows(
+        config, shards.data_dir(config, workdir), run.tokenizer.to_str(),
+        lambda: _packed(config, encoder, pad)[:2])
+    extra, cached = None, f' ({"read from" if reused else "saved to"} {meta["key"]} cache)'
+  train_rows, val_rows = splits['train'], splits['val']
   if jax.process_index() == 0:
-    fill = train_rows['segment_ids'].astype(bool).mean()
-    print(f'sft data: {stats.summary()}; {len(train_enc)} train conversations in '
-          f'{len(train_rows["inputs"])} rows of {seq_len} ({fill:.0%} filled), '
-          f'{len(val_enc)} val in {len(val_rows["inputs"])} rows')
+    print(f'sft data: {meta["summary"]}{cached}', flush=True)
   devices = jax.local_device_count()
   pi, pc = jax.process_index(), jax.process_count()
   loader = train_loader(train_rows, f'sft {config.sft.data}', per_device_batch=t.per_device_batch,
