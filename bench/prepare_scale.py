@@ -199,9 +199,13 @@ def run_child(kind: str, args: dict, kill_when=None) -> dict:
   t0 = time.perf_counter()
   proc = subprocess.Popen(['nice', '-n', '10', *cmd], stdout=subprocess.PIPE, text=True,
                           start_new_session=True)
-  peak = 0
+  peak, series, last = 0, [], 0.0
   while proc.poll() is None:
-    peak = max(peak, _tree_rss(proc.pid))
+    rss = _tree_rss(proc.pid)
+    peak = max(peak, rss)
+    if time.perf_counter() - last >= 5:   # where the peak falls: the scan or the shards
+      last = time.perf_counter()
+      series.append((round(last - t0), round(rss / 2**20)))
     if kill_when and kill_when(proc):
       os.killpg(proc.pid, signal.SIGKILL)
       proc.wait()
@@ -211,7 +215,8 @@ def run_child(kind: str, args: dict, kill_when=None) -> dict:
   if proc.returncode:
     raise RuntimeError(f'{kind} failed ({proc.returncode}): {out[-2000:]}')
   result = json.loads(out.strip().splitlines()[-1])
-  result.update(peak_rss_mb=peak / 2**20, wall=time.perf_counter() - t0, stdout=out)
+  result.update(peak_rss_mb=peak / 2**20, wall=time.perf_counter() - t0, stdout=out,
+                rss_mb_every_5s=series)
   return result
 
 
@@ -296,6 +301,9 @@ def _prepare(d, mb, corpus_spec, scale_dir, tokenizer, r, results):
   prep = run_child('prepare', dict(corpus=corpus_spec, tokenizer=tokenizer, cache_dir=cache,
                                    work=os.path.join(scale_dir, 'work')))
   r['prepare'] = dict(seconds=prep['seconds'], wall=prep['wall'], peak_rss_mb=prep['peak_rss_mb'],
+                      rss_mb_every_5s=prep['rss_mb_every_5s'],
+                      scan_line=next((l for l in prep['stdout'].splitlines()
+                                      if l.startswith('scan:')), ''),
                       tokenized_utf8_mb=prep['utf8_bytes'] / 1e6, tokens=prep['tokens'],
                       input_mb_s=mb / prep['seconds'],
                       tokenized_mb_s=prep['utf8_bytes'] / prep['seconds'] / 1e6)
