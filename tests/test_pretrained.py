@@ -180,6 +180,11 @@ def test_export_loads_in_transformers_with_equal_logits_and_greedy(runs, kind):
   assert (gen['temperature'], gen['top_k'], gen['top_p'], gen['repetition_penalty']) == \
       (0.8, 50, 0.95, 1.1)
   assert gen['transformers_version']
+  template = os.path.join(r['hf_dir'], 'chat_template.jinja')
+  if os.path.exists(template):    # the checkpoint's own chat template survives the round trip
+    with open(template, encoding='utf-8') as a, \
+        open(os.path.join(r['export'], 'chat_template.jinja'), encoding='utf-8') as b:
+      assert a.read() == b.read()
   with open(os.path.join(r['export'], 'README.md'), encoding='utf-8') as f:
     card = f.read()
   assert ARCH[kind] in card and 'bpc' in card and '20 steps' in card
@@ -204,6 +209,9 @@ def test_sft_adds_chatml_and_the_chat_export_stops_at_im_end(runs, kind):
 
   model = _hf_model(r['sft_export'])
   hf_tok = transformers.AutoTokenizer.from_pretrained(r['sft_export'])
+  with open(os.path.join(r['sft_export'], 'tokenizer_config.json'), encoding='utf-8') as a, \
+      open(os.path.join(r['sft_export'], 'chat_template.jinja'), encoding='utf-8') as b:
+    assert json.load(a)['chat_template'] == b.read()      # transformers 4 and 5 read the same
   stop = model.generation_config.eos_token_id
   assert stop == [s.eos, s.im_end] or (s.eos == s.im_end and stop == s.eos)
   text = hf_tok.apply_chat_template([{'role': 'user', 'content': REVIEW}], tokenize=False,
