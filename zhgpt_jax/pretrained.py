@@ -167,6 +167,36 @@ def _check_derived(resolved, config, explicit, what: str) -> None:
                         f'{getattr(have, field)}; drop the override')
 
 
+def chatml_copy(tokenizer_dir: str, workdir: str) -> str:
+  """workdir/tokenizer: a copy of `tokenizer_dir` given the ChatML tokens, for an SFT run."""
+  dst = os.path.join(workdir, 'tokenizer')
+  os.makedirs(workdir, exist_ok=True)
+  tok_lib.copy_tokenizer(tokenizer_dir, dst)
+  tok_lib.add_chatml(dst)
+  print(f'tokenizer: added the ChatML tokens to a copy of {tokenizer_dir} in {dst}')
+  return dst
+
+
+def initial_params(config, cfg: GPTConfig, vocab: int) -> dict:
+  """The params of config.init_from (hf:DIR, or a workdir of ours whose tokenizer has `vocab`
+  tokens) fitted to the run's model `cfg`; UserError naming what differs beyond that."""
+  src = config.init_from
+  if hf_dir(config) is not None:
+    from zhgpt_jax import export
+    src_cfg, params = export.import_hf(src[3:])
+    src_tokens = tok_lib.load_tokenizer(src[3:]).get_vocab_size()
+  else:
+    from zhgpt_jax import checkpoint
+    from zhgpt_jax.model import model_config
+    saved, params, _ = checkpoint.load_params(src)
+    src_cfg = model_config(saved.model, vocab)
+    src_tokens = src_cfg.real_vocab_size
+  diff = compatible(src_cfg, cfg)
+  if diff:
+    raise UserError(f'init_from={src}: its model differs from config.model ({", ".join(diff)})')
+  return fit_params(params, src_cfg, cfg, src_tokens)
+
+
 def _mean_rows(table_VxD: np.ndarray, rows: int, real: int, new_ids: list[int]) -> np.ndarray:
   out = np.zeros((rows, table_VxD.shape[1]), np.float32)
   n = min(rows, table_VxD.shape[0])

@@ -279,7 +279,10 @@ def build(config, workdir: str, with_data: bool = True) -> Run:
   tokenizer_dir = pretrained.init_tokenizer_dir(config)
   if config.task == 'sft' and tokenizer_dir and \
       not tok_lib.has_chatml(tok_lib.load_tokenizer(tokenizer_dir)):
-    tokenizer_dir = _with_chatml(tokenizer_dir, workdir)
+    if jax.process_index() == 0:
+      pretrained.chatml_copy(tokenizer_dir, workdir)
+    parallel.sync('chatml')
+    tokenizer_dir = os.path.join(workdir, 'tokenizer')
   data_dir = None
   if with_data and config.task == 'pretrain':
     if jax.process_index() == 0:
@@ -308,37 +311,13 @@ def build(config, workdir: str, with_data: bool = True) -> Run:
   return run
 
 
-def _with_chatml(tokenizer_dir: str, workdir: str) -> str:
-  """workdir/tokenizer: a copy of `tokenizer_dir` given the ChatML tokens (process 0 writes)."""
-  from zhgpt_jax import tokenizer as tok_lib
-  dst = os.path.join(workdir, 'tokenizer')
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tok_lib.copy_tokenizer(tokenizer_dir, dst)
-    tok_lib.add_chatml(dst)
-    print(f'tokenizer: added the ChatML tokens to a copy of {tokenizer_dir} in {dst}')
-  parallel.sync('chatml')
-  return dst
-
-
 def initial_params(run: Run, rng):
   """Fresh params, or those of config.init_from (a workdir of ours, or hf:PATH)."""
-  from zhgpt_jax import pretrained
-  src = run.config.init_from
-  if not src:
+  if not run.config.init_from:
     return model_lib.init_params(run.cfg, rng)
-  if pretrained.hf_dir(run.config) is not None:
-    from zhgpt_jax import export, tokenizer as tok_lib
-    cfg, params = export.import_hf(src[3:])
-    src_tokens = tok_lib.load_tokenizer(src[3:]).get_vocab_size()
-  else:
-    saved, params, _ = ckpt_lib.load_params(src)
-    cfg = model_lib.model_config(saved.model, run.tokenizer.get_vocab_size())
-    src_tokens = cfg.real_vocab_size
-  diff = pretrained.compatible(cfg, run.cfg)
-  if diff:
-    raise UserError(f'init_from={src}: its model differs from config.model ({", ".join(diff)})')
-  return jax.tree.map(jnp.asarray, pretrained.fit_params(params, cfg, run.cfg, src_tokens))
+  from zhgpt_jax import pretrained
+  return jax.tree.map(jnp.asarray, pretrained.initial_params(
+      run.config, run.cfg, run.tokenizer.get_vocab_size()))
 
 
 def new_state(optimizer, params, seed: int) -> dict:
