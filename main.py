@@ -2,8 +2,13 @@
 
 Commands: train (default), prepare, eval, sample, chat, export, serve. eval/sample/chat/export/
 serve read the config saved in --workdir when no --config is given (serve also takes
---workdir hf:DIR, a HuggingFace directory). A user mistake prints one line
-and exits 2.
+--workdir hf:DIR, a HuggingFace directory).
+
+Where user errors end and internal ones begin: a mistake in the user's input -- flags, config
+values, files, paths, damaged or missing checkpoints, a full disk during a save -- is raised
+as `zhgpt_jax.config.UserError` by the stage that finds it and printed here as one line,
+`main.py: error: ...`, with exit code 2. Flag parsing errors are turned into that line here.
+Any other exception is a bug in zhgpt-jax or a library and keeps its traceback (exit 1).
 """
 
 import os
@@ -68,6 +73,10 @@ def parse_flags(argv):
     rest = FLAGS(argv)
   except Exception as e:  # config_flags raises many kinds; all are the user's input
     _fail(_one_line(e, argv))
+  import ml_collections
+  if _CONFIG.value is not None and not isinstance(_CONFIG.value, ml_collections.ConfigDict):
+    _fail(f'--config {config_path}: get_config() returned a {type(_CONFIG.value).__name__}, '
+          'not an ml_collections.ConfigDict')
   return rest
 
 
@@ -78,6 +87,8 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
   config = _CONFIG.value
+  if config is None and FLAGS.workdir:
+    _fail(f'--config is required: --workdir {FLAGS.workdir} is not a saved run (no config.json)')
   if config is None:
     _fail('--config is required (e.g. --config configs/tiny.py), or --workdir of a saved run')
   workdir = FLAGS.workdir or os.path.join('runs', _config_name(FLAGS['config'].serialize()))
@@ -110,11 +121,20 @@ def _config_name(serialized: str) -> str:
 
 def dispatch(command, config, workdir, explicit=()):
   """Runs `command`; `explicit` holds the config keys set on the command line."""
-  from zhgpt_jax.config import validate
-  if command in ('train', 'prepare'):
-    from zhgpt_jax import pretrained   # init_from's model shape and tokenizer
-    config = pretrained.resolve(config, explicit)
-  validate(config)
+  from zhgpt_jax.config import UserError, check_paths, validate
+  try:
+    check_paths(config, workdir, training=command == 'train')
+    if command in ('train', 'prepare'):
+      from zhgpt_jax import pretrained   # init_from's model shape and tokenizer
+      config = pretrained.resolve(config, explicit)
+    validate(config)
+  except (KeyError, AttributeError, TypeError) as e:  # a config file without the usual fields
+    raise UserError(f'the config lacks a field or has one of the wrong type ({e}); start it '
+                    'from zhgpt_jax.config.default_config()') from None
+  if command == 'export' and not FLAGS.out:
+    _fail('export needs --out DIR')
+  if command == 'sample':
+    prompts = _prompts()
   if command == 'prepare':
     from zhgpt_jax import shards
     shards.prepare(config, workdir)
@@ -127,14 +147,11 @@ def dispatch(command, config, workdir, explicit=()):
     print(f'step {result.pop("step")}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
   elif command == 'sample':
     from zhgpt_jax import sample
-    prompts = _prompts()
     sample.sample_workdir(workdir, prompts, config.sample, FLAGS.step)
   elif command == 'chat':
     from zhgpt_jax import sft
     sft.chat(workdir, config.sample, FLAGS.step)
   elif command == 'export':
-    if not FLAGS.out:
-      _fail('export needs --out DIR')
     from zhgpt_jax import export
     print(export.export_workdir(workdir, FLAGS.out, FLAGS.overwrite, FLAGS.step))
   elif command == 'serve':
@@ -146,15 +163,28 @@ def dispatch(command, config, workdir, explicit=()):
 def _prompts():
   from zhgpt_jax.config import UserError
   if FLAGS.prompt_file:
-    if not os.path.exists(FLAGS.prompt_file):
-      raise UserError(f'--prompt_file {FLAGS.prompt_file}: no such file')
-    with open(FLAGS.prompt_file, encoding='utf-8') as f:
-      prompts = [line.rstrip('\n') for line in f if line.strip()]
+    path = FLAGS.prompt_file
+    if not os.path.isfile(path):
+      raise UserError(f'--prompt_file {path}: ' + ('is a directory' if os.path.isdir(path)
+                                                   else 'no such file'))
+    prompts = []
+    with open(path, 'rb') as f:
+      for n, raw in enumerate(f, 1):
+        try:
+          line = raw.decode('utf-8').rstrip('\r\n')
+        except UnicodeDecodeError:
+          raise UserError(f'--prompt_file {path}: line {n} is not UTF-8 text') from None
+        if line.strip():
+          prompts.append(line.lstrip('\ufeff') if n == 1 else line)
     if not prompts:
-      raise UserError(f'--prompt_file {FLAGS.prompt_file}: no prompts in it')
+      raise UserError(f'--prompt_file {path}: no prompts in it')
     return prompts
   if FLAGS.prompt is None:
     raise UserError('sample needs --prompt TEXT or --prompt_file FILE')
+  try:
+    FLAGS.prompt.encode('utf-8')
+  except UnicodeEncodeError:   # argv bytes that are not UTF-8 arrive as lone surrogates
+    raise UserError('--prompt is not UTF-8 text') from None
   return [FLAGS.prompt]
 
 

@@ -217,9 +217,11 @@ def test_two_processes_resume_and_match_one_process_with_four_devices(runs):
   out0, out1 = runs['resumed']
   resumed_from = int(out0.split('resuming from step ')[1].split()[0])
   assert CKPT_EVERY <= resumed_from < EVAL_STEP
-  # Only process 0 logs and prints: one record per step of the resumed run.
-  resumed = [r['step'] for r in mh[runs['before_resume']:]]
-  assert resumed == list(range(resumed_from + 1, resumed[-1] + 1)) and resumed[-1] >= EVAL_STEP
+  # Only process 0 logs and prints, and the resumed run first dropped the records past its
+  # step: one record per step in all.
+  resumed = [r['step'] for r in mh]
+  assert resumed == list(range(1, resumed[-1] + 1)) and resumed[-1] >= EVAL_STEP
+  assert runs['before_resume'] > resumed_from    # steps past the checkpoint were redone
   assert [r['step'] for r in records(runs['mh_dir'], 'val')] == [EVAL_STEP]
   assert 'resuming' not in out1 and 'val loss' not in out1 and 'SIGTERM: saved' not in out1
   mh_loss = {r['step']: r['loss'] for r in mh}   # the last record of a step wins

@@ -5,20 +5,36 @@ and `checkpoints/<step>/` with items `state` (params, optimizer state, step, RNG
 arrays, no pickle), `data` (grain iterator state per process) and `meta` (JSON). Orbax
 writes each step into a temporary directory and renames it when complete, so a run killed
 mid-save leaves nothing that a later run would load.
+
+Once a save has finished, `manifest.zhgpt.json` in the step directory records the size and
+sha256 of every file (`seal`). Loading validates a step before trusting it (`damage`: a file
+missing, truncated or changed; then orbax's own restore) and falls back to the newest
+intact step, printing one line that names both; `keep` deletes old steps only after a newer
+save has finished, so the last intact step is never deleted. A failed save (disk full, no
+permission) raises `SaveError` naming the step, the cause and the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
+import shutil
+import sys
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers as policies
 
-from zhgpt_jax.config import UserError, default_config
+from zhgpt_jax.config import UserError, default_config, load_config_json
+
+MANIFEST = 'manifest.zhgpt.json'
+DAMAGED = 'checkpoints-damaged'   # where a resume moves damaged steps (never deletes them)
+# Words of an OSError inside orbax/tensorstore messages, for a one-line cause.
+_CAUSES = ('No space left on device', 'Disk quota exceeded', 'Permission denied',
+           'Read-only file system', 'File too large', 'Input/output error')
 
 # Fields whose change makes old parameters meaningless (shapes, vocab, architecture).
 SHAPE_FIELDS = ('model.n_layer', 'model.n_head', 'model.n_kv_head', 'model.d_model',
@@ -48,11 +64,11 @@ def save_run_files(workdir: str, config, tokenizer_dir: str) -> None:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise UserError(f'{workdir}: no config.json; is this a zhgpt-jax workdir?')
-  with open(path, encoding='utf-8') as f:
-    return ml_collections.ConfigDict(json.load(f))
+  """The config a run saved in `workdir`; UserError if it is missing or unreadable."""
+  if not os.path.isdir(workdir):
+    raise UserError(f'--workdir {workdir}: ' + ('is a file, not a run directory'
+                    if os.path.exists(workdir) else 'no such directory'))
+  return load_config_json(os.path.join(workdir, 'config.json'))
 
 
 def _get(config, dotted):
@@ -75,34 +91,263 @@ def check_compatible(saved, config, saved_tok_hash: str, tok_hash: str) -> None:
                     'tokenizer (' + '; '.join(diffs) + '); use a new --workdir')
 
 
+class SaveError(UserError):
+  """A checkpoint save that failed (disk full, permission): training stops at once."""
+
+
+def one_line(e: BaseException) -> str:
+  """A short one-line cause of an orbax/tensorstore/OS error."""
+  text = str(e)
+  for cause in _CAUSES:
+    if cause in text:
+      return cause
+  text = ' '.join(text.split())
+  return f'{type(e).__name__}: {text[:200]}' if text else type(e).__name__
+
+
+class _QuietOrbax(logging.Filter):
+  """Drops orbax's own log records: its failures come back to us as exceptions."""
+
+  def filter(self, record):
+    return '/orbax/' not in record.pathname.replace(os.sep, '/')
+
+
+def _without_closed_loop_errors(default, exc_of):
+  """`default` (sys.excepthook or sys.unraisablehook), silent on 'Event loop is closed': what
+  tensorstore's callbacks, still running after orbax gave up on a damaged file, print. The
+  failure itself reaches us as an exception already."""
+  def hook(*args):
+    exc = exc_of(*args)
+    if not (isinstance(exc, RuntimeError) and 'Event loop is closed' in str(exc)):
+      default(*args)
+  hook.quiet = True
+  return hook
+
+
+def _quiet_orbax():
+  if not getattr(sys.excepthook, 'quiet', False):
+    sys.excepthook = _without_closed_loop_errors(sys.excepthook, lambda kind, value, tb: value)
+  if not getattr(sys.unraisablehook, 'quiet', False):
+    sys.unraisablehook = _without_closed_loop_errors(sys.unraisablehook, lambda u: u.exc_value)
+  for name in ('absl', ''):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
+      logger.addFilter(_QuietOrbax())
+  for handler in logging.getLogger().handlers + logging.getLogger('absl').handlers:
+    if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
+      handler.addFilter(_QuietOrbax())
+
+
+def _files(step_dir: str) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(d, f), step_dir)
+                for d, _, fs in os.walk(step_dir) for f in fs if f != MANIFEST)
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      h.update(block)
+  return h.hexdigest()
+
+
+def seal(step_dir: str) -> None:
+  """Writes the manifest (size and sha256 of every file) of a finished step."""
+  manifest = {rel: [os.path.getsize(os.path.join(step_dir, rel)),
+                    _sha256(os.path.join(step_dir, rel))] for rel in _files(step_dir)}
+  write_atomic(os.path.join(step_dir, MANIFEST), json.dumps(manifest, indent=0))
+
+
+def damage(step_dir: str, hashes: bool = True) -> str | None:
+  """Why the step in `step_dir` cannot be trusted, or None when its files are as sealed.
+
+  A step without a manifest (saved by an older version, or killed between orbax's rename and
+  the seal) is judged by orbax's restore alone. `hashes=False` checks names and sizes only.
+  """
+  if not os.path.isdir(step_dir):
+    return 'its directory is missing'
+  path = os.path.join(step_dir, MANIFEST)
+  if not os.path.exists(path):
+    return None if _files(step_dir) else 'its directory is empty'
+  try:
+    with open(path, encoding='utf-8') as f:
+      manifest = json.load(f)
+    items = [(rel, int(size), str(digest)) for rel, (size, digest) in manifest.items()]
+  except (OSError, ValueError, TypeError, AttributeError):
+    return f'{MANIFEST} is unreadable'
+  for rel, size, digest in items:
+    full = os.path.join(step_dir, rel)
+    if not os.path.isfile(full):
+      return f'{rel} is missing'
+    have = os.path.getsize(full)
+    if have != size:
+      return f'{rel} has {have:,} bytes, {size:,} expected'
+    if hashes and _sha256(full) != digest:
+      return f'{rel} does not match its checksum'
+  return None
+
+
 class Checkpointer:
   """Saves every `ckpt_every` steps; keeps the last `keep` and the best by val loss."""
 
   def __init__(self, workdir: str, keep: int, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    options = ocp.CheckpointManagerOptions(
-        enable_async_checkpointing=async_save,
-        preservation_policy=policies.AnyPreservationPolicy([
-            policies.LatestN(keep),
-            policies.BestN(get_metric_fn=lambda m: m['val_loss'], reverse=True, n=1,
-                           keep_checkpoints_without_metrics=False)]))
+    _quiet_orbax()
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, 'checkpoints')
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise UserError(f'{self.directory} is a file, not a checkpoint directory')
+    self.keep = keep
+    self.async_save = async_save
+    self._pending = None      # the step whose save may still be running
+    # No orbax preservation policy: orbax picks the steps to delete when a save starts and
+    # deletes them even when that save fails. `_collect` deletes only after a save finished.
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'data', 'meta'))
 
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def all_steps(self) -> list[int]:
+    """Every finished (renamed) step directory, oldest first."""
+    names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+    return sorted(set(self.manager.all_steps()) | {int(n) for n in names if n.isdigit()})
+
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def last_good(self) -> str:
+    """Words for the newest step whose files are as sealed (sizes checked)."""
+    for step in reversed(self.all_steps()):
+      if step != self._pending and damage(self.step_dir(step), hashes=False) is None:
+        return f'step {step} in {self.directory}'
+    return f'none in {self.directory}'
 
   def save(self, step: int, state, data_iter, meta: dict, val_loss: float | None = None):
-    """Starts an (asynchronous) save; `state` must hold host-addressable arrays."""
+    """Starts an (asynchronous) save; `state` must hold host-addressable arrays.
+
+    Finishes the previous save first; raises SaveError when that one, or this one when
+    saving synchronously, failed.
+    """
+    self.finish()
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if data_iter is not None:
       import grain
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)
-    metrics = None if val_loss is None else {'val_loss': float(val_loss)}
-    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    self._pending = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(step, e)
+    if not self.async_save:
+      self.finish()
+
+  def poll(self) -> None:
+    """Finishes a save that has completed in the background (raises SaveError if it failed)."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self.finish()
+
+  def finish(self) -> None:
+    """Waits for the save in flight; seals it and deletes old steps, or raises SaveError."""
+    step = self._pending
+    if step is None:
+      return
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(step, e)
+    self._pending = None
+    if not os.path.isdir(self.step_dir(step)):
+      self._failed(step, None)
+    if jax.process_index() == 0:
+      seal(self.step_dir(step))
+    self._collect(step)
+
+  def _failed(self, step: int, error: BaseException | None):
+    self._pending = None
+    for name in os.listdir(self.directory) if os.path.isdir(self.directory) else ():
+      if name.startswith(f'{step}.orbax-checkpoint-tmp') and jax.process_index() == 0:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)  # our partial save
+    why = one_line(error) if error is not None else 'orbax did not finish it'
+    raise SaveError(f'step {step}: saving the checkpoint failed ({why}); training stopped. '
+                    f'The last good checkpoint is {self.last_good()}; free the space or fix '
+                    'the permission and run the same command to resume') from None
+
+  def _val_loss(self, step: int) -> float | None:
+    try:
+      with open(os.path.join(self.step_dir(step), 'meta', 'metadata'), encoding='utf-8') as f:
+        return float(json.load(f)['val']['loss'])
+    except (OSError, ValueError, TypeError, KeyError):
+      return None
+
+  def _collect(self, newest: int) -> None:
+    """Deletes the steps older than `newest` (just finished) beyond the last `keep` and the
+    best by val loss."""
+    steps = [s for s in self.all_steps() if s <= newest]
+    kept = set(steps[-self.keep:])
+    losses = {s: self._val_loss(s) for s in steps}
+    scored = [s for s in steps if losses[s] is not None]
+    if scored:
+      kept.add(min(scored, key=lambda s: (losses[s], -s)))
+    listed = set(self.manager.all_steps())
+    for step in steps:
+      if step not in kept and step in listed:
+        self.manager.delete(step)
+
+  def load(self, fn, step: int | None = None, on_fallback=None):
+    """Returns (step, fn(step)) for the newest intact step, or for `step` when given.
+
+    A step is intact when its files match its manifest and `fn` (an orbax restore) succeeds
+    on it. Falling back past damaged steps prints one line naming them and the step used;
+    `on_fallback(damaged_steps)` runs before that line. Raises UserError when `step` is
+    damaged or absent, or when no step is intact.
+    """
+    steps = self.all_steps()
+    if not steps:
+      raise UserError(f'{self.directory}: no checkpoint to load')
+    if step is not None and step not in steps:
+      raise UserError(f'{self.directory}: no checkpoint at step {step} (have {steps})')
+    damaged = []
+    for s in [step] if step is not None else reversed(steps):
+      why = damage(self.step_dir(s))
+      if why is None:
+        try:
+          result = fn(s)
+        except UserError:
+          raise
+        except Exception as e:  # pylint: disable=broad-except
+          why = f'orbax cannot restore it: {one_line(e)}'
+        else:
+          if damaged:
+            moved = on_fallback([d for d, _ in damaged]) if on_fallback else ''
+            print(f'warning: checkpoint {_steps_why(damaged)} in {self.directory}; '
+                  f'using step {s}{moved}', file=sys.stderr, flush=True)
+          return s, result
+      damaged.append((s, why))
+    if step is not None:
+      raise UserError(f'{self.directory}: checkpoint {_steps_why(damaged)}; pick another '
+                      f'--step (have {steps})')
+    raise UserError(f'{self.directory}: no intact checkpoint ({_steps_why(damaged)}); '
+                    'restore it from a backup or train in a new --workdir')
+
+  def move_aside(self, steps: list[int]) -> str:
+    """Moves damaged `steps` to <workdir>/checkpoints-damaged/ (process 0); returns words."""
+    if jax.process_index() == 0:
+      root = os.path.join(self.workdir, DAMAGED)
+      os.makedirs(root, exist_ok=True)
+      for step in steps:
+        dst, n = os.path.join(root, str(step)), 1
+        while os.path.exists(dst):
+          dst, n = os.path.join(root, f'{step}.{n}'), n + 1
+        os.rename(self.step_dir(step), dst)
+    self.manager.reload()
+    where = os.path.join(self.workdir, DAMAGED)
+    return f'; moved the damaged step{"s" * (len(steps) > 1)} to {where}'
 
   def restore(self, step: int, abstract_state, data_iter=None):
-    """Returns (state, meta); advances `data_iter` to its saved position when given."""
+    """Returns (state, meta) of `step`; advances `data_iter` to its saved position when given."""
     items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
     if data_iter is not None:
       import grain
@@ -114,23 +359,39 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def restore_params(self, step: int | None = None):
-    """Only the parameters of `step` (default: latest), as numpy arrays."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise UserError(f'{self.directory}: no checkpoint to load')
-    if step not in self.manager.all_steps():
-      raise UserError(f'{self.directory}: no checkpoint at step {step} '
-                      f'(have {sorted(self.manager.all_steps())})')
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    return out['state']['params'], out['meta']
-
-  def wait(self):
-    self.manager.wait_until_finished()
+    """The parameters and meta of `step` (default: the newest intact step), as numpy arrays."""
+    def params(s):
+      out = self.manager.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+      return out['state']['params'], out['meta']
+    return self.load(params, step)[1]
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Finishes the save in flight (raising SaveError if it failed) and closes the manager."""
+    try:
+      self.finish()
+    finally:
+      self.manager.close()
+
+  def abandon(self):
+    """On an error exit: finishes the save in flight if it can, never raising; closes."""
+    try:
+      self.finish()
+    except SaveError as e:
+      print(f'warning: {e}', file=sys.stderr, flush=True)
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except
+        pass
+
+
+def _steps_why(damaged: list[tuple[int, str]]) -> str:
+  """'step 20 is damaged (why)' or 'steps 30, 20 are damaged (30: why; 20: why)'."""
+  if len(damaged) == 1:
+    return f'step {damaged[0][0]} is damaged ({damaged[0][1]})'
+  return (f'steps {", ".join(str(s) for s, _ in damaged)} are damaged ('
+          + '; '.join(f'{s}: {w}' for s, w in damaged) + ')')
 
 
 def load_params(workdir: str, step: int | None = None):

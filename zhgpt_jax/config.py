@@ -7,6 +7,9 @@ value into one `UserError` line naming the key.
 
 from __future__ import annotations
 
+import json
+import os
+
 import ml_collections
 
 
@@ -28,6 +31,8 @@ SPECIAL_TOKENS = ('<|endoftext|>', '<|im_start|>', '<|im_end|>', '<|pad|>')
 
 def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
   """Returns the full default config: GPT-2 small on the builtin corpus."""
+  if preset not in PRESETS:
+    raise UserError(f'unknown model preset {preset!r}; expected one of {", ".join(PRESETS)}')
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.task = 'pretrain'            # 'pretrain' | 'sft' (chat data, see configs/sft.py)
@@ -161,6 +166,7 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
       top_p=0.95,
       repetition_penalty=1.1,
       seed=0,
+      sliding=False,             # a prompt too long for the context keeps its last tokens
   ))
 
   c.serve = ml_collections.ConfigDict(dict(
@@ -203,6 +209,11 @@ _CHOICES = {
     'optim.name': ('adamw', 'muon'),
 }
 
+_NON_NEGATIVE = ('tokenizer.min_frequency', 'data.tokenize_workers', 'data.loader_workers',
+                 'data.prefetch', 'train.eval_max_batches', 'train.sample_tokens',
+                 'train.short_seq_steps', 'sft.heldout', 'sft.eval_examples', 'seed',
+                 'sample.seed')
+
 _POSITIVE = ('model.n_layer', 'model.n_head', 'model.d_model', 'model.seq_len',
              'model.vocab_multiple', 'tokenizer.vocab_size', 'tokenizer.max_train_chars',
              'train.steps', 'train.per_device_batch', 'train.grad_accum', 'train.log_every',
@@ -231,6 +242,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in _POSITIVE:
     if _get(config, key) <= 0:
       fail(key, 'must be > 0')
+  for key in _NON_NEGATIVE:
+    if key.split('.')[0] in config and _get(config, key) < 0:
+      fail(key, 'must be >= 0')
   m = config.model
   if m.d_model % m.n_head:
     fail('model.d_model', f'must be divisible by model.n_head={m.n_head}')
@@ -296,3 +310,67 @@ def validate(config: ml_collections.ConfigDict) -> None:
          '(from the environment)')
   if d.timeout_s <= 0:
     fail('dist.timeout_s', 'must be > 0')
+
+
+def check_paths(config: ml_collections.ConfigDict, workdir: str, training: bool = True) -> None:
+  """Raises UserError for a path of the run that cannot work, before any work starts:
+  --workdir or data.cache_dir naming a file, a missing tokenizer.path or (with `training`,
+  i.e. for training) a missing config.init_from or a pretraining run with no val split."""
+  if training and config.task == 'pretrain' and config.data.val_fraction == 0:
+    raise UserError('config.data.val_fraction=0.0: must be > 0 for training, which evaluates '
+                    'on the val split (0 is for `prepare` alone)')
+  for what, path in (('--workdir', workdir), ('config.data.cache_dir', config.data.cache_dir)):
+    if path and os.path.exists(path) and not os.path.isdir(path):
+      raise UserError(f'{what} {path} is a file; it must be a directory (or not exist yet)')
+  src = config.init_from if training else ''
+  if src.startswith('hf:'):
+    if not os.path.isfile(os.path.join(src[3:], 'config.json')):
+      raise UserError(f'config.init_from={src!r}: no HuggingFace model there '
+                      f'({os.path.join(src[3:], "config.json")} does not exist)')
+  elif src and not os.path.isdir(os.path.join(src, 'checkpoints')):
+    raise UserError(f'config.init_from={src!r}: not a trained workdir (no checkpoints/ in it); '
+                    "use a run's --workdir, or 'hf:DIR' for a HuggingFace model")
+  tok = config.tokenizer.path
+  tok_json = tok if tok.endswith('.json') else os.path.join(tok, 'tokenizer.json')
+  if tok and not os.path.isfile(tok_json):
+    raise UserError(f'config.tokenizer.path: no tokenizer at {tok} ({tok_json} does not exist)')
+
+
+def load_config_json(path: str) -> ml_collections.ConfigDict:
+  """A config saved as JSON (a workdir's config.json) over the defaults; UserError if unreadable.
+
+  Keys the file lacks (a run saved by an older version) keep their default values.
+  """
+  if not os.path.isfile(path):
+    raise UserError(f'{os.path.dirname(path) or "."}: no config.json; is this a zhgpt-jax '
+                    'workdir?')
+  try:
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f'{path} is not a readable config ({e}); restore it from a copy or use '
+                    'a new --workdir') from None
+  if not isinstance(saved, dict) or not isinstance(saved.get('model'), dict):
+    raise UserError(f'{path} is not a zhgpt-jax config (no "model" section)')
+  config = default_config(saved['model'].get('preset', 'small')
+                          if saved['model'].get('preset') in PRESETS else 'small')
+  try:
+    _merge(config, saved, '')
+  except (TypeError, ValueError) as e:
+    raise UserError(f'{path}: {e}') from None
+  return config
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict, prefix: str) -> None:
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+      _merge(config[key], value, f'{prefix}{key}.')
+    elif key in config and value is not None and config[key] is not None:
+      try:
+        config[key] = value
+      except TypeError:
+        raise TypeError(f'{prefix}{key}={value!r} has the wrong type (expected '
+                        f'{type(config[key]).__name__})') from None
+    else:
+      with config.unlocked():
+        config[key] = value

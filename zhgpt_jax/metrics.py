@@ -1,6 +1,8 @@
 """Where training numbers go: TensorBoard events, metrics.jsonl, and a loss-curve PNG.
 
-Only process 0 writes (`enabled=False` elsewhere), so a multi-host run logs once.
+Only process 0 writes (`enabled=False` elsewhere), so a multi-host run logs once. A run that
+resumes from step N first drops the records past N (steps it is about to redo) from
+metrics.jsonl, and its TensorBoard writer purges the events past N, so curves never double back.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 class MetricsWriter:
   """Appends {'step', 'split', ...scalars} records; `close` also draws loss_curve.png."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0):
     self.workdir = workdir
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
@@ -20,7 +22,8 @@ class MetricsWriter:
     if enabled:
       from tensorboardX import SummaryWriter
       os.makedirs(workdir, exist_ok=True)
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      drop_after(self.path, start_step)
+      self._tb = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=start_step + 1)
 
   def scalars(self, step: int, split: str, values: dict) -> None:
     if not self.enabled:
@@ -38,18 +41,45 @@ class MetricsWriter:
     with open(self.path, 'a', encoding='utf-8') as f:
       f.write(json.dumps({'step': step, 'split': 'text', tag: text}, ensure_ascii=False) + '\n')
 
-  def close(self) -> None:
+  def close(self, plot: bool = True) -> None:
     if not self.enabled:
       return
     self._tb.close()
-    plot_loss_curve(self.path, os.path.join(self.workdir, 'loss_curve.png'))
+    if plot:
+      plot_loss_curve(self.path, os.path.join(self.workdir, 'loss_curve.png'))
+
+
+def drop_after(path: str, step: int) -> None:
+  """Rewrites metrics.jsonl without its records past `step` (and any torn last line)."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8', errors='replace') as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)['step'] <= step:
+        kept.append(line if line.endswith('\n') else line + '\n')
+    except (ValueError, KeyError, TypeError):
+      continue   # a line torn by a kill: it was never a whole record
+  if len(kept) != len(lines):
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def read_metrics(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+    records = []
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except ValueError:
+        continue   # a line torn by a kill
+    return records
 
 
 def plot_loss_curve(metrics_path: str, png_path: str) -> None:

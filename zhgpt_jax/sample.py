@@ -216,7 +216,8 @@ def _fit(cfg, prompt: Sequence[int], max_new_tokens: int, sliding: bool) -> list
     return prompt[-room:]
   raise UserError(f'prompt of {len(prompt)} tokens + max_new_tokens={max_new_tokens} exceeds the '
                   f"model's context (seq_len={cfg.seq_len}); shorten the prompt, lower "
-                  f'max_new_tokens, or turn on sliding to keep its last {room} tokens')
+                  f'max_new_tokens, or set sample.sliding=True (sliding=True in Python) to keep '
+                  f'its last {room} tokens')
 
 
 def check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> None:

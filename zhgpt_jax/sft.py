@@ -66,6 +66,7 @@ _REASONS = {
     'unknown_format': 'not messages/conversations/alpaca',
     'bad_role': 'unknown role',
     'not_string': 'non-string content',
+    'unencodable': 'with a lone surrogate (not encodable text)',
     'empty_turn': 'with an empty turn',
     'not_alternating': 'out of turn order',
     'no_assistant': 'without an assistant turn',
@@ -119,10 +120,12 @@ class SftStats:
 
 
 def _turn(role, content) -> dict:
-  if role not in _ROLE_OF:
+  if not isinstance(role, str) or role not in _ROLE_OF:
     raise _Skip('bad_role')
   if not isinstance(content, str):
     raise _Skip('not_string')
+  if corpus.SURROGATE.search(content):
+    raise _Skip('unencodable')
   content = corpus.normalize(content)
   if not content:
     raise _Skip('empty_turn')
@@ -581,6 +584,9 @@ def chat_loop(cfg, params, tokenizer, sample_cfg, *, read: Callable[[str], str] 
     except EOFError:
       write('\n')
       return history
+    except UnicodeDecodeError:
+      write('(that line is not UTF-8 text; skipped)\n')
+      continue
     if line == '/exit':
       return history
     if line == '/reset':

@@ -33,9 +33,9 @@ from tokenizers import Tokenizer
 
 from zhgpt_jax import corpus, encode, scan, sources
 from zhgpt_jax import tokenizer as tokenizer_lib
-from zhgpt_jax.config import UserError
+from zhgpt_jax.config import UserError, check_paths, validate
 
-CODE_VERSION = 2   # bump when a change to corpus/tokenizer/shards changes what is written
+CODE_VERSION = 3   # bump when a change to corpus/tokenizer/shards changes what is written
 SPLITS = ('train', 'val')
 # Inputs that change the documents, so both the tokenizer and the shards.
 _TEXT_FIELDS = ('text_field', 'txt_mode', 'fullwidth_to_halfwidth', 'val_fraction',
@@ -172,6 +172,8 @@ def _train(config, tok_dir: str, key: str, found: scan.Scan, source_names: list[
   t = config.tokenizer
   sample, val_docs = found.sample, found.val_docs
   print(sample_shares(found, source_names, t.max_train_chars), flush=True)
+  if not sum(map(len, sample)):
+    raise _empty_train(config, int(np.sum(found.val)))
   tok = tokenizer_lib.train_tokenizer(sample, t.vocab_size, t.min_frequency,
                                       t.max_train_chars, progress)
   example = _example(config, val_docs)
@@ -199,6 +201,21 @@ def sample_shares(found: scan.Scan, names: list[str], max_chars: int) -> str:
                      for name, s, c in zip(names, sample_chars, corpus_chars))
   return (f'tokenizer sample: {int(n):,} of {int(total):,} train characters '
           f'({n / max(total, 1):.1%}, max_train_chars={max_chars:,}): {shares}')
+
+
+def _warn_if_mostly_invalid(path: str, invalid: int, good: int) -> None:
+  """Prints a warning when most of a file's lines are not UTF-8 (a UTF-16 or GBK file)."""
+  if invalid > good:
+    print(f'warning: {path}: {invalid:,} of its {invalid + good:,} documents are not valid '
+          'UTF-8; this file looks mostly invalid -- is it UTF-8? (convert UTF-16 or GBK files '
+          'first)', flush=True)
+
+
+def _empty_train(config, n_val: int) -> UserError:
+  return UserError(f'config.data.corpus={config.data.corpus!r}: the train split is empty (all '
+                   f'{n_val:,} documents or pieces fell into val at data.val_fraction='
+                   f'{config.data.val_fraction}), so the tokenizer would train on 0 characters; '
+                   'lower data.val_fraction or add documents')
 
 
 def _example(config, val_docs: list[str]) -> str:
@@ -293,6 +310,8 @@ def prepare(config, workdir: str, progress: bool = True) -> PrepareSummary:
   Returns a PrepareSummary (also printed). Raises UserError for a bad corpus or tokenizer path.
   """
   t0 = time.time()
+  validate(config)
+  check_paths(config, workdir, training=False)
   root = data_dir(config, workdir)
   os.makedirs(root, exist_ok=True)
   with _locked(root):
@@ -336,7 +355,11 @@ def prepare(config, workdir: str, progress: bool = True) -> PrepareSummary:
       build_dir = os.path.join(root, '.build')
       states, stats = encode.build(config, tok, _n_heldout(config), build_dir, key, found,
                                    len(names), progress)
+      for path, f in stats.files.items():
+        _warn_if_mostly_invalid(path, f.skipped['invalid_utf8'], f.documents)
       metas = _seal(config, tok, tok_hash, root, build_dir, key, states, stats, counts)
+  if not metas['train']['documents']:
+    raise _empty_train(config, metas['val']['documents'])
   example = (_read_json(os.path.join(tok_dir, 'prepare.json')) or {}).get('example', '')
   cpt_split = 'val' if metas['val']['documents'] else 'train'
   m = metas[cpt_split]

@@ -126,5 +126,5 @@ def block_documents(block: Block, data_cfg, stats: CorpusStats) -> list[tuple[st
     fraction = data_cfg.val_fraction
     labeled = ((t, corpus.is_val(t, fraction))
                for t in corpus.kept(block.path, texts, stats, data_cfg.fullwidth_to_halfwidth))
-  max_chars = data_cfg.max_doc_chars
-  return [(piece, val) for text, val in labeled for piece in corpus.cut(text, max_chars)]
+  by_piece = block.kind != 'docs'
+  return [pv for text, val in labeled for pv in corpus.pieces(text, val, data_cfg, by_piece)]

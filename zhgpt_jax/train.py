@@ -8,6 +8,7 @@ Batches are dicts of [devices, ...] arrays: 'inputs' and 'targets' (int32), opti
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -26,7 +27,7 @@ from zhgpt_jax import data as data_lib
 from zhgpt_jax import model as model_lib
 from zhgpt_jax import moe as moe_lib
 from zhgpt_jax import optim, parallel, sources
-from zhgpt_jax.config import UserError, validate
+from zhgpt_jax.config import UserError, check_paths, validate
 from zhgpt_jax.metrics import MetricsWriter
 
 AXIS = parallel.AXIS
@@ -226,6 +227,7 @@ def pretraining_task(config, data_dir: str) -> Task:
     for line in data_lib.epoch_report(os.path.join(data_dir, 'train'), weights, tokens, t.steps):
       print(line, flush=True)
   val_dir = os.path.join(data_dir, 'val')
+  data_lib.TokenWindows(val_dir, m.seq_len)   # an empty val split is an error now, not at step 1000
   meta = _read_json(os.path.join(val_dir, 'meta.json'))
   cpt = meta['characters'] / meta['tokens'] if meta.get('tokens') else None
   return Task(
@@ -264,15 +266,18 @@ class Run:
   optimizer: Any
   schedule: Any
   task: Task | None = None
+  train_iter: Any = None        # the train loader's iterator (its position is checkpointed)
 
 
-def build(config, workdir: str, with_data: bool = True) -> Run:
-  """Validates the config, prepares data (process 0), and builds model and optimizer.
+def build(config, workdir: str, with_data: bool = True, training: bool = True) -> Run:
+  """Validates the config and paths, prepares data (process 0), and builds model and optimizer.
 
   Run.config is `config` resolved against init_from (pretrained.resolve): the model shape
-  and tokenizer of the model the run starts from.
+  and tokenizer of the model the run starts from. `training=False` (eval) skips the checks
+  only training needs (init_from, a val split).
   """
   from zhgpt_jax import pretrained, shards, tokenizer as tok_lib
+  check_paths(config, workdir, training)
   config = pretrained.resolve(config)
   validate(config)
   parallel.initialize(config.dist)
@@ -364,26 +369,45 @@ class _StopFlag:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains to config.train.steps (resuming from the workdir's checkpoint); returns the last eval."""
+  """Trains to config.train.steps (resuming from the workdir's checkpoint); returns the last eval.
+
+  Every exit, by return or by exception, finishes the checkpoint save in flight (or drops a
+  failed one cleanly) before it leaves.
+  """
   run = build(config, workdir)
   config = run.config
-  t = config.train
-  is_main = jax.process_index() == 0
-  devices = jax.local_device_count()
-  global_batch = t.per_device_batch * jax.device_count() * t.grad_accum
-  tokens_per_step = global_batch * config.model.seq_len
-
   from zhgpt_jax import tokenizer as tok_lib
   tok_hash = tok_lib.tokenizer_hash(run.tokenizer_dir)
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep)
-  latest = ckpt.latest_step()
-  train_iter = iter(run.task.train_loader)
-  if latest is not None:
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep)
+  writer = None
+  try:
+    state = _start_state(config, workdir, run, ckpt, tok_hash)
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
+                           start_step=int(state['step']))
+    return _loop(config, workdir, run, state, ckpt, writer, tok_hash)
+  except BaseException:
+    ckpt.abandon()   # waits for (or cleanly drops) a save in flight; never raises
+    if writer is not None:
+      writer.close(plot=False)
+    raise
+
+
+def _start_state(config, workdir: str, run: Run, ckpt, tok_hash: str) -> dict:
+  """The host train state, restored from the newest intact checkpoint or fresh; also starts
+  run.train_iter (at the restored position) and writes the run files."""
+  t = config.train
+  is_main = jax.process_index() == 0
+  run.train_iter = iter(run.task.train_loader)
+  if ckpt.latest_step() is not None:
     saved = ckpt_lib.load_config(workdir)
-    ckpt_lib.check_compatible(saved, config, ckpt.meta(latest)['tokenizer_hash'], tok_hash)
     abstract = jax.eval_shape(lambda: new_state(
         run.optimizer, model_lib.init_params(run.cfg, jax.random.PRNGKey(0)), config.seed))
-    state, _ = ckpt.restore(latest, abstract, train_iter)
+
+    def resume(step):
+      ckpt_lib.check_compatible(saved, config, ckpt.meta(step)['tokenizer_hash'], tok_hash)
+      return ckpt.restore(step, abstract, run.train_iter)[0]
+
+    latest, state = ckpt.load(resume, on_fallback=ckpt.move_aside)
     if latest >= t.steps:
       print(f'{workdir}: already trained to step {latest} (train.steps={t.steps}); '
             'raise --config.train.steps to continue')
@@ -394,7 +418,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       config.seed)
   if is_main:
     ckpt_lib.save_run_files(workdir, config, run.tokenizer_dir)
+  return state
 
+
+def _loop(config, workdir: str, run: Run, state, ckpt, writer, tok_hash: str) -> dict:
+  """The steps, evals and saves of `train_and_evaluate`, from the state's step."""
+  t = config.train
+  is_main = jax.process_index() == 0
+  global_batch = t.per_device_batch * jax.device_count() * t.grad_accum
+  tokens_per_step = global_batch * config.model.seq_len
+  train_iter = run.train_iter
   n_params = model_lib.count_params(state['params'])
   flops_tok = model_lib.flops_per_token(run.cfg, state['params'])
   peak = t.peak_flops or measure_peak_flops()
@@ -412,7 +445,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_step = make_train_step(run.model, run.optimizer, run.schedule, config.model.moe,
                                t.loss_chunk)
   eval_step = make_eval_step(run.model, t.loss_chunk)
-  writer = MetricsWriter(workdir, enabled=is_main)
   start = int(np.asarray(state['step'].addressable_data(0))[0])
 
   def do_eval(step, state):
@@ -448,13 +480,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   last_eval, pending, nonfinite = None, None, 0
   t0, window_steps, run_start = time.perf_counter(), 0, time.perf_counter()
   step = start
-  with _StopFlag() as stop:
+  with _StopFlag() as stop, contextlib.closing(bar):   # an error line starts on a line of its own
     while step < t.steps:
       batch = next(train_iter)
       if step < t.short_seq_steps:
         batch = short_context(batch, t.short_seq_len)
       state, metrics = train_step(state, batch)
       step += 1
+      if jax.process_count() == 1:
+        ckpt.poll()   # a failed background save stops the run here, not at the next save
       window_steps += 1
       # Read the previous step's metrics only now, so the device never waits on the host.
       if pending is not None:
@@ -485,7 +519,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if stop.signal or parallel.preempted(step):
         stop.signal = stop.signal or 'SIGTERM'
         break
-  bar.close()
   if pending is not None:
     _check(pending, nonfinite, t.max_nonfinite, writer)
   if step > start and ckpt.latest_step() != step:
@@ -540,7 +573,7 @@ def sample_prompt(run: Run, params) -> tuple[dict, int]:
 def evaluate_workdir(workdir: str, step: int | None = None, overrides=None) -> dict:
   """`main.py eval`: val loss, perplexity and bits per character of a saved checkpoint."""
   config, params, meta = ckpt_lib.load_params(workdir, step)
-  run = build(config, workdir)
+  run = build(config, workdir, training=False)
   result = evaluate(make_eval_step(run.model, config.train.loss_chunk), parallel.replicate(params),
                     run.task.eval_batches(), run.task.chars_per_token)
   if run.task.extra_eval is not None:
