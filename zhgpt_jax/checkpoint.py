@@ -71,6 +71,29 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return load_config_json(os.path.join(workdir, 'config.json'))
 
 
+def refuse_run_target(target: str, workdir: str | None = None, walk: bool = False) -> None:
+  """Raises UserError when writing over `target` could lose a run: it is, holds or is inside
+  `workdir`, or it or a directory above it holds checkpoints/ (with `walk`, also below it)."""
+  out = os.path.realpath(target)
+  if workdir is not None:
+    src = os.path.realpath(workdir)
+    if out == src or out.startswith(src + os.sep) or src.startswith(out.rstrip(os.sep) + os.sep):
+      raise UserError(f'export target {target} is, contains or is inside the workdir '
+                      f'{workdir}; choose a directory outside it')
+  path = out
+  while True:
+    if os.path.isdir(os.path.join(path, 'checkpoints')):
+      raise UserError(f'export target {target} is or is inside the workdir {path} (it holds '
+                      'checkpoints); choose a directory outside it')
+    if os.path.dirname(path) == path:
+      break
+    path = os.path.dirname(path)
+  for d, dirs, _ in os.walk(out) if walk else ():
+    if 'checkpoints' in dirs:
+      raise UserError(f'export target {target} holds a run ({os.path.join(d, "checkpoints")}); '
+                      'not replacing it')
+
+
 def _get(config, dotted):
   for part in dotted.split('.'):
     config = config.get(part) if hasattr(config, 'get') else None

@@ -371,39 +371,17 @@ def _write_json(path: str, obj: dict) -> None:
     json.dump(obj, f, ensure_ascii=False, indent=2)
 
 
-def _is_workdir(path: str) -> bool:
-  return os.path.isdir(os.path.join(path, 'checkpoints'))
-
-
 def _check_out_dir(out_dir: str, overwrite: bool, workdir: str | None = None) -> None:
-  """Refuses a target whose replacement could lose a run: the workdir, a directory inside it
-  or holding it, any directory that is, holds or is inside a run (a checkpoints/ directory),
-  and, without `overwrite`, any non-empty directory."""
-  out = os.path.realpath(out_dir)
+  """Refuses a file, a run (checkpoint.refuse_run_target) and, without `overwrite`, any
+  non-empty directory as the export target."""
+  from zhgpt_jax import checkpoint
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise UserError(f'export target {out_dir} exists and is not a directory')
-  if workdir is not None:
-    src = os.path.realpath(workdir)
-    if out == src or out.startswith(src + os.sep) or src.startswith(out.rstrip(os.sep) + os.sep):
-      raise UserError(f'export target {out_dir} is, contains or is inside the workdir '
-                      f'{workdir}; choose a directory outside it')
-  path = out
-  while True:   # the target or a directory above it is a run: replacing it would lose it
-    if _is_workdir(path):
-      raise UserError(f'export target {out_dir} is or is inside the workdir {path} (it holds '
-                      'checkpoints); choose a directory outside it')
-    if os.path.dirname(path) == path:
-      break
-    path = os.path.dirname(path)
-  if not os.path.isdir(out) or not os.listdir(out):
-    return
-  if not overwrite:
+  non_empty = os.path.isdir(out_dir) and bool(os.listdir(out_dir))
+  checkpoint.refuse_run_target(out_dir, workdir, walk=non_empty and overwrite)
+  if non_empty and not overwrite:
     raise UserError(f'export target {out_dir} exists and is not empty (pass --overwrite to '
                     'replace it)')
-  for d, dirs, _ in os.walk(out):
-    if 'checkpoints' in dirs:
-      raise UserError(f'export target {out_dir} holds a run ({os.path.join(d, "checkpoints")}); '
-                      'not replacing it')
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:
