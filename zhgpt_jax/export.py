@@ -31,6 +31,7 @@ from typing import Any, Callable
 from flax import traverse_util
 import jax
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from zhgpt_jax import export_files
@@ -372,16 +373,12 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def _check_out_dir(out_dir: str, overwrite: bool, workdir: str | None = None) -> None:
-  """Refuses a file, a run (checkpoint.refuse_run_target) and, without `overwrite`, any
-  non-empty directory as the export target."""
-  from zhgpt_jax import checkpoint
+  from zhgpt_jax import checkpoint   # a run (or a directory holding one) is never replaced
+  checkpoint.refuse_run_target(out_dir, workdir, walk=overwrite)
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise UserError(f'export target {out_dir} exists and is not a directory')
-  non_empty = os.path.isdir(out_dir) and bool(os.listdir(out_dir))
-  checkpoint.refuse_run_target(out_dir, workdir, walk=non_empty and overwrite)
-  if non_empty and not overwrite:
-    raise UserError(f'export target {out_dir} exists and is not empty (pass --overwrite to '
-                    'replace it)')
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise UserError(f'export target {out_dir} exists and is not empty (pass --overwrite)')
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:
@@ -408,8 +405,7 @@ def export_hf(cfg: GPTConfig, params, out_dir: str, tokenizer_dir: str | None = 
   recorded: config, step, val metrics), into a temporary directory renamed to `out_dir` at
   the end; files and directories get ordinary permissions.
   Raises UserError when the model has no stock HF class, the params do not fit `cfg`, the
-  tokenizer does not fit the model, or `out_dir` is not empty and `overwrite` is False, or
-  `out_dir` is, holds or is inside `workdir` or any directory with checkpoints/.
+  tokenizer does not fit the model, or `out_dir` is a run or (without `overwrite`) not empty.
   """
   arch = hf_architecture(cfg)
   _check_out_dir(out_dir, overwrite, workdir)
@@ -439,16 +435,6 @@ def export_hf(cfg: GPTConfig, params, out_dir: str, tokenizer_dir: str | None = 
 
 
 def _load_tensors(path: str) -> dict[str, np.ndarray]:
-  try:
-    return _read_tensors(path)
-  except UserError:
-    raise
-  except Exception as e:  # safetensors/torch raise their own kinds for a damaged file
-    raise UserError(f'cannot read the weights in {path} ({type(e).__name__}: '
-                    f'{" ".join(str(e).split())[:200]}); is the download complete?') from None
-
-
-def _read_tensors(path: str) -> dict[str, np.ndarray]:
   single = os.path.join(path, 'model.safetensors')
   index = os.path.join(path, 'model.safetensors.index.json')
   if os.path.isfile(single):
@@ -487,14 +473,16 @@ def import_hf(path: str) -> tuple[GPTConfig, Any]:
     raise UserError(f'no HuggingFace model at {path}: {config_path} does not exist')
   try:
     with open(config_path, encoding='utf-8') as f:
-      hf_cfg = json.load(f)
-    cfg = hf_config_to_ours(hf_cfg)
-  except ValueError as e:
-    raise UserError(f'{config_path} is not valid JSON ({e})') from None
-  except (KeyError, TypeError, AttributeError) as e:
-    raise UserError(f'{config_path}: a field is missing or of the wrong type ({e})') from None
+      cfg = hf_config_to_ours(json.load(f))
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise UserError(f'{config_path} is not a usable config ({type(e).__name__}: {e})') from None
   arch = hf_architecture(cfg)
-  return cfg, _from_hf_tensors(cfg, arch, _with_prefix(_load_tensors(path), arch))
+  try:
+    tensors = _load_tensors(path)
+  except (SafetensorError, OSError, ValueError, RuntimeError, EOFError) as e:  # damaged file
+    raise UserError(f'cannot read the weights in {path} ({type(e).__name__}: '
+                    f'{" ".join(str(e).split())[:200]}); is the download complete?') from None
+  return cfg, _from_hf_tensors(cfg, arch, _with_prefix(tensors, arch))
 
 
 def export_workdir(workdir: str, out_dir: str, overwrite: bool = False,
@@ -504,7 +492,6 @@ def export_workdir(workdir: str, out_dir: str, overwrite: bool = False,
   from zhgpt_jax.model import model_config
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise UserError(f'{workdir}: no checkpoints to export; train first')
-  _check_out_dir(out_dir, overwrite, workdir)   # refuse before reading anything
   config, params, meta = checkpoint.load_params(workdir, step)
   tokenizer_dir = os.path.join(workdir, 'tokenizer')
   cfg = model_config(config.model, tokenizer_lib.load_tokenizer(tokenizer_dir).get_vocab_size())
