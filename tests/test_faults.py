@@ -373,7 +373,7 @@ def test_prompt_longer_than_the_context(pristine):
 @pytest.mark.parametrize('where', ['same', 'parent', 'inside', 'other_run', 'file', 'non_empty'])
 def test_export_never_replaces_a_run(where, run_copy, pristine, tmp_path):
   outs = {'same': run_copy, 'parent': str(tmp_path), 'inside': os.path.join(run_copy, 'hf'),
-          'other_run': pristine, 'file': os.path.join(run_copy, 'config.json'),
+          'other_run': pristine, 'file': str(tmp_path / 'notes' / 'keep.txt'),
           'non_empty': str(tmp_path / 'notes')}
   os.makedirs(tmp_path / 'notes')
   (tmp_path / 'notes' / 'keep.txt').write_text('mine')
