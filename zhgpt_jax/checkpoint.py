@@ -290,6 +290,10 @@ class Checkpointer:
 
   def _failed(self, step: int, error: BaseException | None):
     self._pending = None
+    try:   # let orbax's other writers of this step stop before its partial files are removed
+      self.manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass
     for name in os.listdir(self.directory) if os.path.isdir(self.directory) else ():
       if name.startswith(f'{step}.orbax-checkpoint-tmp') and jax.process_index() == 0:
         shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)  # our partial save
