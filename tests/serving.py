@@ -45,7 +45,6 @@ def random_workdir(config, tokenizer_dir: str, workdir: str, seq_len: int = 128,
   try:
     ckpt.save(0, dict(params=params, step=np.int32(0)), None,
               dict(step=0, tokenizer_hash=tok_lib.tokenizer_hash(tokenizer_dir)))
-    ckpt.wait()
   finally:
     ckpt.close()
   return workdir
