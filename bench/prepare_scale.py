@@ -209,7 +209,8 @@ def run_child(kind: str, args: dict, kill_when=None) -> dict:
     if kill_when and kill_when(proc):
       os.killpg(proc.pid, signal.SIGKILL)
       proc.wait()
-      return dict(killed=True, wall=time.perf_counter() - t0)
+      return dict(killed=True, wall=time.perf_counter() - t0, peak_rss_mb=peak / 2**20,
+                  rss_mb_every_5s=series)
     time.sleep(0.1)
   out = proc.stdout.read()
   if proc.returncode:
