@@ -296,7 +296,9 @@ class Checkpointer:
       pass
     for name in os.listdir(self.directory) if os.path.isdir(self.directory) else ():
       if name.startswith(f'{step}.orbax-checkpoint-tmp') and jax.process_index() == 0:
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)  # our partial save
+        # Our partial save (best effort: a writer still running may leave some of it, which
+        # the next start's orbax removes; it is never listed as a step).
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
     why = one_line(error) if error is not None else 'orbax did not finish it'
     raise SaveError(f'step {step}: saving the checkpoint failed ({why}); training stopped. '
                     f'The last good checkpoint is {self.last_good()}; free the space or fix '
