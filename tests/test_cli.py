@@ -252,7 +252,7 @@ def test_sample_prompt_file_with_overrides(tiny_run, xla_cache, tmp_path):
             '--config.sample.temperature=0.7', '--config.sample.top_p=0.9', env=xla_cache)
   assert out.returncode == 0, out.stderr[-3000:]
   # The same in Python, as the README shows it: the command line must print its texts.
-  cfg, params, tokenizer, config = checkpoint.load_model(workdir)
+  cfg, params, tokenizer, config, _ = checkpoint.load_model(workdir)
   config.sample.update(temperature=0.7, top_p=0.9)
   texts = sample.generate_text(cfg, params, tokenizer, PROMPTS, config.sample)
   assert out.stdout == ''.join(f'{p}{t}\n' for p, t in zip(PROMPTS, texts))

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import VOCAB, tiny_cfg
 from zhgpt_jax import model as M
-from zhgpt_jax import optim, parallel, train
+from zhgpt_jax import parallel, train
 from zhgpt_jax.config import default_config
 
 
@@ -80,13 +80,13 @@ def overfit(cfg, steps=40):
   """Train losses of `steps` real train steps (AdamW, schedule, clipping) on one random batch."""
   c = default_config('tiny')
   c.optim.update(lr=1e-2, warmup_steps=2)
-  opt = optim.make_optimizer(c.optim, steps)
+  c.train.steps = steps
+  opt, step = train.make_train_step(c, cfg)
   # M.init_params without its jit: op by op, the ops all configs share compile only once.
   params = M.GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
   state = parallel.replicate(train.new_state(opt, params, 0))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 4, 33), 0, VOCAB)  # [accum, B, L + 1]
   batch = parallel.replicate({'inputs': tokens[..., :-1], 'targets': tokens[..., 1:]})
-  step = train.make_train_step(M.GPT(cfg), opt, optim.schedule(c.optim, steps), c.model.moe)
   step = step.lower(state, batch).compile(FAST_COMPILE)
   losses = []
   for _ in range(steps):

@@ -178,8 +178,9 @@ def test_a_run_saved_before_the_moe_keys_resumes_only_as_their_defaults():
   saved = default_config().to_dict()
   del saved['model']['moe']['balance'], saved['model']['moe']['first_dense']
   saved = ml_collections.ConfigDict(saved)
-  ckpt_lib.check_compatible(saved, default_config(), 'h', 'h')
+  gpt = lambda c: M.model_config(c.model, 1000)   # what resume compares: the two GPTConfigs
+  ckpt_lib.check_compatible(gpt(saved), gpt(default_config()), 'h', 'h')
   config = default_config()
   config.model.moe.balance = 'bias'
-  with pytest.raises(UserError, match="model.moe.balance: None -> 'bias'"):
-    ckpt_lib.check_compatible(saved, config, 'h', 'h')
+  with pytest.raises(UserError, match="model.moe_balance: 'aux' -> 'bias'"):
+    ckpt_lib.check_compatible(gpt(saved), gpt(config), 'h', 'h')

@@ -15,17 +15,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent('''
     import jax, numpy as np
-    from zhgpt_jax import model as M, optim, train
+    from zhgpt_jax import model as M, train
     from zhgpt_jax.config import default_config
     assert jax.local_device_count() == 4
     c = default_config('tiny')
     c.model.update(n_layer=2, n_head=4, d_model=64, seq_len=16)
     c.optim.update(name=OPTIMIZER, lr=1e-2, warmup_steps=1)
     cfg = M.model_config(c.model, 200)
-    model, opt = M.GPT(cfg), optim.make_optimizer(c.optim, 10)
+    c.train.steps = 10
+    opt, step = train.make_train_step(c, cfg)
     params = M.init_params(cfg, jax.random.PRNGKey(0))
     state = train.new_state(opt, params, 0)
-    step = train.make_train_step(model, opt, optim.schedule(c.optim, 10), c.model.moe)
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 200, (8, 17)).astype(np.int32) for _ in range(3)]
 

@@ -112,7 +112,7 @@ def _pipeline(kind: str, root, corpus_dir: str, chat_path: str) -> dict:
   out['export'] = export.export_workdir(out['workdir'], str(root / 'export'))
 
   chat = _override(sft_config.get_config(), dict(values, **SFT, **{'sft.data': chat_path}))
-  out['sft_eval'] = train.train_and_evaluate(chat, out['sft_workdir'])
+  out['sft_eval'] = train.train_and_evaluate(chat, out['sft_workdir'], sft.make_task)
   out['sft_export'] = export.export_workdir(out['sft_workdir'], str(root / 'sft_export'))
   return out
 
@@ -161,7 +161,7 @@ def test_step0_logits_equal_hf(runs, kind):
 @pytest.mark.parametrize('kind', KINDS)
 def test_export_loads_in_transformers_with_equal_logits_and_greedy(runs, kind):
   r = runs(kind)
-  cfg, params, tok, _ = checkpoint.load_model(r['workdir'])
+  cfg, params, tok, _, _ = checkpoint.load_model(r['workdir'])
   model = _hf_model(r['export'])
   assert type(model).__name__ == ARCH[kind]
   ids = tok.encode(TEXT).ids[:cfg.seq_len]
@@ -198,7 +198,7 @@ def test_sft_adds_chatml_and_the_chat_export_stops_at_im_end(runs, kind):
   s = T.special_ids(tok)
   assert s.im_start is not None and s.im_end is not None
   assert r['sft_eval']['loss'] < 1.0
-  cfg, params, _, _ = checkpoint.load_model(r['sft_workdir'])
+  cfg, params, _, _, _ = checkpoint.load_model(r['sft_workdir'])
   if T.has_chatml(src):
     assert tok.get_vocab_size() == src.get_vocab_size()
   else:   # added as new ids; embedding rows grown unless the vocab had padding to spare

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from zhgpt_jax import checkpoint as ckpt_lib
-from zhgpt_jax import corpus, parallel, sft, train
+from zhgpt_jax import chat, chat_data, corpus, sft, train
 from zhgpt_jax import model as M
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.config import UserError, default_config
@@ -39,7 +39,7 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def encoder(tok_dir):
-  return sft.ChatEncoder(tok_lib.load_tokenizer(tok_dir))
+  return chat_data.ChatEncoder(tok_lib.load_tokenizer(tok_dir))
 
 
 def sft_config(data, tok_dir, **train_overrides):
@@ -79,8 +79,8 @@ def test_formats_parse_to_one_canonical_conversation(tmp_path):
   path = write_jsonl(tmp_path / 'a.jsonl', [messages, sharegpt, messy, alpaca])
   with open(path, 'rb') as f, gzip.open(tmp_path / 'b.jsonl.gz', 'wb') as g:
     g.write(f.read())
-  stats = sft.SftStats()
-  got = list(sft.read_conversations(f'{tmp_path}/*.jsonl.gz,{path}', stats))
+  stats = chat_data.SftStats()
+  got = list(chat_data.read_conversations(f'{tmp_path}/*.jsonl.gz,{path}', stats))
   assert got[:3] == [CONVERSATION] * 3
   assert got[3] == [{'role': 'system', 'content': system},
                     {'role': 'user', 'content': '翻译成英文\n你好'},
@@ -107,8 +107,8 @@ def test_bad_records_are_counted_per_reason(tmp_path):
       {'instruction': '问', 'output': 7},
   ]
   path = write_jsonl(tmp_path / 'mixed.jsonl', [good, *bad, good])
-  stats = sft.SftStats()
-  assert list(sft.read_conversations(path, stats)) == [CONVERSATION[1:3]] * 2
+  stats = chat_data.SftStats()
+  assert list(chat_data.read_conversations(path, stats)) == [CONVERSATION[1:3]] * 2
   assert dict(stats.files[path]) == dict(
       kept=2, malformed=1, invalid_utf8=1, blank=1, unknown_format=1, bad_role=1, empty_turn=1,
       not_alternating=2, no_assistant=1, not_string=2)
@@ -117,7 +117,7 @@ def test_bad_records_are_counted_per_reason(tmp_path):
 
 
 def test_bad_data_spec_is_one_user_error(tmp_path, tok_dir, encoder):
-  read = lambda spec: list(sft.read_conversations(spec, sft.SftStats()))
+  read = lambda spec: list(chat_data.read_conversations(spec, chat_data.SftStats()))
   with pytest.raises(UserError, match='config.sft.data: .*nope.jsonl does not exist'):
     read(str(tmp_path / 'nope.jsonl'))
   (tmp_path / 'notes.txt').write_text('x')
@@ -128,7 +128,7 @@ def test_bad_data_spec_is_one_user_error(tmp_path, tok_dir, encoder):
   path = write_jsonl(tmp_path / 'bad.jsonl', [b'nope\n', {'messages': []}])
   with pytest.raises(UserError, match=r"no usable conversations \(0 conversations; skipped 1 "
                                       r'malformed JSON, 1 without an assistant turn'):
-    sft.load_data(sft_config(path, tok_dir), encoder, sft.SftStats())
+    sft.load_data(sft_config(path, tok_dir), encoder, chat_data.SftStats())
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -152,7 +152,7 @@ def test_template_equals_hf_apply_chat_template(tok_dir, encoder):
 def test_mask_covers_exactly_the_assistant_spans(encoder):
   convs = [CONVERSATION, CONVERSATION[1:3],
            [{'role': 'user', 'content': '一加一等于几？'}, {'role': 'assistant', 'content': '二'}]]
-  rows = sft.packed_rows(encoder.encode(convs), 128, pad_id=3)
+  rows = chat_data.packed_rows(encoder.encode(convs), 128, pad_id=3)
   found = {}
   for r in range(len(rows['inputs'])):
     for seg in set(rows['segment_ids'][r].tolist()) - {0}:
@@ -170,12 +170,12 @@ def test_mask_covers_exactly_the_assistant_spans(encoder):
 def test_long_conversations_are_cut_at_a_turn_or_dropped(encoder):
   enc = encoder.encode([CONVERSATION])[0]
   first_exchange = enc.ends[2]          # system, user, assistant
-  cut = sft.fit(enc, enc.ends[3] + 2, 'truncate')   # room for the 2nd user turn, not its answer
+  cut = chat_data.fit(enc, enc.ends[3] + 2, 'truncate')   # room for the 2nd user turn, not its answer
   assert cut.ids.tolist() == enc.ids[:first_exchange].tolist()
   assert cut.roles == ['system', 'user', 'assistant'] and cut.ends == enc.ends[:3]
-  assert sft.fit(enc, len(enc.ids), 'truncate') is enc
-  assert sft.fit(enc, len(enc.ids) - 1, 'drop') is None
-  assert sft.fit(enc, first_exchange - 1, 'truncate') is None   # not one assistant turn fits
+  assert chat_data.fit(enc, len(enc.ids), 'truncate') is enc
+  assert chat_data.fit(enc, len(enc.ids) - 1, 'drop') is None
+  assert chat_data.fit(enc, first_exchange - 1, 'truncate') is None   # not one assistant turn fits
 
 
 def test_long_conversation_counts(tmp_path, tok_dir, encoder):
@@ -188,7 +188,7 @@ def test_long_conversation_counts(tmp_path, tok_dir, encoder):
   for policy, truncated, dropped, kept in (('truncate', 3, 3, 6), ('drop', 0, 6, 3)):
     c = sft_config(path, tok_dir)
     c.sft.long_policy = policy
-    stats = sft.SftStats()
+    stats = chat_data.SftStats()
     train_enc, val_enc, _ = sft.load_data(c, encoder, stats)
     assert (stats.truncated, stats.too_long) == (truncated, dropped)
     assert len(train_enc) + len(val_enc) == kept and len(val_enc) >= 1
@@ -201,10 +201,10 @@ def test_long_conversation_counts(tmp_path, tok_dir, encoder):
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.integers(1, 32), min_size=1, max_size=60))
 def test_pack_places_every_item_once_within_capacity(lengths):
-  rows = sft.pack(lengths, 32)
+  rows = chat_data.pack(lengths, 32)
   assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
   assert all(sum(lengths[i] for i in row) <= 32 for row in rows)
-  assert sft.pack(lengths, 32) == rows
+  assert chat_data.pack(lengths, 32) == rows
   # Any-fit packing never leaves two rows that would fit together: when a row was opened,
   # its first item did not fit in any earlier row.
   loads = [sum(lengths[i] for i in row) for row in rows]
@@ -215,7 +215,7 @@ def test_packed_conversations_never_attend_across(encoder):
   convs = [CONVERSATION[1:3], [{'role': 'user', 'content': '你好'},
                                {'role': 'assistant', 'content': '你好呀'}]]
   encoded = encoder.encode(convs)
-  rows = sft.packed_rows(encoded, 128, pad_id=3)
+  rows = chat_data.packed_rows(encoded, 128, pad_id=3)
   assert len(rows['inputs']) == 1 and set(rows['segment_ids'][0].tolist()) == {0, 1, 2}
   cfg = M.GPTConfig(vocab_size=640, real_vocab_size=600, n_layer=2, n_head=2, n_kv_head=2,
                     d_model=32, seq_len=128, mlp_hidden=64)
@@ -233,7 +233,7 @@ def test_packed_conversations_never_attend_across(encoder):
   np.testing.assert_allclose(other[second], packed[second], atol=1e-5)
   assert not np.allclose(other[first], packed[first], atol=1e-3)
   # And a conversation packed second gives the logits it gives alone in a row, from position 0.
-  alone = sft.packed_rows(encoded[1:], 128, pad_id=3)
+  alone = chat_data.packed_rows(encoded[1:], 128, pad_id=3)
   n = len(encoded[1].ids) - 1
   np.testing.assert_allclose(packed[second], np.asarray(apply(alone))[:n], atol=1e-5)
 
@@ -247,7 +247,7 @@ def test_builtin_task_loader_and_eval(tok_dir, monkeypatch):
   c = sft_config('builtin', tok_dir, per_device_batch=4, eval_batch=8, eval_max_batches=0)
   c.sft.heldout, c.sft.eval_examples = 40, 6
   run = train.build(c, 'unused', with_data=False)
-  task = sft.make_task(c, 'unused', run)
+  task = sft.make_task(c, 'unused', run.tokenizer)
   it = iter(task.train_loader)
   batch = next(it)
   shape = (jax.local_device_count(), 1, 4, SEQ)
@@ -300,18 +300,17 @@ def test_sft_learns_a_toy_task_and_chats(tmp_path, tok_dir):
   tests = [toy_example(rng, reviews[1000:]) for _ in range(64)]
   config = sft_config(path, tok_dir, steps=STEPS)
   workdir = str(tmp_path / 'run')
-  run = train.build(config, workdir)
-  encoder = sft.ChatEncoder(run.tokenizer)
+  run = train.build(config, workdir, sft.make_task)
+  encoder = chat_data.ChatEncoder(run.tokenizer)
   prompts = [encoder.prompt([{'role': 'user', 'content': q}]) for q, _ in tests]
   answers = [a for _, a in tests]
   params = M.init_params(run.cfg, jax.random.PRNGKey(0))
   before = sft.accuracy(run.cfg, params, encoder, prompts, answers)
-  state = parallel.replicate(train.new_state(run.optimizer, params, config.seed))
-  step = train.make_train_step(run.model, run.optimizer, run.schedule, config.model.moe)
+  state = run.strategy.put_state(train.new_state(run.optimizer, params, config.seed))
   batches = iter(run.task.train_loader)
   for _ in range(STEPS):
-    state, metrics = step(state, next(batches))
-  state = parallel.unreplicate(state)
+    state, metrics = run.train_step(state, run.strategy.put_batch(next(batches)))
+  state = run.strategy.to_host(state)
   after = sft.accuracy(run.cfg, jax.tree.map(jnp.asarray, state['params']), encoder, prompts,
                        answers)
   assert float(metrics['loss'][0]) < 0.3
@@ -330,7 +329,7 @@ def test_sft_learns_a_toy_task_and_chats(tmp_path, tok_dir):
     return next(lines)
 
   config.sample.update(temperature=0.0, max_new_tokens=8)
-  sft.chat(workdir, config.sample, read=read, write=written.append)
+  chat.chat(workdir, config.sample, read=read, write=written.append)
   text = ''.join(written)
   assert text.startswith(f'{workdir} step {STEPS}: /reset clears the history, /exit quits\n')
   assert text.count('你: ') == 6 and '(history cleared)' in text
@@ -348,7 +347,7 @@ def test_sft_learns_a_toy_task_and_chats(tmp_path, tok_dir):
       raise EOFError from None
 
   written = []
-  history = sft.chat_loop(run.cfg, jax.tree.map(jnp.asarray, state['params']), run.tokenizer,
+  history = chat.chat_loop(run.cfg, jax.tree.map(jnp.asarray, state['params']), run.tokenizer,
                           config.sample, read=read_to_eof, write=written.append)
   assert history == [{'role': 'user', 'content': tests[3][0]},
                      {'role': 'assistant', 'content': tests[3][1]}]
@@ -358,10 +357,10 @@ def test_sft_learns_a_toy_task_and_chats(tmp_path, tok_dir):
 def test_chat_keeps_the_newest_turns_that_fit(encoder):
   history = [CONVERSATION[0]] + [{'role': r, 'content': f'第{i}句话' * 3}
                                  for i in range(6) for r in ('user', 'assistant')][:-1]
-  ids, kept = sft.chat_prompt(encoder, history, 10_000)
+  ids, kept = chat.chat_prompt(encoder, history, 10_000)
   assert kept == history and ids == encoder.prompt(history)
   budget = len(encoder.prompt([CONVERSATION[0]] + history[-3:]))
-  ids, kept = sft.chat_prompt(encoder, history, budget)
+  ids, kept = chat.chat_prompt(encoder, history, budget)
   assert kept == [CONVERSATION[0]] + history[-3:] and len(ids) == budget
   with pytest.raises(UserError, match='does not fit'):
-    sft.chat_prompt(encoder, history, 5)
+    chat.chat_prompt(encoder, history, 5)

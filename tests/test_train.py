@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zhgpt_jax import corpus, metrics, optim, train
+from zhgpt_jax import corpus, metrics, parallel, train
+from zhgpt_jax import loss as loss_lib
 from zhgpt_jax import model as M
 from zhgpt_jax.config import UserError, default_config
 
@@ -175,13 +176,13 @@ def test_non_finite_step_leaves_params_untouched():
   c = default_config('tiny')
   c.model.update(n_layer=1, n_head=2, d_model=32, seq_len=8, tie_embeddings=False)
   c.optim.warmup_steps = 10
+  c.train.steps = 100
   cfg = M.model_config(c.model, 100)
-  opt = optim.make_optimizer(c.optim, 100)
+  opt, step = train.make_train_step(c, cfg)
   params = M.init_params(cfg, jax.random.PRNGKey(0))
   # A NaN embedding row poisons exactly the sequences that contain token 7.
   params['wte']['embedding'] = params['wte']['embedding'].at[7].set(jnp.nan)
   state = train.new_state(opt, params, 0)
-  step = train.make_train_step(M.GPT(cfg), opt, optim.schedule(c.optim, 100), c.model.moe)
   rep = jax.tree.map(lambda x: np.asarray(x)[None], state)
   poisoned = np.full((1, 1, 2, 9), 7, np.int32)
   clean = np.tile(np.arange(10, 19, dtype=np.int32), (1, 1, 2, 1))
@@ -204,12 +205,13 @@ def test_non_finite_step_leaves_params_untouched():
 
 def test_consecutive_non_finite_steps_stop_the_run():
   writer = metrics.MetricsWriter('', enabled=False)
+  dp = parallel.Pmap()
   bad = (5, {'skipped': jnp.ones((1,))})
   good = (6, {'skipped': jnp.zeros((1,))})
-  assert train._check(bad, 0, 3, writer) == 1
-  assert train._check(good, 1, 3, writer) == 0
+  assert train._check(*bad, dp, 0, 3, writer) == 1
+  assert train._check(*good, dp, 1, 3, writer) == 0
   with pytest.raises(UserError, match='3 consecutive non-finite steps'):
-    train._check(bad, 2, 3, writer)
+    train._check(*bad, dp, 2, 3, writer)
 
 
 def test_short_context_keeps_the_tokens():
@@ -256,8 +258,8 @@ def test_chunked_cross_entropy_equals_full_logits(tie):
   batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
            'weights': (rng.random((3, 16)) < 0.7).astype(np.float32)}
   # 48 tokens in chunks of 20: the last chunk is padded.
-  full = jax.value_and_grad(train.loss_fn, has_aux=True)(params, model, batch, None, False)
-  chunked = jax.value_and_grad(train.loss_fn, has_aux=True)(params, model, batch, None, False,
+  full = jax.value_and_grad(loss_lib.loss_fn, has_aux=True)(params, model, batch, None, False)
+  chunked = jax.value_and_grad(loss_lib.loss_fn, has_aux=True)(params, model, batch, None, False,
                                                              None, 20)
   (loss_f, _), grads_f = full
   (loss_c, _), grads_c = chunked
@@ -268,7 +270,7 @@ def test_chunked_cross_entropy_equals_full_logits(tie):
   # The eval step agrees too (summed cross-entropy and weight).
   rep = jax.tree.map(lambda x: np.asarray(x)[None], params)
   one = jax.tree.map(lambda x: x[None], batch)
-  s_full, n_full = train.make_eval_step(model)(rep, one)
-  s_chunk, n_chunk = train.make_eval_step(model, 20)(rep, one)
+  s_full, n_full = train.make_eval_step(cfg)(rep, one)
+  s_chunk, n_chunk = train.make_eval_step(cfg, 20)(rep, one)
   np.testing.assert_allclose(float(s_chunk[0]), float(s_full[0]), rtol=1e-6)
   assert float(n_chunk[0]) == float(n_full[0]) == batch['weights'].sum()

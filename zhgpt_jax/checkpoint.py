@@ -16,34 +16,25 @@ permission) raises `SaveError` naming the step, the cause and the last good chec
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from zhgpt_jax.config import UserError, default_config, load_config_json
+from zhgpt_jax.config import UserError, load_config_json
 
 MANIFEST = 'manifest.zhgpt.json'
 DAMAGED = 'checkpoints-damaged'   # where a resume moves damaged steps (never deletes them)
 # Words of an OSError inside orbax/tensorstore messages, for a one-line cause.
 _CAUSES = ('No space left on device', 'Disk quota exceeded', 'Permission denied',
            'Read-only file system', 'File too large', 'Input/output error')
-
-# Fields whose change makes old parameters meaningless (shapes, vocab, architecture).
-SHAPE_FIELDS = ('model.n_layer', 'model.n_head', 'model.n_kv_head', 'model.d_model',
-                'model.seq_len', 'model.vocab_multiple', 'model.vocab_size', 'model.position',
-                'model.mlp', 'model.mlp_ratio', 'model.mlp_hidden', 'model.norm', 'model.bias',
-                'model.qkv_bias', 'model.tie_embeddings', 'model.moe.n_routed',
-                'model.moe.n_shared', 'model.moe.expert_hidden', 'model.moe.every',
-                'model.moe.top_k', 'model.moe.shared_gate', 'model.moe.first_dense',
-                'model.moe.balance', 'tokenizer.vocab_size')
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -94,19 +85,12 @@ def refuse_run_target(target: str, workdir: str | None = None, walk: bool = Fals
                       'not replacing it')
 
 
-def _get(config, dotted):
-  for part in dotted.split('.'):
-    config = config.get(part) if hasattr(config, 'get') else None
-  return config
-
-
-def check_compatible(saved, config, saved_tok_hash: str, tok_hash: str) -> None:
-  """Raises UserError naming every field that differs in a way a resume cannot absorb."""
-  # A field a run saved before it existed (None) had the behaviour of its default.
-  defaults = default_config()
-  diffs = [f'{k}: {_get(saved, k)!r} -> {_get(config, k)!r}' for k in SHAPE_FIELDS
-           if _get(saved, k) != _get(config, k) and (_get(saved, k) is not None
-                                                     or _get(config, k) != _get(defaults, k))]
+def check_compatible(saved_cfg, cfg, saved_tok_hash: str, tok_hash: str) -> None:
+  """Raises UserError naming every difference a resume cannot absorb: a parameter field of
+  the two models' GPTConfigs (`model.param_diffs`), or the tokenizer. A key a run saved
+  before it existed takes its default in `model.model_config`, so such a run resumes."""
+  from zhgpt_jax import model as model_lib
+  diffs = model_lib.param_diffs(saved_cfg, cfg)
   if saved_tok_hash != tok_hash:
     diffs.append('tokenizer: a different tokenizer.json')
   if diffs:
@@ -431,16 +415,23 @@ def load_params(workdir: str, step: int | None = None):
     params, meta = ckpt.restore_params(step)
   finally:
     ckpt.close()
-  return config, jax.tree.map(lambda x: x, params), meta
+  return config, params, meta
 
 
-def load_model(workdir: str, step: int | None = None):
-  """What sampling, chat and export need from a workdir: (GPTConfig, params, tokenizer, config)."""
+class Loaded(NamedTuple):
+  """What sampling, chat and export need from a workdir."""
+  cfg: Any          # model.GPTConfig, with the attention this backend can run
+  params: Any       # host (numpy) arrays
+  tokenizer: Any    # tokenizers.Tokenizer
+  config: ml_collections.ConfigDict   # the run's config
+  meta: dict        # the checkpoint's meta (step, tokenizer_hash, val)
+
+
+def load_model(workdir: str, step: int | None = None) -> Loaded:
+  """The model of a workdir's latest (or `step`) checkpoint, its tokenizer and its config."""
   from zhgpt_jax import model as model_lib
   from zhgpt_jax import tokenizer as tok_lib
-  config, params, _ = load_params(workdir, step)
+  config, params, meta = load_params(workdir, step)
   tokenizer = tok_lib.load_tokenizer(os.path.join(workdir, 'tokenizer'))
   cfg = model_lib.model_config(config.model, tokenizer.get_vocab_size())
-  if cfg.attention == 'cudnn' and jax.default_backend() != 'gpu':
-    cfg = dataclasses.replace(cfg, attention='xla')
-  return cfg, params, tokenizer, config
+  return Loaded(cfg, params, tokenizer, config, meta)

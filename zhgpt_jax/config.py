@@ -70,7 +70,6 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
 
   n_layer, n_head, d_model = PRESETS[preset]
   c.model = ml_collections.ConfigDict(dict(
-      preset=preset,
       n_layer=n_layer,
       n_head=n_head,
       d_model=d_model,
@@ -137,34 +136,34 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
   ))
 
   c.train = ml_collections.ConfigDict(dict(
-      steps=20_000,
-      per_device_batch=16,
-      grad_accum=1,
+      steps=20_000,              # optimizer steps; also the length of the lr schedule
+      per_device_batch=16,       # sequences per device per micro-batch
+      grad_accum=1,              # micro-batches per step (global batch = this x devices x above)
       # > 0: the output head and cross-entropy run over chunks of this many tokens, never
       # holding the [tokens, vocab] logits (less memory; ~8% faster on CPU). 0 = full logits.
       loss_chunk=0,
-      # ORIGIN.md's lesson: begin with a short context. The first short_seq_steps steps cut
-      # every seq_len window into seq_len / short_seq_len rows (same tokens per step).
+      # Begin with a short context: the first short_seq_steps steps cut every seq_len
+      # window into seq_len / short_seq_len rows (same tokens per step).
       short_seq_len=256,
       short_seq_steps=2000,
-      log_every=50,
-      eval_every=1000,
+      log_every=50,              # steps between train-metric records
+      eval_every=1000,           # steps between val evaluations (and eval-time samples)
       eval_max_batches=0,        # 0 = the whole val split
-      eval_batch=16,
-      ckpt_every=1000,
-      keep=3,
+      eval_batch=16,             # val sequences per device per eval step
+      ckpt_every=1000,           # steps between checkpoints
+      keep=3,                    # checkpoints kept (the newest; the best by val loss also stays)
       max_nonfinite=10,          # stop after this many consecutive non-finite steps
       peak_flops=989e12,         # per-device peak for MFU (H100 bf16 dense); set per device
-      prompt='村民们都很高兴',
+      prompt='村民们都很高兴',         # what the eval-time samples continue
       sample_tokens=64,          # tokens of the eval-time continuations (0 = none)
   ))
 
   c.sample = ml_collections.ConfigDict(dict(
-      max_new_tokens=128,
-      temperature=0.8,
-      top_k=50,
-      top_p=0.95,
-      repetition_penalty=1.1,
+      max_new_tokens=128,        # capped by what the model's context leaves after the prompt
+      temperature=0.8,           # 0 = greedy
+      top_k=50,                  # keep the k most likely tokens (0 = off)
+      top_p=0.95,                # then the smallest set with this much probability (1 = off)
+      repetition_penalty=1.1,    # CTRL's penalty on tokens already seen (1 = off)
       seed=0,
       sliding=False,             # a prompt too long for the context keeps its last tokens
   ))

@@ -1,4 +1,11 @@
-"""The input pipeline: grain over the token shards that `shards.py` wrote.
+"""The input pipelines' common shape (`Task`) and pretraining's: grain over `shards.py`'s shards.
+
+A `Task` is what the train loop consumes: an endless iterator of train batches, a way to
+make a fresh pass over the val split, and optional extra metrics. Batches are dicts of host
+numpy arrays: 'inputs' and 'targets' (int32), optionally 'weights' (loss mask, float32),
+'segment_ids' and 'positions' (packed rows); train batches are [local devices, grad_accum,
+per_device_batch, seq_len], eval batches [local devices, eval_batch, seq_len].
+`pretraining_task` is the default; `sft.make_task` builds the fine-tuning one.
 
 The token stream of a split (documents joined by <|endoftext|>) is cut into windows of
 seq_len + 1 tokens with stride seq_len, so every token is a target exactly once. Training
@@ -16,14 +23,18 @@ tokens it has, and a small source is simply read more epochs (`epoch_report` say
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import glob
 import json
 import os
+from typing import Any, Callable, Iterator
 
 import grain
+import jax
 import numpy as np
 
+from zhgpt_jax import shards, sources
 from zhgpt_jax.config import UserError
 
 
@@ -34,6 +45,43 @@ def read_meta(split_dir: str) -> dict:
     raise UserError(f'{split_dir}: no meta.json; run `python main.py prepare` first')
   with open(meta_path, encoding='utf-8') as f:
     return json.load(f)
+
+
+@dataclasses.dataclass
+class Task:
+  """What the loop trains on: an iterator of train batches and ways to evaluate."""
+  train_loader: Any                       # grain dataset of [devices, accum, B, L] dicts
+  eval_batches: Callable[[], Iterator]    # a fresh pass over the val split
+  chars_per_token: float | None = None    # of the val split, for bits per character
+  extra_eval: Callable | None = None      # (cfg, params) -> dict of extra val metrics
+
+
+def pretraining_task(config, workdir: str, tokenizer=None) -> Task:
+  """The task of config.data: windows of the prepared token shards (`shards.prepare`)."""
+  del tokenizer   # the shards are already tokens
+  t, m = config.train, config.model
+  data_dir = shards.data_dir(config, workdir)
+  devices, pi, pc = jax.local_device_count(), jax.process_index(), jax.process_count()
+  weights = sources.source_weights(config.data.corpus)
+  loader = train_loader(
+      os.path.join(data_dir, 'train'), m.seq_len, per_device_batch=t.per_device_batch,
+      grad_accum=t.grad_accum, local_devices=devices, seed=config.seed, process_index=pi,
+      process_count=pc, workers=config.data.loader_workers, prefetch=config.data.prefetch,
+      weights=weights)
+  if pi == 0:
+    tokens = devices * pc * t.grad_accum * t.per_device_batch * m.seq_len
+    for line in epoch_report(os.path.join(data_dir, 'train'), weights, tokens, t.steps):
+      print(line, flush=True)
+  val_dir = os.path.join(data_dir, 'val')
+  TokenWindows(val_dir, m.seq_len)   # an empty val split is an error now, not at step 1000
+  meta = read_meta(val_dir)
+  cpt = meta['characters'] / meta['tokens'] if meta.get('tokens') else None
+  return Task(
+      train_loader=loader,
+      eval_batches=lambda: eval_batches(
+          val_dir, m.seq_len, batch=t.eval_batch, local_devices=devices, process_index=pi,
+          process_count=pc, max_batches=t.eval_max_batches),
+      chars_per_token=cpt)
 
 
 class TokenWindows(grain.sources.RandomAccessDataSource):
@@ -114,9 +162,24 @@ def train_loader(split_dir: str, seq_len: int, *, per_device_batch: int, grad_ac
   else:
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
     epoch_len = len(source)
-  ds = _ProcessSlice(ds, per_process, process_count, process_index, epoch_len)
   shape = (local_devices, grad_accum, per_device_batch, seq_len + 1)
-  ds = ds.batch(per_process, drop_remainder=True).map(functools.partial(_to_batch, shape=shape))
+  return process_batches(ds, epoch_len, per_process, functools.partial(_to_batch, shape=shape),
+                         process_index=process_index, process_count=process_count,
+                         workers=workers, prefetch=prefetch)
+
+
+def process_batches(ds: grain.MapDataset, epoch_len: int, per_process: int, to_batch: Callable,
+                    *, process_index: int, process_count: int, workers: int = 0,
+                    prefetch: int = 2) -> grain.IterDataset:
+  """Every task's train pipeline after its endless global order `ds`: this process's batches.
+
+  Each global batch of `ds` is cut into consecutive per-process slices of `per_process`
+  elements, and process p reads only its own slice (`_ProcessSlice`; an epoch of
+  `epoch_len` elements drops its last partial global batch). `to_batch` (picklable, for
+  worker processes) shapes the stacked slice into the batch dict.
+  """
+  ds = _ProcessSlice(ds, per_process, process_count, process_index, epoch_len)
+  ds = ds.batch(per_process, drop_remainder=True).map(to_batch)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=prefetch))
   if workers:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
@@ -164,16 +227,12 @@ def eval_batches(split_dir: str, seq_len: int, *, batch: int, local_devices: int
   """
   source = TokenWindows(split_dir, seq_len)
   n_windows = -(-(source.n_tokens - 1) // seq_len)   # the last one may be short
-  mine = list(range(process_index, n_windows, process_count))
   per_batch = local_devices * batch
-  n_batches = -(-(-(-n_windows // process_count)) // per_batch)
-  if max_batches:
-    n_batches = min(n_batches, max_batches)
-  for b in range(n_batches):
+  for take in eval_rows(n_windows, per_batch, process_index, process_count, max_batches):
     x = np.zeros((per_batch, seq_len + 1), np.int32)
     w = np.zeros((per_batch, seq_len), np.float32)
-    for row, i in enumerate(mine[b * per_batch:(b + 1) * per_batch]):
-      start = i * seq_len
+    for row, i in enumerate(take):
+      start = int(i) * seq_len
       window = source.tokens(start, min(start + seq_len + 1, source.n_tokens))
       x[row, :len(window)] = window
       w[row, :len(window) - 1] = 1.0
@@ -208,3 +267,18 @@ def epoch_report(split_dir: str, weights: list[float] | None, tokens_per_step: i
                  'epochs): the model will memorise it; use a bigger corpus (config.data.corpus)'
                  ', fewer steps (config.train.steps), a smaller batch, or a smaller model')
   return lines
+
+
+def eval_rows(n: int, per_batch: int, process_index: int, process_count: int,
+              max_batches: int = 0) -> Iterator[np.ndarray]:
+  """The val rows of each eval batch of this process, in order: rows p, p + P, ... of `n`.
+
+  Every process gets the same number of batches (the pmapped step needs them all); the
+  last ones hold fewer than `per_batch` rows, or none, and are padded by the caller.
+  """
+  mine = np.arange(process_index, n, process_count)
+  n_batches = -(-(-(-n // process_count)) // per_batch)
+  if max_batches:
+    n_batches = min(n_batches, max_batches)
+  for b in range(n_batches):
+    yield mine[b * per_batch:(b + 1) * per_batch]

@@ -1,6 +1,6 @@
-"""Batched decoding for the server: concurrent requests share the decode steps of N slots.
+"""Batched decoding for the server: concurrent requests share the decode steps of B slots.
 
-The engine keeps one KV cache of N slots x S positions (S = the model's seq_len). A request
+The engine keeps one KV cache of B slots x S positions (S = the model's seq_len). A request
 takes a free slot: its prompt is prefilled into that slot's cache row (one call, the prompt
 padded to a power-of-two bucket) and its first token picked. Then every decode step feeds
 each live slot's last token at that slot's own position and picks its next token with that
@@ -20,7 +20,8 @@ are chosen by `sample.choose` with options a row each; a slot's random keys are
 reply is `main.py sample`'s greedy continuation of the same ids, and a seeded one samples
 what it samples with that seed.
 
-Names: N slots, S cache positions, P prompt bucket, V vocab (padded), C chunk, K stop ids.
+Shape letters: B slots (the batch of the cache), S cache positions, P prompt bucket, V vocab
+(padded), C decode steps of a chunk.
 """
 
 from __future__ import annotations
@@ -59,41 +60,41 @@ def _row_call(cfg, params, tok, position, row_cache):
   return logits_1x1xV[0, 0], [dict(k=c['k'][0], v=c['v'][0], index=c['index']) for c in cache]
 
 
-def _choose(cfg, logits_RxV, rows: dict):
+def _choose(cfg, logits_BxV, rows: dict):
   """Each row's next token with its own options; greedy where its temperature is 0."""
   t_Rx1 = rows['temperature'][:, None]
   opts = dict(penalty=rows['penalty'][:, None], temperature=jnp.where(t_Rx1 > 0, t_Rx1, 1.0),
               top_k=rows['top_k'][:, None], top_p=rows['top_p'][:, None])
-  keys_R = jax.vmap(lambda key, step: sample.row_keys(key, step, 1)[0])(
+  keys_B = jax.vmap(lambda key, step: sample.row_keys(key, step, 1)[0])(
       rows['key'], rows['length'])
-  args = (logits_RxV, rows['seen'], opts, keys_R)
-  greedy_R = sample.choose(cfg, GREEDY, *args)
+  args = (logits_BxV, rows['seen'], opts, keys_B)
+  greedy_B = sample.choose(cfg, GREEDY, *args)
   # Only what a live row asks for runs: no sampling when all are greedy, no sort without
   # a top-k/top-p cut.
-  sampling_R = rows['live'] & (rows['temperature'] > 0)
-  filters = jnp.any(sampling_R & ((rows['top_k'] > 0) | (rows['top_p'] < 1.0)))
+  sampling_B = rows['live'] & (rows['temperature'] > 0)
+  filters = jnp.any(sampling_B & ((rows['top_k'] > 0) | (rows['top_p'] < 1.0)))
   sampled = lambda: jax.lax.cond(filters, lambda: sample.choose(cfg, FILTERED, *args),
                                  lambda: sample.choose(cfg, SAMPLED, *args))
-  sampled_R = jax.lax.cond(jnp.any(sampling_R), sampled, lambda: greedy_R)
-  return jnp.where(rows['temperature'] > 0, sampled_R, greedy_R)
+  sampled_B = jax.lax.cond(jnp.any(sampling_B), sampled, lambda: greedy_B)
+  return jnp.where(rows['temperature'] > 0, sampled_B, greedy_B)
 
 
-def _commit(rows: dict, tok_R, stop_K) -> tuple[dict, jax.Array]:
+def _commit(rows: dict, tok_B, stops) -> tuple[dict, jax.Array]:
   """Records each live row's pick: (rows, which rows emitted a token). As sample._append."""
-  live_R = rows['live']
-  stop_R = live_R & jnp.any(tok_R[:, None] == stop_K[None, :], axis=-1)
-  emit_R = live_R & ~stop_R
-  length_R = rows['length'] + emit_R
-  done_R = live_R & (stop_R | (length_R >= rows['max_new']))
+  live_B = rows['live']
+  stop_B = live_B & jnp.any(tok_B[:, None] == stops[None, :], axis=-1)
+  emit_B = live_B & ~stop_B
+  length_B = rows['length'] + emit_B
+  done_B = live_B & (stop_B | (length_B >= rows['max_new']))
   return dict(
-      rows, last=jnp.where(live_R, tok_R, rows['last']), length=length_R,
-      seen=rows['seen'].at[jnp.arange(tok_R.shape[0]), tok_R].set(True),
-      live=live_R & ~done_R, finish=jnp.where(done_R, jnp.where(stop_R, 1, 2), rows['finish'])
-  ), emit_R
+      rows, last=jnp.where(live_B, tok_B, rows['last']), length=length_B,
+      seen=rows['seen'].at[jnp.arange(tok_B.shape[0]), tok_B].set(True),
+      live=live_B & ~done_B, finish=jnp.where(done_B, jnp.where(stop_B, 1, 2), rows['finish'])
+  ), emit_B
 
 
 @functools.partial(jax.jit, static_argnames=('cfg',), donate_argnames=('state',))
-def _prefill(cfg, params, state: dict, slot, prompt_P, length, options: dict, stop_K):
+def _prefill(cfg, params, state: dict, slot, prompt_P, length, options: dict, stops):
   """Fills `slot`'s cache row with the prompt (its first `length` of P ids) and picks a token.
 
   `options` holds the slot's max_new, temperature, top_k, top_p, penalty ([1]) and key
@@ -112,7 +113,7 @@ def _prefill(cfg, params, state: dict, slot, prompt_P, length, options: dict, st
              length=jnp.zeros(1, jnp.int32), finish=jnp.zeros(1, jnp.int32),
              seen=jnp.zeros((1, cfg.vocab_size), bool).at[0, seen_ids_P].set(True, mode='drop'))
   logits_1xV = jax.lax.dynamic_index_in_dim(logits_1xPxV[0], length - 1, keepdims=True)
-  row, emit_1 = _commit(row, _choose(cfg, logits_1xV, row), stop_K)
+  row, emit_1 = _commit(row, _choose(cfg, logits_1xV, row), stops)
   rows = {k: jax.lax.dynamic_update_index_in_dim(v, row[k].astype(v.dtype), slot, 0)
           for k, v in state['rows'].items()}
   full = [dict(k=jax.lax.dynamic_update_index_in_dim(f['k'], c['k'][0], slot, 0),
@@ -123,34 +124,34 @@ def _prefill(cfg, params, state: dict, slot, prompt_P, length, options: dict, st
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'chunk'), donate_argnames=('state',))
-def _decode(cfg, chunk: int, params, state: dict, stop_K, cancel_N, eager):
+def _decode(cfg, chunk: int, params, state: dict, stops, cancel_B, eager):
   """Up to `chunk` steps of every live slot; stops early when none is live, or (`eager`)
-  when one ends. Slots in `cancel_N` end first. Returns (state, tokens [N, C], emitted [N, C]).
+  when one ends. Slots in `cancel_B` end first. Returns (state, tokens [B, C], emitted [B, C]).
   """
-  rows = dict(state['rows'], live=state['rows']['live'] & ~cancel_N)
-  live_at_start_N = rows['live']
-  n = live_at_start_N.shape[0]
+  rows = dict(state['rows'], live=state['rows']['live'] & ~cancel_B)
+  live_at_start_B = rows['live']
+  n = live_at_start_B.shape[0]
   step_call = jax.vmap(functools.partial(_row_call, cfg, params))
 
   def running(carry):
     c, s, _, _ = carry
-    ended = jnp.any(live_at_start_N & ~s['rows']['live'])
+    ended = jnp.any(live_at_start_B & ~s['rows']['live'])
     return (c < chunk) & jnp.any(s['rows']['live']) & ~(eager & ended)
 
   def step(carry):
-    c, s, out_NxC, emit_NxC = carry
-    rows, live_N = s['rows'], s['rows']['live']
-    index_N = s['cache'][0]['index']
-    logits_NxV, cache = step_call(rows['last'], jnp.minimum(index_N, cfg.seq_len - 1), s['cache'])
-    cache = [dict(c_, index=jnp.where(live_N, index_N + 1, index_N)) for c_ in cache]
-    rows, emit_N = _commit(rows, _choose(cfg, logits_NxV, rows), stop_K)
-    return (c + 1, dict(cache=cache, rows=rows), out_NxC.at[:, c].set(rows['last']),
-            emit_NxC.at[:, c].set(emit_N))
+    c, s, out_BxC, emit_BxC = carry
+    rows, live_B = s['rows'], s['rows']['live']
+    index_B = s['cache'][0]['index']
+    logits_BxV, cache = step_call(rows['last'], jnp.minimum(index_B, cfg.seq_len - 1), s['cache'])
+    cache = [dict(c_, index=jnp.where(live_B, index_B + 1, index_B)) for c_ in cache]
+    rows, emit_B = _commit(rows, _choose(cfg, logits_BxV, rows), stops)
+    return (c + 1, dict(cache=cache, rows=rows), out_BxC.at[:, c].set(rows['last']),
+            emit_BxC.at[:, c].set(emit_B))
 
   carry = (jnp.int32(0), dict(state, rows=rows), jnp.zeros((n, chunk), jnp.int32),
            jnp.zeros((n, chunk), bool))
-  _, state, out_NxC, emit_NxC = jax.lax.while_loop(running, step, carry)
-  return state, out_NxC, emit_NxC
+  _, state, out_BxC, emit_BxC = jax.lax.while_loop(running, step, carry)
+  return state, out_BxC, emit_BxC
 
 
 def init_state(cfg, slots: int) -> dict:
@@ -198,7 +199,7 @@ class Engine:
 
   def __init__(self, cfg, params, *, slots: int, chunk: int, stop_ids: Sequence[int]):
     self.cfg, self.params, self.chunk = cfg, params, chunk
-    self.stop_K = sample.stop_array(stop_ids)
+    self.stops = sample.stop_array(stop_ids)
     self.state = init_state(cfg, slots)
     self.slots: list[Request | None] = [None] * slots
     self.waiting: collections.deque[Request] = collections.deque()
@@ -274,14 +275,14 @@ class Engine:
             req.on_tokens([], 'cancelled')
           return
         admitted = self._admit()
-        cancel_N = self.to_cancel.copy()
+        cancel_B = self.to_cancel.copy()
         self.to_cancel[:] = False
         eager = bool(self.waiting)
       try:
         for slot, req in admitted:
           self._prefill(slot, req)
-        if any(self.slots) or cancel_N.any():
-          self._decode(cancel_N, eager)
+        if any(self.slots) or cancel_B.any():
+          self._decode(cancel_B, eager)
       except Exception as e:  # pylint: disable=broad-except
         logging.exception('engine: a decode call failed; failing its requests')
         self._fail_all(e)
@@ -311,18 +312,18 @@ class Engine:
     prompt_P[:len(req.prompt)] = req.prompt
     self.state, tok, emit, finish = _prefill(
         self.cfg, self.params, self.state, np.int32(slot), prompt_P, np.int32(len(req.prompt)),
-        _options(req), self.stop_K)
+        _options(req), self.stops)
     tok, emit, finish = jax.device_get((tok, emit, finish))
     self._deliver(slot, [int(tok)] if emit else [], int(finish))
 
-  def _decode(self, cancel_N: np.ndarray, eager: bool) -> None:
-    self.state, out_NxC, emit_NxC = _decode(self.cfg, self.chunk, self.params, self.state,
-                                            self.stop_K, cancel_N, np.bool_(eager))
-    out_NxC, emit_NxC, finish_N = jax.device_get(
-        (out_NxC, emit_NxC, self.state['rows']['finish']))
+  def _decode(self, cancel_B: np.ndarray, eager: bool) -> None:
+    self.state, out_BxC, emit_BxC = _decode(self.cfg, self.chunk, self.params, self.state,
+                                            self.stops, cancel_B, np.bool_(eager))
+    out_BxC, emit_BxC, finish_B = jax.device_get(
+        (out_BxC, emit_BxC, self.state['rows']['finish']))
     for slot in range(len(self.slots)):
       if self.slots[slot] is not None:
-        self._deliver(slot, out_NxC[slot][emit_NxC[slot]].tolist(), int(finish_N[slot]))
+        self._deliver(slot, out_BxC[slot][emit_BxC[slot]].tolist(), int(finish_B[slot]))
 
   def _deliver(self, slot: int, ids: list[int], finish: int) -> None:
     with self.cond:

@@ -37,7 +37,7 @@ from safetensors.numpy import load_file, save_file
 from zhgpt_jax import export_files
 from zhgpt_jax import tokenizer as tokenizer_lib
 from zhgpt_jax.config import UserError
-from zhgpt_jax.model import GPTConfig, init_params
+from zhgpt_jax.model import GPTConfig, effective_attention, init_params
 
 _EXTRA_KEY = 'zhgpt_jax'
 
@@ -205,7 +205,8 @@ def hf_config_to_ours(c: dict) -> GPTConfig:
             tie_embeddings=c.get('tie_word_embeddings', arch == 'GPT2LMHeadModel'))
   names = {f.name for f in dataclasses.fields(GPTConfig)}
   extra = {k: v for k, v in (c.get(_EXTRA_KEY) or {}).items() if k in names}
-  return GPTConfig(**{'real_vocab_size': hf['vocab_size'], **extra, **hf})
+  cfg = GPTConfig(**{'real_vocab_size': hf['vocab_size'], **extra, **hf})
+  return dataclasses.replace(cfg, attention=effective_attention(cfg.attention))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,12 +490,10 @@ def export_workdir(workdir: str, out_dir: str, overwrite: bool = False,
                    step: int | None = None) -> str:
   """`main.py export`: a workdir's latest (or `step`) checkpoint as a HuggingFace directory."""
   from zhgpt_jax import checkpoint
-  from zhgpt_jax.model import model_config
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise UserError(f'{workdir}: no checkpoints to export; train first')
-  config, params, meta = checkpoint.load_params(workdir, step)
-  tokenizer_dir = os.path.join(workdir, 'tokenizer')
-  cfg = model_config(config.model, tokenizer_lib.load_tokenizer(tokenizer_dir).get_vocab_size())
+  cfg, params, _, config, meta = checkpoint.load_model(workdir, step)
   hf_architecture(cfg)   # refuse before writing anything
   run = dict(config=config.to_dict(), step=meta['step'], val=meta.get('val'))
-  return export_hf(cfg, params, out_dir, tokenizer_dir, overwrite, config.sample, run, workdir)
+  return export_hf(cfg, params, out_dir, os.path.join(workdir, 'tokenizer'), overwrite,
+                   config.sample, run, workdir)

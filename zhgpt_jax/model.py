@@ -1,8 +1,10 @@
 """The GPT: GPT-2 by default, Llama-style and DeepSeek-style MoE variants by config switch.
 
-A Flax Linen module whose params are a plain pytree and whose `apply` is pure. Names carry
-shapes: B batch, L query length, S key length (cache size when decoding), D model width,
-N query heads, K key/value heads, H head width, F hidden width, E experts, V vocab.
+A Flax Linen module whose params are a plain pytree and whose `apply` is pure.
+
+Shape letters: B batch, L query length, S key length (cache slots when decoding), D model
+width, N query heads, K key/value heads, H head width, F hidden width, E experts, k of them
+chosen, V vocab (padded).
 
 Parameter names follow GPT-2's layout (`wte`, `wpe`, `h_{i}`, `ln_f`) so the export mapping
 to HuggingFace stays a table, not a puzzle.
@@ -59,6 +61,15 @@ class GPTConfig:
   moe_capacity: float = 2.0     # capacity factor of grouped='capacity' (0: never drop)
   moe_balance: str = 'aux'      # 'aux' (balance loss) | 'bias' (DeepSeek-V3 expert bias)
 
+  @classmethod
+  def param_fields(cls) -> tuple[str, ...]:
+    """The fields that decide what the parameters are: their shapes and their meaning.
+
+    A checkpoint's params fit another model only where these agree (resume, init_from, an
+    imported HF model); the other fields (RUNTIME_FIELDS) change how a step computes.
+    """
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in RUNTIME_FIELDS)
+
   @property
   def head_dim(self) -> int:
     return self.d_model // self.n_head
@@ -71,8 +82,25 @@ class GPTConfig:
     return [i for i in range(self.n_layer) if self.is_moe_layer(i)]
 
 
+# GPTConfig fields that a checkpoint does not fix: dropout, kernels, precision, memory, init,
+# how MoE tokens reach their experts.
+RUNTIME_FIELDS = ('dropout', 'attention', 'dtype', 'remat', 'residual_init', 'moe_dispatch',
+                  'moe_grouped', 'moe_capacity')
+
+
+def param_diffs(old: GPTConfig, new: GPTConfig) -> list[str]:
+  """'model.<field>: old -> new' for every parameter field (GPTConfig.param_fields) that differs."""
+  return [f'model.{k}: {getattr(old, k)!r} -> {getattr(new, k)!r}'
+          for k in GPTConfig.param_fields() if getattr(old, k) != getattr(new, k)]
+
+
 def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
+
+
+def effective_attention(requested: str) -> str:
+  """The attention implementation this backend runs: 'cudnn' needs a GPU, else 'xla'."""
+  return 'xla' if requested == 'cudnn' and jax.default_backend() != 'gpu' else requested
 
 
 def model_config(model_cfg, vocab_size: int) -> GPTConfig:
@@ -80,7 +108,8 @@ def model_config(model_cfg, vocab_size: int) -> GPTConfig:
 
   model.vocab_size and model.mlp_hidden, when set (e.g. from init_from=hf:DIR), are taken
   as they are; 0 derives them from the tokenizer and mlp_ratio. Raises UserError when the
-  tokenizer has more tokens than model.vocab_size rows.
+  tokenizer has more tokens than model.vocab_size rows. The attention is the one this
+  backend runs (`effective_attention`).
   """
   hidden = model_cfg.get('mlp_hidden', 0) or int(model_cfg.mlp_ratio * model_cfg.d_model)
   if model_cfg.mlp in ('swiglu', 'moe') and not model_cfg.get('mlp_hidden', 0):
@@ -101,7 +130,8 @@ def model_config(model_cfg, vocab_size: int) -> GPTConfig:
       seq_len=model_cfg.seq_len, dropout=model_cfg.dropout, bias=model_cfg.bias,
       position=model_cfg.position, rope_theta=model_cfg.rope_theta, mlp=model_cfg.mlp,
       mlp_hidden=hidden, norm=model_cfg.norm, norm_eps=model_cfg.norm_eps,
-      tie_embeddings=model_cfg.tie_embeddings, attention=model_cfg.attention,
+      tie_embeddings=model_cfg.tie_embeddings,
+      attention=effective_attention(model_cfg.attention),
       dtype=model_cfg.dtype, remat=model_cfg.remat, residual_init=model_cfg.residual_init,
       moe_routed=moe.n_routed, moe_shared=moe.n_shared, moe_top_k=moe.top_k, moe_gate=moe.gate,
       moe_hidden=moe.expert_hidden or max(64, _round_up(hidden // moe.top_k, 64)),
@@ -280,7 +310,7 @@ class GPT(nn.Module):
   `segment_ids_BxL` (0 = padding) and `positions_BxL`. Decoding passes `cache` (from
   `init_cache`) and `kv_mask_BxS` (which cache slots hold real tokens); aux['cache'] is the
   updated cache. `hidden=True` returns the final normed hidden states [B, L, D] instead of
-  logits, with the head matrix in aux['head_DxV'] (for `train.chunked_cross_entropy`).
+  logits, with the head matrix in aux['head_DxV'] (for `loss.chunked_cross_entropy`).
   """
   cfg: GPTConfig
 
@@ -325,12 +355,6 @@ class GPT(nn.Module):
     else:
       head_DxV = self.param('lm_head', _init(0.02), (cfg.d_model, cfg.vocab_size), jnp.float32)
     out: dict[str, Any] = {}
-    if hidden:   # the loss applies the head itself, a chunk of tokens at a time
-      out['head_DxV'] = head_DxV
-      logits_BxLxV = x_BxLxD
-    else:
-      logits_BxLxV = jnp.einsum('bld,dv->blv', x_BxLxD, head_DxV.astype(cfg.dtype),
-                                preferred_element_type=jnp.float32)
     if cache is not None:
       out['cache'] = new_cache
     if moe_aux:
@@ -338,6 +362,11 @@ class GPT(nn.Module):
       out['moe_z'] = jnp.mean(jnp.stack([a['z'] for a in moe_aux]))
       out['moe_load'] = jnp.stack([a['load'] for a in moe_aux])   # [moe layers, E]
       out['moe_dropped'] = jnp.mean(jnp.stack([a['dropped'] for a in moe_aux]))
+    if hidden:   # the loss applies the head itself, a chunk of tokens at a time
+      out['head_DxV'] = head_DxV
+      return x_BxLxD, out
+    logits_BxLxV = jnp.einsum('bld,dv->blv', x_BxLxD, head_DxV.astype(cfg.dtype),
+                              preferred_element_type=jnp.float32)
     return logits_BxLxV, out
 
 

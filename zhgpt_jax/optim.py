@@ -1,8 +1,7 @@
 """The optimiser: AdamW (or Muon + AdamW) under linear warmup + cosine decay, with clipping.
 
-The schedule is where ORIGIN.md went wrong (a fine-tuning rate with no warmup): the peak
-rate is reached only after `warmup_steps`, then decays along a cosine to
-`min_lr_ratio · lr` at the last step.
+The peak rate is reached only after `warmup_steps` (a pretraining-sized peak with no warmup
+diverges), then decays along a cosine to `min_lr_ratio · lr` at the last step.
 
 `optim.name = 'muon'` updates the 2-D matrices inside the blocks with Muon (momentum, then
 the update's orthogonal factor by a Newton-Schulz iteration; Jordan et al. 2024) at its own

@@ -1,8 +1,26 @@
 """The one place that knows how work is spread over devices and hosts.
 
-Data parallelism with `jax.pmap` over the local devices (axis 'batch'); with several
-processes the same pmapped step spans every device of every host. A jit + NamedSharding
-(FSDP) strategy would replace the four helpers below and nothing else.
+A strategy places the train state and batches on devices and compiles the steps; the train
+loop, eval and checkpointing touch device arrays only through its methods:
+
+  put_state(tree)       host pytree (train state or params) -> device arrays in its layout
+  put_batch(batch)      a host batch of a data.Task ([local devices, ...] numpy) -> step input
+  to_host(tree)         device arrays -> host numpy of the one logical value (no device axis);
+                        on every process, e.g. for checkpoints, logs and eval-time sampling
+  compile(fn, donate=False)
+                        a step written for one device's share -> the compiled step on all
+                        devices (donate: the first argument's buffers are reused)
+  mean(tree), sum(tree) inside a step: over all devices' shares (the global batch)
+  device_index()        inside a step: this device's number (per-device dropout RNG)
+
+`Pmap` is data parallelism with `jax.pmap` over the local devices (axis 'batch'); with
+several processes the same pmapped step spans every device of every host. Parameters are
+replicated, a replica's batch is [grad_accum, per_device_batch, seq_len]. A sharded strategy
+(jit over a Mesh with NamedSharding) implements the same methods, with `mean`/`sum` the
+identity (its step sees the global batch) and `device_index` 0; `make` picks one.
+
+Also here: joining a multi-process run (`initialize`), barriers (`sync`), and the
+cross-process pre-emption and peer-failure checks.
 """
 
 from __future__ import annotations
@@ -138,6 +156,38 @@ def preempted(step: int) -> bool:
     return False
   from jax.experimental import multihost_utils
   return multihost_utils.reached_preemption_sync_point(step)
+
+
+class Pmap:
+  """Data parallelism: params replicated on every device, the batch split over them."""
+  name = 'pmap'
+
+  def put_state(self, tree):
+    return replicate(tree)
+
+  def put_batch(self, batch: dict) -> dict:
+    return batch   # the pmapped step splits the leading (local devices) axis itself
+
+  def to_host(self, tree):
+    return unreplicate(tree)
+
+  def compile(self, fn, donate: bool = False):
+    return jax.pmap(fn, axis_name=AXIS, donate_argnums=(0,) if donate else ())
+
+  def mean(self, tree):
+    return jax.lax.pmean(tree, AXIS)
+
+  def sum(self, tree):
+    return jax.lax.psum(tree, AXIS)
+
+  def device_index(self):
+    return jax.lax.axis_index(AXIS)
+
+
+def make(parallel_cfg=None) -> Pmap:
+  """The strategy config.parallel asks for; data parallelism (`Pmap`) is the one so far."""
+  del parallel_cfg
+  return Pmap()
 
 
 def replicate(tree):

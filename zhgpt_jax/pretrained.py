@@ -24,7 +24,7 @@ import numpy as np
 
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.config import UserError
-from zhgpt_jax.model import GPTConfig
+from zhgpt_jax.model import RUNTIME_FIELDS, GPTConfig
 
 # GPTConfig field -> config.model key: the fields that shape a pretrained model's params.
 SHAPE = {
@@ -225,10 +225,8 @@ def fit_params(params: dict, src: GPTConfig, cfg: GPTConfig, src_tokens: int) ->
 def compatible(src: GPTConfig, cfg: GPTConfig) -> list[str]:
   """The fields in which pretrained model `src` differs from the run's `cfg` beyond what
   `fit_params` absorbs and what only changes compute."""
-  absorbed = dict(dropout=cfg.dropout, attention=cfg.attention, dtype=cfg.dtype,
-                  remat=cfg.remat, residual_init=cfg.residual_init,
-                  real_vocab_size=cfg.real_vocab_size, moe_dispatch=cfg.moe_dispatch,
-                  moe_grouped=cfg.moe_grouped, moe_capacity=cfg.moe_capacity)
+  absorbed = {f: getattr(cfg, f) for f in RUNTIME_FIELDS}   # compute only, not parameters
+  absorbed['real_vocab_size'] = cfg.real_vocab_size
   if cfg.seq_len <= src.seq_len:
     absorbed['seq_len'] = cfg.seq_len
   if cfg.vocab_size >= src.vocab_size:

@@ -14,7 +14,7 @@ sort over V each step) is on.
 Streaming runs the same loop `chunk` tokens per call: `stream` yields each chunk's tokens,
 `stream_text` the text they complete (a byte-level token can end mid-character).
 
-Names: B batch, P prompt slots, S cache slots, V vocab (padded), K stop ids.
+Shape letters: B batch, P prompt slots, S cache slots, V vocab (padded).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def _append(cfg, mode: Mode, state: dict, opts: dict) -> dict:
   """Picks a token from state's logits and writes it at the cache's write index."""
   tok_B = _pick(cfg, mode, state['logits_BxV'], state['seen_BxV'], opts, state['step'])
   done_B = state['done_B']
-  stop_B = ~done_B & jnp.any(tok_B[:, None] == opts['stop_K'][None, :], axis=-1)
+  stop_B = ~done_B & jnp.any(tok_B[:, None] == opts['stops'][None, :], axis=-1)
   slot = state['cache'][0]['index']
   b = tok_B.shape[0]
   return dict(
@@ -263,7 +263,7 @@ def _begin(cfg, params, prompts, *, max_new_tokens, temperature=0.0, top_k=0, to
   mode = Mode(greedy=greedy, filters=not greedy and (top_k > 0 or top_p < 1.0))
   opts = dict(temperature=np.float32(temperature), top_k=np.int32(top_k),
               top_p=np.float32(top_p), penalty=np.float32(repetition_penalty),
-              stop_K=stop_array(stop_ids), key=jax.random.PRNGKey(seed))
+              stops=stop_array(stop_ids), key=jax.random.PRNGKey(seed))
   state = _start(cfg, mode, size, params, prompt_BxP, pad_B, opts)
   return state, _Run(mode, opts, p, max_new_tokens)
 
@@ -324,18 +324,24 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
   return ids
 
 
-def _options(cfg, tokenizer, prompts: list[list[int]], sample_cfg,
-             stop_tokens: Sequence[str]) -> dict:
-  """generate's keyword options for `prompts` from `config.sample` and stop-token strings
+def options(sample_cfg, tokenizer, max_new_tokens: int,
+            stop_tokens: Sequence[str] | None = None) -> dict:
+  """generate's keyword options from `config.sample`, max_new_tokens and stop-token strings
   (None: the tokenizer's end of text and <|im_end|>)."""
   stop_ids = (list(special_ids(tokenizer).stop) if stop_tokens is None
               else [tokenizer.token_to_id(t) for t in stop_tokens])
-  sliding = sample_cfg.get('sliding', False)
-  return dict(max_new_tokens=_max_new(cfg, prompts, sample_cfg.max_new_tokens, sliding),
-              temperature=sample_cfg.temperature, top_k=sample_cfg.top_k,
-              top_p=sample_cfg.top_p, repetition_penalty=sample_cfg.repetition_penalty,
-              seed=sample_cfg.seed, stop_ids=[i for i in stop_ids if i is not None],
-              sliding=sliding)
+  return dict(max_new_tokens=max_new_tokens, temperature=sample_cfg.temperature,
+              top_k=sample_cfg.top_k, top_p=sample_cfg.top_p,
+              repetition_penalty=sample_cfg.repetition_penalty, seed=sample_cfg.seed,
+              stop_ids=[i for i in stop_ids if i is not None],
+              sliding=sample_cfg.get('sliding', False))
+
+
+def _options(cfg, tokenizer, prompts: list[list[int]], sample_cfg,
+             stop_tokens: Sequence[str] | None) -> dict:
+  """`options`, with max_new_tokens fitted to the longest of `prompts` (`_max_new`)."""
+  max_new = _max_new(cfg, prompts, sample_cfg.max_new_tokens, sample_cfg.get('sliding', False))
+  return options(sample_cfg, tokenizer, max_new, stop_tokens)
 
 
 def _max_new(cfg, prompts: list[list[int]], max_new_tokens: int, sliding: bool = False) -> int:
@@ -390,15 +396,25 @@ def stream_text(cfg, params, tokenizer, prompt: str, sample_cfg,
                 stop_tokens: Sequence[str] | None = None, chunk: int = 16) -> Iterator[str]:
   """`generate_text` for one prompt, yielding text pieces as they are generated.
 
-  Each piece is whole characters: the accumulated tokens are decoded after every chunk and
-  the new complete suffix is yielded. The pieces concatenate to generate_text's result.
+  Each piece is whole characters (`text_pieces`). The pieces concatenate to generate_text's
+  result.
   """
   prompt_ids = encode_prompt(tokenizer, prompt)
+  chunks = stream(cfg, params, prompt_ids, chunk=chunk,
+                  **_options(cfg, tokenizer, [prompt_ids], sample_cfg, stop_tokens))
+  return text_pieces(chunks, lambda ids: decode(tokenizer, ids))
+
+
+def text_pieces(chunks: Iterator[list[int]], decode_fn) -> Iterator[str]:
+  """The text of streamed token chunks, as pieces of whole characters.
+
+  The accumulated tokens are decoded (`decode_fn`) after every chunk and the new complete
+  suffix is yielded; the pieces concatenate to the decoded text of all tokens.
+  """
   ids, text, sent = [], '', 0
-  for new in stream(cfg, params, prompt_ids, chunk=chunk,
-                    **_options(cfg, tokenizer, [prompt_ids], sample_cfg, stop_tokens)):
+  for new in chunks:
     ids.extend(new)
-    text = decode(tokenizer, ids)
+    text = decode_fn(ids)
     piece = complete_suffix(text, sent)
     if piece:
       sent += len(piece)
@@ -412,7 +428,7 @@ def sample_workdir(workdir: str, prompts: list[str], sample_cfg, step: int | Non
   """`main.py sample`: one prompt streams to `write` as it is generated; several print in turn."""
   from zhgpt_jax import checkpoint
   write = write or (lambda s: print(s, end='', flush=True))
-  cfg, params, tokenizer, _ = checkpoint.load_model(workdir, step)
+  cfg, params, tokenizer, _, _ = checkpoint.load_model(workdir, step)
   params = jax.tree.map(jnp.asarray, params)
   ids = [encode_prompt(tokenizer, p) for p in prompts]
   fits = _max_new(cfg, ids, sample_cfg.max_new_tokens, sample_cfg.get('sliding', False))

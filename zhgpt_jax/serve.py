@@ -34,6 +34,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zhgpt_jax import api_schema as api
+from zhgpt_jax import chat_data
 from zhgpt_jax import engine as engine_lib
 from zhgpt_jax import sample
 from zhgpt_jax import tokenizer as tok_lib
@@ -87,10 +88,9 @@ class Server:
 
   def __init__(self, cfg, params, tokenizer, sample_cfg, *, model_id: str, slots: int,
                chunk: int, max_request_bytes: int):
-    from zhgpt_jax import sft   # the ChatML encoder
     self.cfg, self.tokenizer, self.sample_cfg, self.model_id = cfg, tokenizer, sample_cfg, model_id
     # A tokenizer without ChatML (a stock HF one) serves completions only.
-    self.encoder = sft.ChatEncoder(tokenizer) if tok_lib.has_chatml(tokenizer) else None
+    self.encoder = chat_data.ChatEncoder(tokenizer) if tok_lib.has_chatml(tokenizer) else None
     self.max_request_bytes = max_request_bytes
     self.engine = engine_lib.Engine(cfg, params, slots=slots, chunk=chunk,
                                     stop_ids=list(tok_lib.special_ids(tokenizer).stop))
@@ -322,7 +322,7 @@ def load(source: str, step: int | None = None):
     tokenizer = tok_lib.load_tokenizer(path)
   else:
     from zhgpt_jax import checkpoint
-    cfg, params, tokenizer, _ = checkpoint.load_model(source, step)
+    cfg, params, tokenizer, _, _ = checkpoint.load_model(source, step)
   model_id = os.path.basename(os.path.normpath(source.removeprefix('hf:'))) or 'zhgpt'
   return cfg, jax.tree.map(jnp.asarray, params), tokenizer, model_id
 

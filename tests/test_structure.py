@@ -1,0 +1,113 @@
+"""The package's shape: imports between its modules form no cycle and follow README's Code
+map (each module imports only modules listed above it); no module over 500 lines."""
+
+import ast
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, 'zhgpt_jax')
+MAX_LINES = 500
+
+
+def modules() -> dict[str, str]:
+  """name -> path of every module of the package."""
+  return {f[:-3]: os.path.join(PACKAGE, f) for f in sorted(os.listdir(PACKAGE))
+          if f.endswith('.py') and f != '__init__.py'}
+
+
+def imports(path: str, names) -> set[str]:
+  """The package modules `path` imports anywhere in it (in functions too)."""
+  found = set()
+  for node in ast.walk(ast.parse(open(path, encoding='utf-8').read())):
+    if isinstance(node, ast.ImportFrom) and node.module:
+      if node.module == 'zhgpt_jax':
+        found |= {a.name for a in node.names}
+      elif node.module.startswith('zhgpt_jax.'):
+        found.add(node.module.split('.')[1])
+    elif isinstance(node, ast.Import):
+      found |= {a.name.split('.')[1] for a in node.names if a.name.startswith('zhgpt_jax.')}
+  return found & set(names)
+
+
+def import_graph() -> dict[str, set[str]]:
+  names = modules()
+  return {name: imports(path, names) - {name} for name, path in names.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  """A list of modules a -> b -> ... -> a, or None (depth-first search)."""
+  state, stack = {}, []
+
+  def visit(node):
+    state[node] = 'open'
+    stack.append(node)
+    for nxt in sorted(graph[node]):
+      if state.get(nxt) == 'open':
+        return stack[stack.index(nxt):] + [nxt]
+      if nxt not in state:
+        cycle = visit(nxt)
+        if cycle:
+          return cycle
+    state[node] = 'done'
+    stack.pop()
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      cycle = visit(node)
+      if cycle:
+        return cycle
+  return None
+
+
+def test_find_cycle_finds_one():
+  assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': set()}) is None
+  assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
+
+
+def test_no_import_cycle_between_modules():
+  graph = import_graph()
+  cycle = find_cycle(graph)
+  assert cycle is None, ' -> '.join(cycle)
+
+
+def test_training_does_not_know_its_tasks_or_commands():
+  graph = import_graph()
+  assert not graph['train'] & {'sft', 'chat', 'chat_data'}, graph['train']
+
+
+def code_map() -> list[str]:
+  """Module names in the order of README.md's "Code map" table."""
+  with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+    text = f.read()
+  section = text.split('## Code map', 1)[1].split('\n## ', 1)[0]
+  return re.findall(r'^\| `zhgpt_jax/(\w+)\.py` \|', section, re.M)
+
+
+def test_imports_follow_the_code_map():
+  order, graph = code_map(), import_graph()
+  assert sorted(order) == sorted(graph), (
+      f'README Code map lists {sorted(set(order) - set(graph))} that do not exist and misses '
+      f'{sorted(set(graph) - set(order))}: one line per zhgpt_jax module, in dependency order')
+  for i, name in enumerate(order):
+    below = graph[name] - set(order[:i])
+    assert not below, f'{name} imports {sorted(below)}, listed below it in README\'s Code map'
+
+
+def test_one_list_of_parameter_fields():
+  """What init_from=hf:DIR writes into config.model is every parameter field but the two it
+  fits (seq_len, real_vocab_size): GPTConfig.param_fields stays the one list."""
+  from zhgpt_jax import model, pretrained
+  written = set(pretrained.SHAPE) | set(pretrained.MOE_SHAPE)
+  assert written | {'seq_len', 'real_vocab_size'} == set(model.GPTConfig.param_fields())
+  assert not written & set(model.RUNTIME_FIELDS)
+
+
+@pytest.mark.parametrize('name', sorted(modules()))
+def test_module_is_at_most_500_lines(name):
+  with open(modules()[name], encoding='utf-8') as f:
+    n = sum(1 for _ in f)
+  assert n <= MAX_LINES, f'zhgpt_jax/{name}.py has {n} lines'
