@@ -45,7 +45,6 @@ def test_rows_are_built_once_then_mapped(tmp_path):
 
 
 def test_sft_task_packs_once_then_maps(tmp_path, capsys):
-  import types
   from zhgpt_jax import sft
   from zhgpt_jax import tokenizer as tokenizer_lib
   from zhgpt_jax.config import default_config
@@ -60,10 +59,9 @@ def test_sft_task_packs_once_then_maps(tmp_path, capsys):
   config = default_config('tiny')
   config.task, config.sft.data = 'sft', str(chat)
   config.model.seq_len, config.train.short_seq_steps, config.train.per_device_batch = 64, 0, 1
-  run = types.SimpleNamespace(tokenizer=tok)
-  first = sft.make_task(config, str(tmp_path / 'w1'), run)
+  first = sft.make_task(config, str(tmp_path / 'w1'), tok)
   config.data.cache_dir = str(tmp_path / 'w1' / 'data')
-  second = sft.make_task(config, str(tmp_path / 'w2'), run)
+  second = sft.make_task(config, str(tmp_path / 'w2'), tok)
   out = capsys.readouterr().out
   assert 'saved to' in out and 'read from' in out and out.count('40 conversations') == 2
   a, b = next(iter(first.train_loader)), next(iter(second.train_loader))
