@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from zhgpt_jax import checkpoint, corpus, export, metrics, sft, train
+from zhgpt_jax import chat, chat_data, checkpoint, corpus, export, metrics, train
 from zhgpt_jax.config import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -315,14 +315,14 @@ def test_bad_chat_records_are_skipped_and_counted(record, reason, tmp_path):
   path = tmp_path / 'chat.jsonl'
   good = {'messages': [{'role': 'user', 'content': '你好'}, {'role': 'assistant', 'content': '好'}]}
   path.write_text('\n'.join(json.dumps(r) for r in (good, record, good)) + '\n', encoding='utf-8')
-  stats = sft.SftStats()
-  kept = list(sft.read_conversations(str(path), stats))
+  stats = chat_data.SftStats()
+  kept = list(chat_data.read_conversations(str(path), stats))
   assert len(kept) == 2 and stats.skipped == 1
   assert f'skipped 1 {reason}' in stats.summary(), stats.summary()
 
 
 def test_chat_input_that_is_not_utf8_is_skipped(pristine):
-  cfg, params, tokenizer, config = checkpoint.load_model(pristine)
+  cfg, params, tokenizer, config, _ = checkpoint.load_model(pristine)
   lines = iter([UnicodeDecodeError('utf-8', b'\xff', 0, 1, 'invalid start byte'), '你好'])
 
   def read(_):
@@ -335,7 +335,7 @@ def test_chat_input_that_is_not_utf8_is_skipped(pristine):
 
   written = []
   config.sample.update(temperature=0.0, max_new_tokens=4)
-  history = sft.chat_loop(cfg, params, tokenizer, config.sample, read=read, write=written.append)
+  history = chat.chat_loop(cfg, params, tokenizer, config.sample, read=read, write=written.append)
   assert written[0] == '(that line is not UTF-8 text; skipped)\n'
   assert [t['role'] for t in history] == ['user', 'assistant']
 
@@ -602,11 +602,11 @@ def test_error_inside_the_loop_waits_for_the_save_in_flight(base, pristine, tmp_
   calls = []
   real = train._check
 
-  def failing_check(pending, nonfinite, limit, writer):
-    calls.append(pending[0])
-    if pending[0] == 5:    # step 4's async save was started just before
+  def failing_check(step, metrics, dp, nonfinite, limit, writer):
+    calls.append(step)
+    if step == 5:    # step 4's async save was started just before
       raise UserError('3 consecutive non-finite steps (train.max_nonfinite=3); stopped')
-    return real(pending, nonfinite, limit, writer)
+    return real(step, metrics, dp, nonfinite, limit, writer)
 
   monkeypatch.setattr(train, '_check', failing_check)
   workdir = str(tmp_path / 'run')
