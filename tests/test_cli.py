@@ -66,6 +66,12 @@ README_COMMANDS = {
     'python main.py --config configs/tiny.py --workdir runs/mh '
     '--config.dist.coordinator=127.0.0.1:12345 --config.dist.num_processes=2 '
     '--config.dist.process_id=$i & done; wait': 'test_multihost.py',
+    # the sharded strategy: its main.py runs use these flags (8 simulated devices)
+    'python main.py --config configs/base.py --config.parallel.strategy=fsdp':
+        'test_fsdp.py::test_the_fsdp_run_reports_its_layout_and_samples',
+    'python main.py --config configs/base.py --config.parallel.strategy=fsdp '
+    '--config.parallel.data=2 --config.parallel.fsdp=4':
+        'test_fsdp.py::test_a_fsdp_checkpoint_resumes_in_other_layouts',
     # after training
     'python main.py eval --workdir runs/tiny': 'test_train.py::test_cli_eval_sample_and_export',
     'python main.py eval --workdir runs/tiny --step 500': 'test_cli.py::test_eval_at_a_step',

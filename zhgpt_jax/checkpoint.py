@@ -20,12 +20,14 @@ import hashlib
 import json
 import logging
 import os
+import pathlib
 import shutil
 import sys
 from typing import Any, NamedTuple
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from zhgpt_jax.config import UserError, load_config_json
@@ -372,10 +374,19 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def restore_params(self, step: int | None = None):
-    """The parameters and meta of `step` (default: the newest intact step), as numpy arrays."""
+    """The parameters and meta of `step` (default: the newest intact step), as numpy arrays.
+
+    Only the params are read, as host arrays, whatever layout (pmap, any fsdp mesh) saved them.
+    """
     def params(s):
+      saved = ocp.PyTreeCheckpointHandler().metadata(
+          pathlib.Path(self.step_dir(s), 'state')).tree['params']
+      item = {'params': jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)}
+      as_numpy = {'params': jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray),
+                                         saved)}
       out = self.manager.restore(s, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+          state=ocp.args.PyTreeRestore(item=item, restore_args=as_numpy, partial_restore=True),
+          meta=ocp.args.JsonRestore()))
       return out['state']['params'], out['meta']
     return self.load(params, step)[1]
 

@@ -174,6 +174,17 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
       max_request_bytes=1_000_000,   # larger request bodies get 413
   ))
 
+  c.parallel = ml_collections.ConfigDict(dict(
+      # 'pmap': every device holds the whole state (data parallel). 'fsdp': parameters,
+      # gradients and optimizer state split over the 'fsdp' mesh axis (models bigger than
+      # one device); see README "pmap or fsdp". A checkpoint resumes under either.
+      strategy='pmap',
+      # fsdp's mesh (data x fsdp x expert = every device); -1 = the rest of the devices.
+      data=1,                    # replicas of the (sharded) state; the batch splits over all axes
+      fsdp=-1,                   # the state is split this many ways
+      expert=1,                  # MoE expert parallelism; until experts use it, another data axis
+  ))
+
   c.dist = ml_collections.ConfigDict(dict(
       coordinator='',            # host:port of process 0; '' = single process (or from env)
       num_processes=0,           # 0 = from the environment
@@ -206,6 +217,7 @@ _CHOICES = {
     'data.dedup': ('none', 'exact', 'near'),
     'sft.long_policy': ('truncate', 'drop'),
     'optim.name': ('adamw', 'muon'),
+    'parallel.strategy': ('pmap', 'fsdp'),
 }
 
 _NON_NEGATIVE = ('tokenizer.min_frequency', 'data.tokenize_workers', 'data.loader_workers',
@@ -298,6 +310,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail('sample.top_k', 'must be >= 0 (0 = off)')
   if s.repetition_penalty <= 0:
     fail('sample.repetition_penalty', 'must be > 0 (1 = off)')
+  for key in ('data', 'fsdp', 'expert'):
+    if config.parallel[key] < 1 and config.parallel[key] != -1:
+      fail(f'parallel.{key}', 'must be >= 1, or -1 (the rest of the devices)')
+  if [config.parallel[k] for k in ('data', 'fsdp', 'expert')].count(-1) > 1:
+    fail('parallel.fsdp', 'only one of parallel.data, fsdp, expert may be -1')
   d = config.dist
   host, _, port = d.coordinator.rpartition(':')
   if d.coordinator and not (host and port.isdigit()):

@@ -3,21 +3,32 @@
 A strategy places the train state and batches on devices and compiles the steps; the train
 loop, eval and checkpointing touch device arrays only through its methods:
 
+  init_state(make, *args)  the train state `make(*args)` built in its layout (fsdp: in place,
+                        never whole on one device)
   put_state(tree)       host pytree (train state or params) -> device arrays in its layout
+  restore_target(abstract)  what orbax restores a checkpoint into, whatever layout saved it
+  savable(state)        what orbax saves (fsdp: the sharded arrays, never gathered)
   put_batch(batch)      a host batch of a data.Task ([local devices, ...] numpy) -> step input
   to_host(tree)         device arrays -> host numpy of the one logical value (no device axis);
-                        on every process, e.g. for checkpoints, logs and eval-time sampling
+                        on every process, e.g. for logs and eval-time sampling
   compile(fn, donate=False)
                         a step written for one device's share -> the compiled step on all
                         devices (donate: the first argument's buffers are reused)
   mean(tree), sum(tree) inside a step: over all devices' shares (the global batch)
+  constrain(tree)       inside a step: a tree shaped like the state, in the state's layout
   device_index()        inside a step: this device's number (per-device dropout RNG)
 
-`Pmap` is data parallelism with `jax.pmap` over the local devices (axis 'batch'); with
-several processes the same pmapped step spans every device of every host. Parameters are
-replicated, a replica's batch is [grad_accum, per_device_batch, seq_len]. A sharded strategy
-(jit over a Mesh with NamedSharding) implements the same methods, with `mean`/`sum` the
-identity (its step sees the global batch) and `device_index` 0; `make` picks one.
+Two strategies, chosen by `config.parallel.strategy` (`make`):
+
+- `Pmap` ('pmap'): data parallelism with `jax.pmap` over the local devices (axis 'batch');
+  with several processes the same pmapped step spans every device of every host. Every
+  device holds the whole state; a replica's batch is [grad_accum, per_device_batch, seq_len].
+- `Sharded` ('fsdp'): `jax.jit` over a `Mesh` with axes ('data', 'fsdp', 'expert'). Every
+  array of the train state (parameters, gradients, optimizer moments) is split along one
+  dimension over 'fsdp' by one rule (`Sharded.spec`); the step sees the global batch
+  [grad_accum, B, seq_len], its rows split over all three axes, so `mean`/`sum` are the
+  identity and `device_index` is 0. 'expert' is for expert parallelism in MoE layers; until a
+  rule places experts on it, it splits the batch like 'data'.
 
 Also here: joining a multi-process run (`initialize`), barriers (`sync`), and the
 cross-process pre-emption and peer-failure checks.
@@ -25,15 +36,20 @@ cross-process pre-emption and peer-failure checks.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
+from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from zhgpt_jax.config import UserError
 
 AXIS = 'batch'
+MESH_AXES = ('data', 'fsdp', 'expert')
 
 
 def initialize(dist_cfg) -> None:
@@ -158,21 +174,32 @@ def preempted(step: int) -> bool:
   return multihost_utils.reached_preemption_sync_point(step)
 
 
+def replicate(tree, devices=None):
+  """Host pytree -> one copy per device (leading axis = devices; default: every local one)."""
+  n = len(devices) if devices else jax.local_device_count()
+  return jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)(
+      jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree))
+
+
+def unreplicate(tree):
+  """The first local device's copy, as host numpy arrays."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
+
+
+# ----------------------------------------------------------------------------- strategies
+
+@dataclasses.dataclass(frozen=True)
 class Pmap:
-  """Data parallelism: params replicated on every device, the batch split over them."""
+  """Every device holds the whole state; `jax.pmap` over `devices` (default: all local ones)."""
+  devices: tuple | None = None
   name = 'pmap'
 
-  def put_state(self, tree):
-    return replicate(tree)
+  @property
+  def local_devices(self) -> int:
+    return len(self.devices) if self.devices else jax.local_device_count()
 
-  def put_batch(self, batch: dict) -> dict:
-    return batch   # the pmapped step splits the leading (local devices) axis itself
-
-  def to_host(self, tree):
-    return unreplicate(tree)
-
-  def compile(self, fn, donate: bool = False):
-    return jax.pmap(fn, axis_name=AXIS, donate_argnums=(0,) if donate else ())
+  def device_index(self):
+    return jax.lax.axis_index(AXIS)
 
   def mean(self, tree):
     return jax.lax.pmean(tree, AXIS)
@@ -180,26 +207,189 @@ class Pmap:
   def sum(self, tree):
     return jax.lax.psum(tree, AXIS)
 
+  def constrain(self, tree):
+    return tree
+
+  def compile(self, fn: Callable, donate: bool = False) -> Callable:
+    return jax.pmap(fn, axis_name=AXIS, devices=self.devices,
+                    donate_argnums=(0,) if donate else ())
+
+  def init_state(self, make: Callable, *args):
+    """`make(*args)` (host arguments), one copy per device."""
+    return self.put_state(make(*args))
+
+  def put_state(self, tree):
+    return replicate(tree, self.devices)
+
+  def restore_target(self, abstract):
+    # Host arrays: each process reads the whole state, whatever layout saved it.
+    return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+
+  def savable(self, state):
+    return unreplicate(state)
+
+  def put_batch(self, batch: dict) -> dict:
+    return batch
+
+  def to_host(self, tree):
+    return unreplicate(tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharded:
+  """FSDP: `jax.jit` over `mesh`; every state array split over 'fsdp' by `spec`."""
+  mesh: jax.sharding.Mesh
+  name = 'fsdp'
+
+  @property
+  def local_devices(self) -> int:
+    return sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+
+  def spec(self, shape) -> PartitionSpec:
+    """The one placement rule: the largest dimension the 'fsdp' size divides is split over
+    'fsdp' (the first of equals); an array with no such dimension is replicated."""
+    n = self.mesh.shape['fsdp']
+    dims = [i for i, d in enumerate(shape) if n > 1 and d % n == 0]
+    if not dims:
+      return PartitionSpec()
+    split = max(dims, key=lambda i: (shape[i], -i))
+    return PartitionSpec(*('fsdp' if i == split else None for i in range(len(shape))))
+
+  def shardings(self, tree):
+    return jax.tree.map(lambda x: NamedSharding(self.mesh, self.spec(np.shape(x))), tree)
+
   def device_index(self):
-    return jax.lax.axis_index(AXIS)
+    return 0   # one program for the global batch: the randomness of pmap's device 0
+
+  def mean(self, tree):
+    return tree
+
+  def sum(self, tree):
+    return tree
+
+  def constrain(self, tree):
+    return jax.lax.with_sharding_constraint(tree, self.shardings(tree))
+
+  def compile(self, fn: Callable, donate: bool = False) -> Callable:
+    return jax.jit(fn, donate_argnums=(0,) if donate else ())
+
+  def init_state(self, make: Callable, *args):
+    """`make(*args)` computed in place: no device ever holds the whole state."""
+    args = self.put_state(args)
+    return jax.jit(make, out_shardings=self.shardings(jax.eval_shape(make, *args)))(*args)
+
+  def put_state(self, tree):
+    """Host (or differently placed) arrays -> this layout; each device copies its slice."""
+    def put(x, sharding):
+      if isinstance(x, jax.Array):
+        return jax.device_put(x, sharding)   # a no-op where it already is in place
+      x = np.asarray(x)   # the same on every process; each takes its devices' slices
+      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(put, tree, self.shardings(tree))
+
+  def restore_target(self, abstract):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, self.shardings(abstract))
+
+  def savable(self, state):
+    return state   # orbax writes each process's own shards; nothing is gathered
+
+  def batch_spec(self, ndim: int) -> PartitionSpec:
+    """[..., B, T]: rows split over every mesh axis."""
+    return PartitionSpec(*([None] * (ndim - 2)), MESH_AXES, None)
+
+  def put_batch(self, batch: dict) -> dict:
+    """[local devices, ..., B, T] per process -> one global [..., B_global, T] array each.
+
+    Each process's rows go to its own devices (`make_array_from_process_local_data`), so
+    several hosts build the global batch the same way one does.
+    """
+    def put(x):
+      x = np.asarray(x)
+      rows = np.moveaxis(x, 0, -3)
+      rows = rows.reshape(*rows.shape[:-3], rows.shape[-3] * rows.shape[-2], rows.shape[-1])
+      sharding = NamedSharding(self.mesh, self.batch_spec(rows.ndim))
+      return jax.make_array_from_process_local_data(sharding, rows)
+    return {k: put(v) for k, v in batch.items()}
+
+  def to_host(self, tree):
+    """Whole arrays as host numpy; a collective (every process must call) for split ones."""
+    def get(x):
+      if x.is_fully_addressable:
+        return np.asarray(x)
+      if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.tree.map(get, tree)
 
 
-def make(parallel_cfg=None) -> Pmap:
-  """The strategy config.parallel asks for; data parallelism (`Pmap`) is the one so far."""
-  del parallel_cfg
-  return Pmap()
+Strategy = Any   # Pmap | Sharded
 
 
-def replicate(tree):
-  """Host pytree -> one copy per local device (leading axis = local devices)."""
-  n = jax.local_device_count()
-  return jax.pmap(lambda x: x, axis_name=AXIS)(
-      jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree))
+def mesh_shape(parallel_cfg, n_devices: int) -> tuple[int, ...]:
+  """(data, fsdp, expert) sizes for `n_devices`: one size may be -1, the rest of the devices.
+
+  Raises UserError (one line naming the keys) when the sizes cannot cover the devices.
+  """
+  sizes = [parallel_cfg[a] for a in MESH_AXES]
+  named = ' x '.join(f'parallel.{a}={s}' for a, s in zip(MESH_AXES, sizes))
+  known = math.prod(s for s in sizes if s != -1)
+  if sizes.count(-1) == 1:
+    if n_devices % known:
+      raise UserError(f'{named}: {n_devices} devices are not a multiple of {known}')
+    sizes[sizes.index(-1)] = n_devices // known
+  if math.prod(sizes) != n_devices:
+    raise UserError(f'{named} = {math.prod(sizes)} devices, but this run has {n_devices}; '
+                    'set one of them to -1 (the rest)')
+  return tuple(sizes)
 
 
-def unreplicate(tree):
-  """The first local device's copy, as host numpy arrays."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
+def make(parallel_cfg) -> Strategy:
+  """The strategy config.parallel asks for, over every device of every process."""
+  if parallel_cfg is None or parallel_cfg.strategy == 'pmap':
+    return Pmap()
+  shape = mesh_shape(parallel_cfg, jax.device_count())
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return Sharded(jax.make_mesh(shape, MESH_AXES, axis_types=axis_types))
+
+
+def scalar(x) -> float:
+  """A scalar the step computed, read on this process without communication: every device
+  holds it (pmap: one copy per device; fsdp: replicated)."""
+  return float(np.asarray(x.addressable_data(0)).reshape(-1)[0])
+
+
+def bytes_per_device(tree) -> int:
+  """The most bytes of `tree` that any one device holds (summed over addressable shards)."""
+  held: dict = {}
+  for x in jax.tree.leaves(tree):
+    for shard in x.addressable_shards:
+      held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+  return max(held.values(), default=0)
+
+
+def describe(strategy: Strategy, state) -> str:
+  """One line: the strategy, its devices and the train state's bytes per device."""
+  whole = sum(x.nbytes for x in jax.tree.leaves(state))
+  if strategy.name == 'pmap':
+    whole //= strategy.local_devices   # [local devices, ...]: one copy each
+    where = f'pmap over {jax.device_count()} devices, the whole state on each'
+  else:
+    where = 'fsdp mesh ' + ' x '.join(f'{a}={n}' for a, n in strategy.mesh.shape.items())
+  return (f'parallel: {where}; train state {bytes_per_device(state) / 2**20:,.1f} MiB per '
+          f'device ({whole / 2**20:,.1f} MiB for one copy)')
+
+
+@jax.jit
+def _all_finite(tree):
+  return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all()
+                                        for x in jax.tree.leaves(tree)]))
+
+
+def all_finite(tree) -> bool:
+  """True when every element of every array in `tree` is finite (reduced where it lives)."""
+  return bool(np.asarray(_all_finite(tree).addressable_data(0)))
 
 
 def sync(name: str) -> None:

@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from zhgpt_jax import checkpoint as ckpt_lib
@@ -34,7 +33,7 @@ from zhgpt_jax.metrics import MetricsWriter
 
 # ----------------------------------------------------------------------------- the steps
 
-def make_train_step(config, cfg: model_lib.GPTConfig, strategy: parallel.Pmap | None = None
+def make_train_step(config, cfg: model_lib.GPTConfig, strategy: parallel.Strategy | None = None
                     ) -> tuple[optax.GradientTransformation, Callable]:
   """The optimizer of config.optim and the update step, compiled by `strategy` (default pmap).
 
@@ -64,7 +63,7 @@ def make_train_step(config, cfg: model_lib.GPTConfig, strategy: parallel.Pmap | 
 
     zeros = jax.tree.map(jnp.zeros_like, state['params'])
     grads, metrics = jax.lax.scan(micro, zeros, (jnp.arange(accum), batch))
-    grads = strategy.mean(jax.tree.map(lambda g: g / accum, grads))
+    grads = strategy.constrain(strategy.mean(jax.tree.map(lambda g: g / accum, grads)))
     metrics = strategy.mean(jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics))
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
@@ -78,13 +77,13 @@ def make_train_step(config, cfg: model_lib.GPTConfig, strategy: parallel.Pmap | 
     new_state = dict(step=state['step'] + 1, rng=state['rng'],
                      params=keep(params, state['params']),
                      opt_state=keep(opt_state, state['opt_state']))
-    return new_state, metrics
+    return strategy.constrain(new_state), metrics
 
   return optimizer, strategy.compile(step, donate=True)
 
 
 def make_eval_step(cfg: model_lib.GPTConfig, loss_chunk: int = 0,
-                   strategy: parallel.Pmap | None = None) -> Callable:
+                   strategy: parallel.Strategy | None = None) -> Callable:
   """The eval step: (params, batch) -> summed weighted cross-entropy and weight, all replicas."""
   strategy = strategy or parallel.Pmap()
   model = model_lib.GPT(cfg)
@@ -98,7 +97,7 @@ def make_eval_step(cfg: model_lib.GPTConfig, loss_chunk: int = 0,
 
 
 def evaluate(eval_step, params, batches: Iterator[dict], chars_per_token: float | None,
-             strategy: parallel.Pmap | None = None) -> dict:
+             strategy: parallel.Strategy | None = None) -> dict:
   """Val loss (nats/token), perplexity and, given chars/token, bits per character.
 
   `params` are device arrays in `strategy`'s layout; `batches` host batches of a data.Task.
@@ -126,7 +125,7 @@ class Run:
   tokenizer_dir: str
   tokenizer: Any
   cfg: model_lib.GPTConfig
-  strategy: parallel.Pmap
+  strategy: parallel.Strategy
   optimizer: optax.GradientTransformation
   train_step: Callable          # (state, batch) -> (state, metrics), device arrays
   eval_step: Callable           # (params, batch) -> (summed cross-entropy, summed weight)
@@ -260,7 +259,7 @@ def train_and_evaluate(config, workdir: str, make_task: TaskBuilder | None = Non
   try:
     state = _start_state(config, workdir, run, ckpt, tok_hash)
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
-                           start_step=int(state['step']))
+                           start_step=int(run.strategy.to_host(state['step'])))
     return _loop(config, workdir, run, state, ckpt, writer, tok_hash)
   except BaseException:
     ckpt.abandon()   # waits for (or cleanly drops) a save in flight; never raises
@@ -270,30 +269,34 @@ def train_and_evaluate(config, workdir: str, make_task: TaskBuilder | None = Non
 
 
 def _start_state(config, workdir: str, run: Run, ckpt, tok_hash: str) -> dict:
-  """The host train state, restored from the newest intact checkpoint or fresh; also starts
-  run.train_iter (at the restored position) and writes the run files."""
-  t = config.train
+  """The train state in run.strategy's layout, restored from the newest intact checkpoint
+  (saved in any layout) or fresh; also starts run.train_iter (at the restored position) and
+  writes the run files."""
+  t, dp = config.train, run.strategy
   is_main = jax.process_index() == 0
   run.train_iter = iter(run.task.train_loader)
+  fresh = lambda rng: new_state(run.optimizer, model_lib.init_params(run.cfg, rng), config.seed)
   if ckpt.latest_step() is not None:
     saved = model_lib.model_config(ckpt_lib.load_config(workdir).model,
                                    run.tokenizer.get_vocab_size())
-    abstract = jax.eval_shape(lambda: new_state(
-        run.optimizer, model_lib.init_params(run.cfg, jax.random.PRNGKey(0)), config.seed))
+    target = dp.restore_target(jax.eval_shape(fresh, jax.random.PRNGKey(0)))
 
     def resume(step):
       ckpt_lib.check_compatible(saved, run.cfg, ckpt.meta(step)['tokenizer_hash'], tok_hash)
-      return ckpt.restore(step, abstract, run.train_iter)[0]
+      return ckpt.restore(step, target, run.train_iter)[0]
 
     latest, state = ckpt.load(resume, on_fallback=ckpt.move_aside)
+    state = dp.put_state(state)
     if latest >= t.steps:
       print(f'{workdir}: already trained to step {latest} (train.steps={t.steps}); '
             'raise --config.train.steps to continue')
     elif is_main:
       print(f'resuming from step {latest} in {ckpt.directory}')
-  else:
-    state = new_state(run.optimizer, initial_params(run, jax.random.PRNGKey(config.seed)),
-                      config.seed)
+  elif config.init_from:
+    state = dp.init_state(lambda p: new_state(run.optimizer, p, config.seed),
+                          initial_params(run, jax.random.PRNGKey(config.seed)))
+  else:   # built in place: under fsdp never whole on one device
+    state = dp.init_state(fresh, jax.random.PRNGKey(config.seed))
   if is_main:
     ckpt_lib.save_run_files(workdir, config, run.tokenizer_dir)
   return state
@@ -306,20 +309,21 @@ def _loop(config, workdir: str, run: Run, state, ckpt, writer, tok_hash: str) ->
   global_batch = t.per_device_batch * jax.device_count() * t.grad_accum
   tokens_per_step = global_batch * config.model.seq_len
   train_iter = run.train_iter
-  n_params = model_lib.count_params(state['params'])
-  flops_tok = model_lib.flops_per_token(run.cfg, state['params'])
+  abstract = jax.eval_shape(lambda: model_lib.init_params(run.cfg, jax.random.PRNGKey(0)))
+  n_params = model_lib.count_params(abstract)
+  flops_tok = model_lib.flops_per_token(run.cfg, abstract)
   peak = t.peak_flops or measure_peak_flops()
   if is_main:
     routed = (f', routed {model_lib.routed_flops_per_token(run.cfg) / 1e6:.1f} MFLOPs/token'
               if run.cfg.moe_layers() else '')
-    print(f'model: {n_params:,} params ({model_lib.active_params(run.cfg, state["params"]):,} '
+    print(f'model: {n_params:,} params ({model_lib.active_params(run.cfg, abstract):,} '
           f'active), {flops_tok / 1e6:.1f} MFLOPs/token (active{routed}), vocab '
           f'{run.cfg.real_vocab_size} (padded {run.cfg.vocab_size})')
     print(f'batch: {t.per_device_batch} per device x {jax.device_count()} devices x '
           f'{t.grad_accum} accumulation = {global_batch} sequences of {config.model.seq_len} '
           f'= {tokens_per_step:,} tokens/step; peak {peak / 1e12:.3f} TFLOP/s per device')
+    print(parallel.describe(dp, state))
 
-  state = dp.put_state(state)
   start = int(dp.to_host(state['step']))
 
   def do_eval(step, state):
@@ -342,12 +346,11 @@ def _loop(config, workdir: str, run: Run, state, ckpt, writer, tok_hash: str) ->
     return result
 
   def do_save(step, state, result=None):
-    host_state = dp.to_host(state)
-    if not all(np.isfinite(x).all() for x in jax.tree.leaves(host_state['params'])):
+    if not parallel.all_finite(state['params']):
       raise UserError(f'step {step}: parameters are not finite; not saving over the last good '
                       'checkpoint')
     meta = dict(step=step, tokenizer_hash=tok_hash, val=result)
-    ckpt.save(step, host_state, train_iter, meta,
+    ckpt.save(step, dp.savable(state), train_iter, meta,
               val_loss=None if result is None else result['loss'])
 
   from tqdm import tqdm
