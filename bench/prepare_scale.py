@@ -25,7 +25,6 @@ mid-epoch resume. Results go to <scale_dir>/results.json as they come.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -39,7 +38,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from zhgpt_jax import corpus  # pylint: disable=wrong-import-position
+from zhgpt_jax import corpus, shards  # pylint: disable=wrong-import-position
 
 SOURCES = (('news', 0.5), ('web', 0.3), ('books', 0.2))
 EXACT, NEAR = 0.05, 0.05
@@ -132,7 +131,7 @@ def _config(args: dict):
 
 
 def _child(kind: str, args: dict) -> dict:
-  from zhgpt_jax import scan, shards, tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  from zhgpt_jax import scan, tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   config = _config(args) if 'corpus' in args else None
   t0 = time.perf_counter()
   if kind == 'scan':
@@ -247,15 +246,6 @@ def _near_jaccard(directory: str, n: int = 500) -> list[float]:
   return out
 
 
-def _sha(root: str) -> str:
-  h = hashlib.sha256()
-  for split in ('train', 'val'):
-    for name in sorted(os.listdir(os.path.join(root, split))):
-      with open(os.path.join(root, split, name), 'rb') as f:
-        h.update(name.encode() + f.read())
-  return h.hexdigest()
-
-
 RESULTS = 'results.json'
 
 
@@ -322,7 +312,7 @@ def kill_trials(n: int, scale_dir: str, tokenizer: str, results: dict) -> None:
   whole = os.path.join(scale_dir, 'kill_whole')
   subprocess.run(['rm', '-rf', whole], check=True)
   first = run_child('prepare', dict(base, cache_dir=whole))
-  want = _sha(whole)
+  want = shards.digest(whole)
   trials = []
   rng = random.Random(0)
   for t in range(n):
@@ -340,7 +330,7 @@ def kill_trials(n: int, scale_dir: str, tokenizer: str, results: dict) -> None:
     again = run_child('prepare', dict(base, cache_dir=cache))
     line = next((l for l in again['stdout'].splitlines() if 'resuming' in l), 'no resume line')
     trials.append(dict(killed=killed.get('killed', False), killed_after_s=killed['wall'],
-                       resume=line, identical=_sha(cache) == want))
+                       resume=line, identical=shards.digest(cache) == want))
     subprocess.run(['rm', '-rf', cache], check=True)
   results['kill'] = dict(uninterrupted_s=first['seconds'], sha256=want, trials=trials)
   _save(results, scale_dir)

@@ -3,7 +3,6 @@ and resuming a killed prepare (all on small synthetic files)."""
 
 import copy
 import gzip
-import hashlib
 import json
 import os
 import random
@@ -139,15 +138,6 @@ def test_tokenizer_sample_shares_follow_the_corpus(tmp_path, make_tiny_config, c
   assert line.startswith('tokenizer sample:') and f'{names[2]} ' in line
 
 
-def shard_digest(root):
-  h = hashlib.sha256()
-  for split in ('train', 'val'):
-    for name in sorted(os.listdir(os.path.join(root, split))):
-      with open(os.path.join(root, split, name), 'rb') as f:
-        h.update(name.encode() + f.read())
-  return h.hexdigest()
-
-
 def test_killed_prepare_resumes_byte_identical(tmp_path, make_tiny_config, monkeypatch, capsys):
   names = make_corpus(tmp_path, (200, 300, 400))
   config = make_tiny_config(','.join(f'{n}:{w}' for n, w in zip(names, (1, 2, 3))))
@@ -155,7 +145,7 @@ def test_killed_prepare_resumes_byte_identical(tmp_path, make_tiny_config, monke
   config.tokenizer.vocab_size = 400
   config.data.dedup = 'near'
   whole = shards.prepare(config, str(tmp_path / 'whole'), progress=False)
-  want = shard_digest(whole.data_dir)
+  want = shards.digest(whole.data_dir)
   meta = json.load(open(os.path.join(whole.data_dir, 'train', 'meta.json')))
   assert [g['exact_duplicates'] for g in meta['source_groups']] == [20, 30, 40]
   assert len({s['source'] for s in meta['shards']}) == 3
@@ -182,5 +172,5 @@ def test_killed_prepare_resumes_byte_identical(tmp_path, make_tiny_config, monke
   capsys.readouterr()
   again = shards.prepare(config, work, progress=False)
   assert 'prepare: resuming at block' in capsys.readouterr().out
-  assert shard_digest(again.data_dir) == want
+  assert shards.digest(again.data_dir) == want
   assert again.documents == whole.documents and again.tokens == whole.tokens

@@ -400,3 +400,14 @@ def load_split(data_dir: str, split: str) -> tuple[np.ndarray, dict]:
   if not arrays:
     return np.zeros(0, dtype), meta
   return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)), meta
+
+
+def digest(data_dir: str) -> str:
+  """sha256 over every train and val shard of `data_dir` (names and bytes, in name order):
+  two prepares that wrote the same shards have the same digest."""
+  h = hashlib.sha256()
+  for split in ('train', 'val'):
+    for name in sorted(os.listdir(os.path.join(data_dir, split))):
+      with open(os.path.join(data_dir, split, name), 'rb') as f:
+        h.update(name.encode() + f.read())
+  return h.hexdigest()
