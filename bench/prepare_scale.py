@@ -17,10 +17,10 @@ is polled every 0.1 s:
      documents held in memory: the side-by-side baseline for (4);
   4. `prepare` with dedup='exact' (the default) and a given tokenizer (so tokenizer
      training, bounded by max_train_chars, is not in the peak): wall time, MB/s, peak RSS.
-Then: `kill_trials` runs of `prepare` on a 2-source 24 MB corpus killed with SIGKILL at a
-random moment after its first checkpoint and run again, shards' sha256 against an
-uninterrupted run's; and the loader mixing those 2 sources 2:1 over 1,000 batches, with a
-mid-epoch resume. Results go to <scale_dir>/results.json as they come.
+Then: `kill_trials` trials of `prepare` (dedup='near') on a 2-source 24 MB corpus: killed with SIGKILL at a
+random moment of the scan (after its first checkpoint), run again and killed at a random
+moment of the shard pass, run a third time; shards' sha256 against an uninterrupted run's;
+and the loader mixing those 2 sources 2:1 over 1,000 batches, with a mid-epoch resume. Results go to <scale_dir>/results.json as they come.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def run_child(kind: str, args: dict, kill_when=None) -> dict:
       os.killpg(proc.pid, signal.SIGKILL)
       proc.wait()
       return dict(killed=True, wall=time.perf_counter() - t0, peak_rss_mb=peak / 2**20,
-                  rss_mb_every_5s=series)
+                  rss_mb_every_5s=series, stdout=proc.stdout.read())
     time.sleep(0.1)
   out = proc.stdout.read()
   if proc.returncode:
@@ -307,30 +307,40 @@ def kill_trials(n: int, scale_dir: str, tokenizer: str, results: dict) -> None:
   d = os.path.join(scale_dir, 'kill')
   two = SOURCES[:2]
   synthesize(d, 0.024, sources=two, seed=5)
-  base = dict(corpus=spec(d, two), tokenizer=tokenizer, shard_tokens=500_000,
-              work=os.path.join(scale_dir, 'work'))
+  base = dict(corpus=spec(d, two), tokenizer=tokenizer, shard_tokens=500_000, dedup='near',
+              work=os.path.join(scale_dir, 'work'))   # near: the scan's every scratch file
   whole = os.path.join(scale_dir, 'kill_whole')
   subprocess.run(['rm', '-rf', whole], check=True)
   first = run_child('prepare', dict(base, cache_dir=whole))
   want = shards.digest(whole)
+  scan_s = float(next(l for l in first['stdout'].splitlines() if l.startswith('scan:'))
+                 .split(' in ')[1].split()[0])
   trials = []
   rng = random.Random(0)
   for t in range(n):
     cache = os.path.join(scale_dir, f'kill_{t}')
     subprocess.run(['rm', '-rf', cache], check=True)
-    progress = os.path.join(cache, '.build', 'progress.json')
-    state = {'seen': None, 'delay': rng.uniform(0.0, 0.6) * first['seconds']}
+    # 1st run killed in the scan (a random 0-60% of its time after its first checkpoint),
+    # 2nd run killed in the shard pass (0-60% of the whole run after its first shard), the
+    # 3rd run finishes.
+    lines = []
+    killed = []
+    for progress, span in ((os.path.join(cache, '.scan-build', 'progress.json'), scan_s),
+                           (os.path.join(cache, '.build', 'progress.json'), first['seconds'])):
+      state = {'seen': None, 'delay': rng.uniform(0.0, 0.6) * span}
 
-    def kill_when(_, progress=progress, state=state):
-      if state['seen'] is None and os.path.exists(progress):
-        state['seen'] = time.perf_counter()
-      return state['seen'] is not None and time.perf_counter() - state['seen'] >= state['delay']
+      def kill_when(_, progress=progress, state=state):
+        if state['seen'] is None and os.path.exists(progress):
+          state['seen'] = time.perf_counter()
+        return state['seen'] is not None and time.perf_counter() - state['seen'] >= state['delay']
 
-    killed = run_child('prepare', dict(base, cache_dir=cache), kill_when)
+      run = run_child('prepare', dict(base, cache_dir=cache), kill_when)
+      killed.append(round(run['wall'], 1) if run.get('killed') else None)
+      lines.extend(l for l in run.get('stdout', '').splitlines() if 'resuming' in l)
     again = run_child('prepare', dict(base, cache_dir=cache))
-    line = next((l for l in again['stdout'].splitlines() if 'resuming' in l), 'no resume line')
-    trials.append(dict(killed=killed.get('killed', False), killed_after_s=killed['wall'],
-                       resume=line, identical=shards.digest(cache) == want))
+    lines.extend(l for l in again['stdout'].splitlines() if 'resuming' in l)
+    trials.append(dict(killed_after_s=killed, resume=lines,
+                       identical=shards.digest(cache) == want))
     subprocess.run(['rm', '-rf', cache], check=True)
   results['kill'] = dict(uninterrupted_s=first['seconds'], sha256=want, trials=trials)
   _save(results, scale_dir)

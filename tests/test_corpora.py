@@ -89,7 +89,7 @@ def test_blocks_read_what_the_serial_reader_reads(tmp_path):
         p: dict(f.skipped) for p, f in want_stats.files.items()}
 
 
-def test_dedup_exact_and_near():
+def test_dedup_exact_and_near(tmp_path):
   rng = random.Random(1)
   base = documents(300, 2)
   near = []
@@ -102,10 +102,17 @@ def test_dedup_exact_and_near():
   removed = dedup.exact_removed(np.array([dedup.text_hash(t) for t in texts], np.uint64))
   sigs = dedup.signatures(texts, 5)
   keys = dedup.band_keys(sigs, *dedup.lsh_params(0.8))
+  from_files = removed.copy()
   dedup.near_removed(list(keys.T), sigs, removed, 0.8)
   assert (removed[-25:] == dedup.EXACT).all()
   assert (removed[:300] == dedup.KEEP).all()                  # no original removed
   assert (removed[300:340] == dedup.NEAR).sum() >= 36         # >= 90% of the near copies
+  sigs.tofile(tmp_path / 'sigs.bin')                          # the scan's scratch files
+  for b in range(keys.shape[1]):
+    keys[:, b].tofile(tmp_path / f'band{b}.bin')
+  dedup.near_removed([str(tmp_path / f'band{b}.bin') for b in range(keys.shape[1])],
+                     str(tmp_path / 'sigs.bin'), from_files, 0.8)
+  np.testing.assert_array_equal(from_files, removed)
   assert dedup.lsh_params(0.8) == (21, 6)
 
 
@@ -151,6 +158,27 @@ def test_killed_prepare_resumes_byte_identical(tmp_path, make_tiny_config, monke
   assert len({s['source'] for s in meta['shards']}) == 3
   assert sum(g['tokens'] for g in meta['source_groups']) == meta['tokens']
 
+  # Killed in the scan (after its 2nd checkpoint, bytes written past it): the rerun continues
+  # the scan, then is killed in the shard pass; the third run finishes it.
+  monkeypatch.setattr(scan, 'CHECKPOINT_BLOCKS', 1)
+  real_checkpoint, checkpoints = scan._checkpoint, {'n': 0}
+
+  def dying_checkpoint(work_dir, files, state):
+    real_checkpoint(work_dir, files, state)
+    checkpoints['n'] += 1
+    if checkpoints['n'] == 2:
+      for f in files.values():
+        f.write(b'\x01\x02' * 50)
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(scan, '_checkpoint', dying_checkpoint)
+  work = str(tmp_path / 'killed')
+  with pytest.raises(KeyboardInterrupt):
+    shards.prepare(config, work, progress=False)
+  assert checkpoints['n'] == 2
+  monkeypatch.setattr(scan, '_checkpoint', real_checkpoint)
+  capsys.readouterr()
+
   saves = {'n': 0}
   real_save = encode._save_state
 
@@ -165,11 +193,10 @@ def test_killed_prepare_resumes_byte_identical(tmp_path, make_tiny_config, monke
       raise KeyboardInterrupt
 
   monkeypatch.setattr(encode, '_save_state', dying_save)
-  work = str(tmp_path / 'killed')
   with pytest.raises(KeyboardInterrupt):
     shards.prepare(config, work, progress=False)
+  assert 'scan: resuming at block 2 of the corpus' in capsys.readouterr().out
   monkeypatch.setattr(encode, '_save_state', real_save)
-  capsys.readouterr()
   again = shards.prepare(config, work, progress=False)
   assert 'prepare: resuming at block' in capsys.readouterr().out
   assert shards.digest(again.data_dir) == want

@@ -9,14 +9,23 @@ for LSH; documents that share a band key are candidates, and a candidate pair wh
 signatures agree on at least `data.near_threshold` of their minima (the Jaccard estimate)
 is joined; every document of a joined cluster but the first is removed.
 
-Memory: the signatures and band keys are written to disk as they are made; afterwards each
-band is sorted on its own (8 bytes and an 8-byte index a document) and candidates are
-verified in chunks, so the peak is ~30 bytes a document, never the text.
+Memory: the signatures (512 bytes a document) and band keys (8 bytes a document a band)
+are written to disk by the scan as they are made, never held. Afterwards each band is read
+and sorted on its own, and only the rows of a chunk of 8,192 candidate pairs are read from the
+signature file (with pread: a memory map of that file became resident as a whole, since the
+kernel maps ~64 KiB around each page touched, and grew with the corpus: 849 MB at 3 GB).
+Pairs an earlier band already joined are not verified again, and clusters are joined band
+by band in a union-find array, so no list of pairs is kept either. What grows with the
+corpus is per-document arrays, freed when dedup ends: the near pass peaks at 36 bytes a
+document (tracemalloc, 1M documents: a band's keys, their order and the sorted keys, 8 bytes
+each; the union-find array and the live documents' index, 4 each), the exact pass at 42
+(np.unique of the 8-byte hashes); never the text.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 
@@ -81,32 +90,44 @@ def exact_removed(hashes: np.ndarray) -> np.ndarray:
   return removed
 
 
+def _rows_reader(sigs):
+  """rows(indices) -> those documents' signatures: from the array, or read from the file
+  row by row. Not a memory map: the kernel maps ~64 KiB around every page a map touches
+  ("fault-around"), so random rows of a mapped file soon make all of it resident."""
+  if not isinstance(sigs, str):
+    return lambda idx: sigs[idx], lambda: None
+  fd, size = os.open(sigs, os.O_RDONLY), NUM_PERM * 4
+
+  def rows(idx):
+    data = b''.join([os.pread(fd, size, int(i) * size) for i in idx])
+    return np.frombuffer(data, np.uint32).reshape(len(idx), NUM_PERM)
+  return rows, lambda: os.close(fd)
+
+
+def _roots(parent: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+  """The root (a cluster's first document) of each of `nodes`, by pointer jumping."""
+  nodes = parent[nodes]
+  while True:
+    up = parent[nodes]
+    if (up == nodes).all():
+      return nodes
+    nodes = up
+
+
 def near_removed(bands: list, sigs, removed: np.ndarray, threshold: float) -> None:
   """Marks NEAR in `removed` (in place) for near-duplicates of earlier documents.
 
   `bands`: each band's uint64 keys, an array or a file of them (read one at a time);
-  `sigs`: the [n, NUM_PERM] uint32 signatures, or the file that holds them (mapped afresh
-  for each chunk of candidates, so the pages read never pile up in memory). Documents
-  already removed take no part.
+  `sigs`: the [n, NUM_PERM] uint32 signatures, or the file that holds them (only the rows
+  of a chunk of candidates are read). Documents already removed take no part. Pairs that
+  an earlier band already joined are not verified again, and clusters are merged band by
+  band (union-find), so no list of pairs is kept.
   """
   n = len(removed)
-  alive = np.flatnonzero(removed == KEEP)
-  parent = np.arange(n, dtype=np.int64)
-  edges = []
-  for band in bands:
-    col = (np.fromfile(band, np.uint64) if isinstance(band, str) else band)[alive]
-    order = np.argsort(col, kind='stable')   # equal keys stay in corpus order
-    same = col[order][1:] == col[order][:-1]
-    a, c = alive[order[:-1][same]], alive[order[1:][same]]
-    for i in range(0, len(a), _VERIFY_CHUNK):
-      x, y = a[i:i + _VERIFY_CHUNK], c[i:i + _VERIFY_CHUNK]
-      table = (np.memmap(sigs, np.uint32, 'r', shape=(n, NUM_PERM)) if isinstance(sigs, str)
-               else sigs)
-      agree = (table[x] == table[y]).mean(axis=1)
-      del table
-      ok = agree >= threshold
-      edges.append(np.stack([x[ok], y[ok]], 1))
-  pairs = np.unique(np.concatenate(edges), axis=0) if edges else np.zeros((0, 2), np.int64)
+  index = np.int32 if n < 2**31 else np.int64
+  alive = np.flatnonzero(removed == KEEP).astype(index)
+  parent = np.arange(n, dtype=index)   # union-find; a cluster's root is its first document
+  rows, close = _rows_reader(sigs)
 
   def find(i):
     while parent[i] != i:
@@ -114,10 +135,29 @@ def near_removed(bands: list, sigs, removed: np.ndarray, threshold: float) -> No
       i = parent[i]
     return i
 
-  for x, y in pairs:
-    rx, ry = find(x), find(y)
-    if rx != ry:
-      parent[max(rx, ry)] = min(rx, ry)   # a cluster's root is its first document
-  nodes = np.unique(pairs)
-  roots = np.fromiter((find(i) for i in nodes), np.int64, len(nodes))
-  removed[nodes[roots != nodes]] = NEAR
+  try:
+    for band in bands:
+      col = (np.fromfile(band, np.uint64) if isinstance(band, str) else band)[alive]
+      order = np.argsort(col, kind='stable')   # equal keys stay in corpus order
+      col = col[order]
+      same = np.flatnonzero(col[1:] == col[:-1])
+      del col
+      a, c = alive[order[same]], alive[order[same + 1]]
+      del order, same
+      for i in range(0, len(a), _VERIFY_CHUNK):
+        x, y = a[i:i + _VERIFY_CHUNK], c[i:i + _VERIFY_CHUNK]
+        new = _roots(parent, x) != _roots(parent, y)   # not joined by an earlier band yet
+        x, y = x[new], y[new]
+        if not len(x):
+          continue
+        need, where = np.unique(np.concatenate([x, y]), return_inverse=True)
+        table = rows(need)
+        agree = (table[where[:len(x)]] == table[where[len(x):]]).mean(axis=1)
+        for p, q in zip(x[agree >= threshold].tolist(), y[agree >= threshold].tolist()):
+          rp, rq = find(p), find(q)
+          if rp != rq:
+            parent[max(rp, rq)] = min(rp, rq)
+  finally:
+    close()
+  roots = _roots(parent, np.arange(n, dtype=index))
+  removed[roots != np.arange(n)] = NEAR

@@ -157,10 +157,7 @@ def build(config, tok, n_heldout: int, build_dir: str, key: str, found: scan.Sca
   if state is None and data.corpus == 'builtin':
     _ = list(corpus.builtin_documents(data, stats, n_heldout))  # the builtin skips, once
   if state is not None:
-    for path, f in state['stats'].items():
-      fs = stats.file(path)
-      fs.documents, fs.characters = f['documents'], f['characters']
-      fs.skipped.update(f['skipped'])
+    stats = scan.stats_from_json(state['stats'], data.text_field)
     w = state['writers']
     print(f'prepare: resuming at block {state["next_block"]:,} of the corpus: train from shard '
           f'{len(w["train"]["shards"]) - 1} ({sum(s["tokens"] for s in w["train"]["shards"]):,} '

@@ -11,7 +11,13 @@ and, for `data.dedup='near'`, its MinHash signature and LSH band keys (both to d
     sample at rate max_train_chars / total over all sources alike, so each source's share of
     the sample is its share of the corpus. Only ~2x max_train_chars of candidates are held.
 
-The result (without the sample) is cached in <data>/scan/, keyed by the inputs.
+Everything per document goes to scratch files as it comes (main-process memory while the
+workers run: the sample and a few blocks in flight, not the corpus). With a key, a
+checkpoint (the files' sizes, the counts) is written every CHECKPOINT_BLOCKS blocks: a scan
+killed at any point (kill -9 included) continues from it when run again (`scan: resuming at
+block B`), the sample and the first val documents replayed from their logs, and its result
+is that of an uninterrupted scan. The result (without the sample) is cached in <data>/scan/,
+keyed by the inputs.
 """
 
 from __future__ import annotations
@@ -155,15 +161,18 @@ class _Sample:
   def __init__(self, max_chars: int):
     self.max_chars, self.items, self.chars, self.below = max_chars, [], 0, 2**64
 
-  def add(self, h: int, index: int, source: int, text: str) -> None:
-    if h < self.below:
-      self.items.append((h, index, source, text))
-      self.chars += len(text)
-      if self.chars > 2 * self.max_chars:
-        # A margin over max_chars: some of these may turn out to be duplicates.
-        self.items.sort()
-        self.items, self.chars = self._prefix(self.items, 1.5 * self.max_chars)
-        self.below = self.items[-1][0] + 1
+  def add(self, h: int, index: int, source: int, text: str) -> bool:
+    """Adds a candidate; False if it cannot be in the sample (so need not be logged)."""
+    if h >= self.below:
+      return False
+    self.items.append((h, index, source, text))
+    self.chars += len(text)
+    if self.chars > 2 * self.max_chars:
+      # A margin over max_chars: some of these may turn out to be duplicates.
+      self.items.sort()
+      self.items, self.chars = self._prefix(self.items, 1.5 * self.max_chars)
+      self.below = self.items[-1][0] + 1
+    return True
 
   def _prefix(self, items, limit):
     kept, chars = [], 0
@@ -179,8 +188,66 @@ class _Sample:
     return self._prefix(items, self.max_chars)[0]
 
 
-def scan(config, n_heldout: int, want_sample: bool, progress: bool, work_dir: str) -> Scan:
-  """Runs the first pass (see the module docstring); scratch files go under work_dir."""
+# A checkpoint every this many blocks (~1 MiB each): a killed scan loses at most these
+# (and the blocks in flight) of work; one costs a flush of the scratch files and ~1 KB JSON.
+CHECKPOINT_BLOCKS = 4
+_PER_DOC = {'source': np.uint16, 'chars': np.uint32, 'hash': np.uint64, 'val': np.bool_}
+
+
+def stats_from_json(saved: dict, text_field: str) -> corpus.CorpusStats:
+  """CorpusStats back from its to_json() (a checkpoint's)."""
+  stats = corpus.CorpusStats(text_field=text_field)
+  for path, f in saved.items():
+    fs = stats.file(path)
+    fs.documents, fs.characters = f['documents'], f['characters']
+    fs.skipped.update(f['skipped'])
+  return stats
+
+
+def _line(record) -> bytes:
+  return json.dumps(record, ensure_ascii=False).encode('utf-8', 'surrogatepass') + b'\n'
+
+
+def _records(path: str) -> Iterator:
+  with open(path, 'rb') as f:
+    for line in f:
+      yield json.loads(line.decode('utf-8', 'surrogatepass'))
+
+
+def _resume_state(work_dir: str, ident: dict) -> dict | None:
+  """The checkpoint in work_dir if it was made for `ident` and its files are all there."""
+  try:
+    with open(os.path.join(work_dir, 'progress.json'), encoding='utf-8') as f:
+      state = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if state.get('ident') != json.loads(json.dumps(ident)):
+    return None
+  for name, size in state['sizes'].items():
+    path = os.path.join(work_dir, f'{name}.bin')
+    if not os.path.isfile(path) or os.path.getsize(path) < size:
+      return None
+  return state
+
+
+def _checkpoint(work_dir: str, files: dict, state: dict) -> None:
+  for f in files.values():
+    f.flush()   # to the OS: enough for kill -9
+  state['sizes'] = {k: f.tell() for k, f in files.items()}
+  tmp = os.path.join(work_dir, 'progress.json.tmp')
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(state, f)
+  os.replace(tmp, os.path.join(work_dir, 'progress.json'))
+
+
+def scan(config, n_heldout: int, want_sample: bool, progress: bool, work_dir: str,
+         key: str | None = None) -> Scan:
+  """Runs the first pass (see the module docstring); scratch files go under work_dir.
+
+  With a `key` (of the inputs), a checkpoint is written to work_dir every
+  CHECKPOINT_BLOCKS blocks, and a scan killed at any point (kill -9 included) and started again
+  with the same key, work_dir and settings continues from its last checkpoint, printing from
+  which block; its result is that of an uninterrupted scan."""
   data = config.data
   near = None
   if data.dedup == 'near':
@@ -190,45 +257,82 @@ def scan(config, n_heldout: int, want_sample: bool, progress: bool, work_dir: st
   # Candidates sent back by the workers: ~16x the needed rate (a character is 1 to ~6 bytes
   # of JSON), so the sample is exact while the traffic stays a small part of the corpus.
   sample_below = (min(1.0, 16 * cap / max(1, total)) * 2.0**64) if want_sample else 0.0
-  stats = corpus.CorpusStats(text_field=data.text_field)
-  if data.corpus == 'builtin':
-    _ = list(corpus.builtin_documents(data, stats, n_heldout))  # the builtin skips, once
-  block_docs, val_docs = [], []
-  sample = _Sample(cap)
+  ident = dict(key=key, sample_below=sample_below, cap=cap, near=near)
+  state = _resume_state(work_dir, ident) if key else None
+  if state is None:
+    shutil.rmtree(work_dir, ignore_errors=True)
+    state = dict(ident=ident, blocks=0, docs=0, sizes={}, stats=None)
   os.makedirs(work_dir, exist_ok=True)
-  # The per-document arrays go to disk as they come (memory stays flat while the workers
-  # run); LSH keys band-major, so that each band is read back alone.
-  per_doc = {'source': np.uint16, 'chars': np.uint32, 'hash': np.uint64, 'val': np.bool_}
-  names = [*per_doc, *(['sigs', *(f'band{b}' for b in range(near[1]))] if near else [])]
-  files = {k: open(os.path.join(work_dir, f'{k}.bin'), 'wb') for k in names}
-  n_docs = 0
-  blocks = ((b, (b, sample_below, near)) for b in sources.iter_blocks(data, n_heldout))
+  # Everything per document goes to disk as it comes (memory stays flat while the workers
+  # run): the arrays, LSH keys band-major (each band is read back alone), the documents
+  # each block gave, and the sample's and val documents' logs (replayed on a resume).
+  names = [*_PER_DOC, *(['sigs', *(f'band{b}' for b in range(near[1]))] if near else []),
+           'blocks', 'sample', 'val_docs']
+  files = {}
+  for k in names:
+    files[k] = open(os.path.join(work_dir, f'{k}.bin'), 'r+b' if k in state['sizes'] else 'wb')
+    files[k].truncate(state['sizes'].get(k, 0))   # cut back what came after the checkpoint
+    files[k].seek(0, os.SEEK_END)
+  sample = _Sample(cap)
+  start, n_docs = state['blocks'], state['docs']
+  if state['stats'] is not None:
+    stats = stats_from_json(state['stats'], data.text_field)
+    files['sample'].flush()
+    for h, i, source, text in _records(files['sample'].name):
+      sample.add(h, i, source, text)
+    val_docs = list(_records(files['val_docs'].name))
+    print(f'scan: resuming at block {start:,} of the corpus ({n_docs:,} documents scanned)',
+          flush=True)
+  else:
+    stats, val_docs = corpus.CorpusStats(text_field=data.text_field), []
+    if data.corpus == 'builtin':
+      _ = list(corpus.builtin_documents(data, stats, n_heldout))  # the builtin skips, once
   try:
     with worker_pool(config) as submit, tqdm.tqdm(
         total=total, unit='B', unit_scale=True, disable=not progress, desc='scan') as bar:
-      for block, out in ordered(submit, _scan_block, blocks, 2 * workers(config)):
+
+      def blocks():
+        for i, b in enumerate(sources.iter_blocks(data, n_heldout)):
+          if i >= start:
+            yield b, (b, sample_below, near)
+          else:
+            bar.update(b.size)
+
+      for n_blocks, (block, out) in enumerate(
+          ordered(submit, _scan_block, blocks(), 2 * workers(config)), start + 1):
         bar.update(block.size)
         stats.merge(out['stats'])
-        block_docs.append(out['n'])
         out['source'] = np.full(out['n'], block.source, np.uint16)
-        val_docs.extend(out['val_docs'][:1000 - len(val_docs)])
+        out['blocks'] = np.array([out['n']], np.int64)
+        for text in out['val_docs'][:1000 - len(val_docs)]:
+          val_docs.append(text)
+          files['val_docs'].write(_line(text))
         for h, i, text in out['sample']:
-          sample.add(h, n_docs + i, block.source, text)
+          if sample.add(h, n_docs + i, block.source, text):
+            files['sample'].write(_line([h, n_docs + i, block.source, text]))
         for k, f in files.items():
-          (out['keys'][:, int(k[4:])] if k.startswith('band') else out[k]).tofile(f)
+          if k.startswith('band'):
+            out['keys'][:, int(k[4:])].tofile(f)
+          elif k not in ('sample', 'val_docs'):
+            out[k].tofile(f)
         n_docs += out['n']
+        if key and n_blocks % CHECKPOINT_BLOCKS == 0:
+          _checkpoint(work_dir, files, dict(state, blocks=n_blocks, docs=n_docs,
+                                            stats=stats.to_json()))
   finally:
     for f in files.values():
       f.close()
   if not n_docs:
     raise UserError(f'config.data.corpus={data.corpus!r}: no usable documents '
                     f'({stats.summary()})')
-  arrays = {k: np.fromfile(files[k].name, t) for k, t in per_doc.items() if k != 'hash'}
-  removed = (dedup.exact_removed(np.fromfile(files['hash'].name, np.uint64))
+  path = lambda k: os.path.join(work_dir, f'{k}.bin')   # pylint: disable=unnecessary-lambda-assignment
+  arrays = {k: np.fromfile(path(k), t) for k, t in _PER_DOC.items() if k != 'hash'}
+  removed = (dedup.exact_removed(np.fromfile(path('hash'), np.uint64))
              if data.dedup != 'none' else np.zeros(n_docs, np.uint8))
   if near:
-    bands = [files[f'band{b}'].name for b in range(near[1])]
-    dedup.near_removed(bands, files['sigs'].name, removed, data.near_threshold)
+    dedup.near_removed([path(f'band{b}') for b in range(near[1])], path('sigs'), removed,
+                       data.near_threshold)
+  block_docs = np.fromfile(path('blocks'), np.int64).tolist()
   shutil.rmtree(work_dir, ignore_errors=True)
   chosen = sample.final(removed)
   return Scan(block_docs=block_docs, **arrays, removed=removed, stats=stats,

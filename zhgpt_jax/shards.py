@@ -330,7 +330,7 @@ def prepare(config, workdir: str, progress: bool = True) -> PrepareSummary:
       if found is None or (want_sample and not found.sample):
         t_scan = time.time()
         found = scan.scan(config, _n_heldout(config), want_sample, progress,
-                          os.path.join(root, f'.tmp-scan-{os.getpid()}'))
+                          os.path.join(root, '.scan-build'), key=scan_key)
         scan.save(found, scan_dir, scan_key)
         codes = np.bincount(found.removed, minlength=3)
         print(f'scan: {len(found.removed):,} documents in {time.time() - t_scan:.1f} s; '
