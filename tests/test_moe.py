@@ -3,6 +3,7 @@ auxiliary-loss-free bias steers the choice only, expert parallelism equals one d
 bias-balanced run resumes bitwise."""
 
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from helpers import tiny_cfg
 
 from zhgpt_jax import checkpoint as ckpt_lib
 from zhgpt_jax import model as M
-from zhgpt_jax import moe
+from zhgpt_jax import moe, parallel
 from zhgpt_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,12 +157,15 @@ def test_bias_balanced_resume_is_bitwise(tiny_data, tmp_path):
   config.data.cache_dir = tiny_data.data_dir
   config.model.update(MOE, mlp='moe')
   config.model.moe.update(n_routed=8, top_k=2, balance='bias', bias_rate=0.01, first_dense=1)
-  config.train.update(steps=6, ckpt_every=3, eval_every=100, sample_tokens=0, log_every=3)
+  config.train.update(steps=6, ckpt_every=3, eval_every=100, sample_tokens=0, log_every=1)
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
-  train.train_and_evaluate(config, straight)
-  # The run as it stood at step 3 (its step-6 checkpoint removed), resumed to step 6.
+  result = train.train_and_evaluate(config, straight)
+  assert 1.0 <= result['moe_max_min_l1'] < 1e9   # over the val split, the last eval's
+  # The run as it stood at step 3 (its step-6 checkpoint removed), resumed to step 6,
+  # logging once for steps 4-6.
   shutil.copytree(straight, resumed)
   shutil.rmtree(os.path.join(resumed, 'checkpoints', '6'))
+  config.train.log_every = 3
   train.train_and_evaluate(config, resumed)
   _, a, _ = ckpt_lib.load_params(str(tmp_path / 'straight'))
   _, b, meta = ckpt_lib.load_params(str(tmp_path / 'resumed'))
@@ -170,6 +174,30 @@ def test_bias_balanced_resume_is_bitwise(tiny_data, tmp_path):
   assert np.abs(bias).max() > 0, 'the bias never moved'
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+  # The logged load is the mean over the steps since the last log, not the last step's.
+  def loads(workdir):
+    records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+    return {r['step']: np.array([r[f'moe_load_l1_e{e}'] for e in range(8)])
+            for r in records if 'moe_load_l1_e0' in r}
+  each, window = loads(straight), loads(resumed)
+  assert sorted(window) == [1, 2, 3, 6] and not np.allclose(each[4], each[6])
+  np.testing.assert_allclose(window[6], (each[4] + each[5] + each[6]) / 3, rtol=1e-6)
+
+
+def test_eval_reports_each_layers_load_over_the_split():
+  """The val record's moe_max_min_l{layer} is max/min of the loads summed over all batches."""
+  cfg = tiny_cfg(**MOE, n_layer=2, moe=dict(n_routed=8, top_k=2, first_dense=1))
+  params = M.init_params(cfg, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  batches = [{'inputs': rng.integers(0, 300, (1, 3, 16)).astype(np.int32),
+              'targets': rng.integers(0, 300, (1, 3, 16)).astype(np.int32),
+              'weights': np.ones((1, 3, 16), np.float32)} for _ in range(3)]
+  got = train.evaluate(train.make_eval_step(cfg), parallel.replicate(params), batches, None,
+                       moe_layers=cfg.moe_layers())
+  load = sum(np.asarray(M.GPT(cfg).apply({'params': params}, b['inputs'][0])[1]['moe_load'][0])
+             for b in batches)
+  assert set(got) >= {'loss', 'moe_max_min_l1'} and 'moe_max_min_l0' not in got
+  np.testing.assert_allclose(got['moe_max_min_l1'], load.max() / load.min(), rtol=1e-5)
 
 
 def test_a_run_saved_before_the_moe_keys_resumes_only_as_their_defaults():

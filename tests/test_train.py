@@ -270,7 +270,7 @@ def test_chunked_cross_entropy_equals_full_logits(tie):
   # The eval step agrees too (summed cross-entropy and weight).
   rep = jax.tree.map(lambda x: np.asarray(x)[None], params)
   one = jax.tree.map(lambda x: x[None], batch)
-  s_full, n_full = train.make_eval_step(cfg)(rep, one)
-  s_chunk, n_chunk = train.make_eval_step(cfg, 20)(rep, one)
+  s_full, n_full, _ = train.make_eval_step(cfg)(rep, one)
+  s_chunk, n_chunk, _ = train.make_eval_step(cfg, 20)(rep, one)
   np.testing.assert_allclose(float(s_chunk[0]), float(s_full[0]), rtol=1e-6)
   assert float(n_chunk[0]) == float(n_full[0]) == batch['weights'].sum()

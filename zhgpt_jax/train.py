@@ -16,10 +16,11 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from zhgpt_jax import checkpoint as ckpt_lib
@@ -84,34 +85,43 @@ def make_train_step(config, cfg: model_lib.GPTConfig, strategy: parallel.Strateg
 
 def make_eval_step(cfg: model_lib.GPTConfig, loss_chunk: int = 0,
                    strategy: parallel.Strategy | None = None) -> Callable:
-  """The eval step: (params, batch) -> summed weighted cross-entropy and weight, all replicas."""
+  """The eval step: (params, batch) -> summed weighted cross-entropy, summed weight and the
+  MoE layers' expert loads [MoE layers, E] (each row a share of the batch's assignments,
+  summed over replicas; [0] without MoE), all replicas."""
   strategy = strategy or parallel.Pmap()
   model = model_lib.GPT(cfg)
 
   def step(params, batch):
-    ce_BxL, _ = loss_lib.token_cross_entropy(model, params, batch, None, False, loss_chunk)
+    ce_BxL, aux = loss_lib.token_cross_entropy(model, params, batch, None, False, loss_chunk)
     w_BxL = batch['weights']
-    return strategy.sum(jnp.sum(ce_BxL * w_BxL)), strategy.sum(jnp.sum(w_BxL))
+    load = aux.get('moe_load', jnp.zeros((0,)))
+    return (strategy.sum(jnp.sum(ce_BxL * w_BxL)), strategy.sum(jnp.sum(w_BxL)),
+            strategy.sum(load))
 
   return strategy.compile(step)
 
 
 def evaluate(eval_step, params, batches: Iterator[dict], chars_per_token: float | None,
-             strategy: parallel.Strategy | None = None) -> dict:
-  """Val loss (nats/token), perplexity and, given chars/token, bits per character.
+             strategy: parallel.Strategy | None = None, moe_layers: Sequence[int] = ()) -> dict:
+  """Val loss (nats/token), perplexity and, given chars/token, bits per character; for an
+  MoE model (`moe_layers`: its MoE layer numbers) each layer's max/min expert load over the
+  whole split (`moe_max_min_l{layer}`; 1e9 when an expert got nothing).
 
   `params` are device arrays in `strategy`'s layout; `batches` host batches of a data.Task.
   """
   strategy = strategy or parallel.Pmap()
-  total, count = 0.0, 0.0
+  total, count, load = 0.0, 0.0, 0.0
   for batch in batches:
-    s, n = eval_step(params, strategy.put_batch(batch))
+    s, n, batch_load = eval_step(params, strategy.put_batch(batch))
     total += float(strategy.to_host(s))
     count += float(strategy.to_host(n))
+    load = load + np.asarray(strategy.to_host(batch_load), np.float64)
   loss = total / max(count, 1.0)
   out = {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)), 'tokens': count}
   if chars_per_token:
     out['bpc'] = loss / math.log(2) / chars_per_token
+  for layer, load_E in zip(moe_layers, np.atleast_2d(load)):
+    out[f'moe_max_min_l{layer}'] = min(moe_lib.load_ratio(load_E), 1e9)
   return out
 
 
@@ -329,7 +339,7 @@ def _loop(config, workdir: str, run: Run, state, ckpt, writer, tok_hash: str) ->
   def do_eval(step, state):
     params = dp.to_host(state['params'])
     result = evaluate(run.eval_step, state['params'], run.task.eval_batches(),
-                      run.task.chars_per_token, dp)
+                      run.task.chars_per_token, dp, run.cfg.moe_layers())
     if run.task.extra_eval is not None:
       result.update(run.task.extra_eval(run.cfg, params))
     writer.scalars(step, 'val', {k: v for k, v in result.items() if k != 'tokens'})
@@ -357,6 +367,7 @@ def _loop(config, workdir: str, run: Run, state, ckpt, writer, tok_hash: str) ->
   bar = tqdm(total=t.steps, initial=start, disable=not is_main, desc='train', dynamic_ncols=True)
   last_eval, pending, nonfinite = None, None, 0
   t0, window_steps, run_start = time.perf_counter(), 0, time.perf_counter()
+  window_load = 0.0   # MoE: the expert loads [MoE layers, E] summed over the log window
   step = start
   with _StopFlag() as stop, contextlib.closing(bar):   # an error line starts on a line of its own
     while step < t.steps:
@@ -371,9 +382,11 @@ def _loop(config, workdir: str, run: Run, state, ckpt, writer, tok_hash: str) ->
       # Read the previous step's metrics only now, so the device never waits on the host.
       if pending is not None:
         nonfinite = _check(*pending, dp, nonfinite, t.max_nonfinite, writer)
+        window_load += _moe_load(pending[1], dp)
       pending = (step, metrics)
       if step % t.log_every == 0 or step == t.steps:
         nonfinite = _check(*pending, dp, nonfinite, t.max_nonfinite, writer)
+        window_load += _moe_load(pending[1], dp)
         pending = None
         host = dp.to_host(metrics)
         dt = time.perf_counter() - t0
@@ -383,12 +396,14 @@ def _loop(config, workdir: str, run: Run, state, ckpt, writer, tok_hash: str) ->
         if 'moe_balance' in host:
           logged.update(moe_balance=host['moe_balance'], moe_z=host['moe_z'],
                         moe_dropped=host['moe_dropped'])
-          for layer, load in zip(run.cfg.moe_layers(), host['moe_load']):
+          # Loads over every step since the last log: one batch's load is noisy (its few
+          # documents favour their own experts), the window's is what balancing evens out.
+          for layer, load in zip(run.cfg.moe_layers(), window_load / window_steps):
             logged[f'moe_max_min_l{layer}'] = min(moe_lib.load_ratio(load), 1e9)
             logged.update({f'moe_load_l{layer}_e{e}': v for e, v in enumerate(load)})
         writer.scalars(step, 'train', logged)
         bar.set_postfix(loss=f'{host["loss"]:.3f}', lr=f'{host["lr"]:.2e}', tok_s=f'{tps:,.0f}')
-        t0, window_steps = time.perf_counter(), 0
+        t0, window_steps, window_load = time.perf_counter(), 0, 0.0
       bar.update(1)
       if step % t.eval_every == 0 or step == t.steps:
         last_eval = do_eval(step, state)
@@ -413,6 +428,11 @@ def _loop(config, workdir: str, run: Run, state, ckpt, writer, tok_hash: str) ->
       print(f'done: {step} steps in {time.perf_counter() - run_start:.0f}s'
             + (f'; val {shown}' if shown else '') + f'; workdir {workdir}')
   return last_eval or {}
+
+
+def _moe_load(metrics, dp):
+  """A step's MoE expert loads [MoE layers, E] on the host (0.0 without MoE)."""
+  return dp.to_host(metrics['moe_load']) if 'moe_load' in metrics else 0.0
 
 
 def _check(step: int, metrics, dp, nonfinite: int, limit: int, writer) -> int:
@@ -452,7 +472,7 @@ def evaluate_workdir(workdir: str, step: int | None = None,
   config, params, meta = ckpt_lib.load_params(workdir, step)
   run = build(config, workdir, make_task, training=False)
   result = evaluate(run.eval_step, run.strategy.put_state(params), run.task.eval_batches(),
-                    run.task.chars_per_token, run.strategy)
+                    run.task.chars_per_token, run.strategy, run.cfg.moe_layers())
   if run.task.extra_eval is not None:
     result.update(run.task.extra_eval(run.cfg, jax.tree.map(jnp.asarray, params)))
   result['step'] = meta['step']
