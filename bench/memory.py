@@ -1,6 +1,12 @@
 """Memory per device, pmap against fsdp=8, for the GPT-2 presets and a 7B-shaped model.
 
   PYTHONPATH=. python bench/memory.py [--compile small,medium] [--batch 1] [--devices 8]
+  PYTHONPATH=. python bench/memory.py --moe [--devices 8]
+
+--moe instead: the train state per device of MoE models (configs/moe.py:deepseek, and the same
+preset at DeepSeekMoE-16B's shape) under layouts with and without expert parallelism
+(`parallel.expert`), from the shapes and the placement rule; for the CPU preset also
+allocated in place (`strategy.init_state`) and read back (`parallel.bytes_per_device`).
 
 For each model: the bytes of parameters + AdamW state one device holds (from the shapes and
 the placement rule, `parallel.Sharded.spec`; nothing is allocated), and, for the models named
@@ -40,13 +46,90 @@ def parse_args(argv=None):
                  help='models whose train step is compiled for memory_analysis()')
   p.add_argument('--batch', type=int, default=1, help='sequences per device per step')
   p.add_argument('--devices', type=int, default=8, help='simulated devices (fsdp size)')
+  p.add_argument('--moe', action='store_true', help='MoE state per device by layout instead')
   return p.parse_args(argv)
+
+
+# DeepSeekMoE 16B (arXiv 2401.06066): 28 layers, d 2048, 16 heads, 64 routed experts of width
+# 1408 (6 active) + 2 shared, the first layer dense (width 10944), vocab 102400, context 4096.
+MOE_MODELS = {
+    'configs/moe.py:deepseek': {},
+    'DeepSeekMoE-16B shape': dict(n_layer=28, n_head=16, d_model=2048, seq_len=4096,
+                                  mlp_hidden=10944, moe=dict(expert_hidden=1408)),
+}
+MOE_VOCAB = {'DeepSeekMoE-16B shape': 102400}
+
+
+def moe_layouts(n: int) -> dict:
+  """Layout name -> config.parallel overrides (None: pmap) for n devices."""
+  e = 4 if n % 4 == 0 else n
+  return {'pmap': None, f'fsdp={n}': dict(data=1, fsdp=n, expert=1),
+          f'data={n // e} x expert={e}': dict(data=n // e, fsdp=1, expert=e),
+          f'fsdp={n // e} x expert={e}': dict(data=1, fsdp=n // e, expert=e),
+          f'expert={n}': dict(data=1, fsdp=1, expert=n)}
+
+
+def moe_main(args):
+  """The MoE table: params + optimizer state per device, by model and layout."""
+  import jax
+  import numpy as np
+  from configs import moe as moe_configs
+  from zhgpt_jax import model as model_lib, optim, parallel, train
+  from zhgpt_jax.config import default_config
+  n = jax.device_count()
+  layouts = moe_layouts(n)
+  print(f'jax {jax.__version__}, {jax.default_backend()}, {n} devices; float32 params + the '
+        "preset's optimizer state (Muon + Adam)", flush=True)
+  rows = []
+  for name, overrides in MOE_MODELS.items():
+    c = moe_configs.get_config('deepseek')
+    c.model.update({k: v for k, v in overrides.items() if k != 'moe'})
+    c.model.moe.update(overrides.get('moe', {}))
+    c.train.steps = 1000
+    cfg = model_lib.model_config(c.model, MOE_VOCAB.get(name, 8000))
+    opt = optim.make_optimizer(c.optim, c.train.steps)
+    fresh = lambda r, cfg=cfg, opt=opt: train.new_state(opt, model_lib.init_params(cfg, r), 0)
+    state = jax.eval_shape(fresh, jax.random.PRNGKey(0))
+    held = {k: state[k] for k in ('params', 'opt_state')}
+    params = model_lib.count_params(state['params'])
+    whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(held))
+    experts = sum(x.size * x.dtype.itemsize for k, x in jax.tree_util.tree_leaves_with_path(held)
+                  if parallel.is_expert_stack(k))
+    cells = []
+    for layout, sizes in layouts.items():
+      if sizes is None:
+        per_device = whole
+      else:
+        p = default_config().parallel
+        p.update(strategy='fsdp', **sizes)
+        strategy = parallel.make(p)
+        per_device = 0
+        for k, x in jax.tree_util.tree_leaves_with_path(held):
+          split = [a for a in jax.tree.leaves(tuple(strategy.spec(x.shape, k))) if a]
+          ways = int(np.prod([strategy.mesh.shape[a] for a in split]))
+          per_device += x.size * x.dtype.itemsize // ways
+        if name == 'configs/moe.py:deepseek':   # allocated in place: the same bytes
+          real = strategy.init_state(fresh, jax.random.PRNGKey(0))
+          got = parallel.bytes_per_device({k: real[k] for k in ('params', 'opt_state')})
+          assert got == per_device, (layout, got, per_device)
+      cells.append(per_device)
+    rows.append((name, params, experts / whole, whole, cells))
+    print(name, params, cells, flush=True)
+  print('\n| model | params | expert stacks | ' + ' | '.join(layouts) + ' |')
+  print('|---|---:|---:|' + '---:|' * len(layouts))
+  for name, params, share, whole, cells in rows:
+    unit, scale = ('MB', 1e6) if whole < 1e9 else ('GB', 1e9)
+    shown = [f'{c / scale:,.2f} {unit}' + (f' (1/{whole / c:.1f})' if c < whole else '')
+             for c in cells]
+    print(f'| {name} | {params / 1e6:,.1f}M | {share:.0%} | ' + ' | '.join(shown) + ' |')
 
 
 def main(argv=None):
   args = parse_args(argv)
   os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count={args.devices}')
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  if args.moe:
+    return moe_main(args)
   import jax
   from zhgpt_jax import model as model_lib, optim, parallel, train
   from zhgpt_jax.config import default_config
@@ -71,8 +154,9 @@ def main(argv=None):
   def held(state, strategy):
     """Bytes of params + optimizer state on one device, from shapes and the rule."""
     total = 0
-    for x in jax.tree.leaves({k: state[k] for k in ('params', 'opt_state')}):
-      split = strategy is fsdp and strategy.spec(x.shape) != jax.sharding.PartitionSpec()
+    for path, x in jax.tree_util.tree_leaves_with_path(
+        {k: state[k] for k in ('params', 'opt_state')}):
+      split = strategy is fsdp and strategy.spec(x.shape, path) != jax.sharding.PartitionSpec()
       total += x.size * x.dtype.itemsize // (n if split else 1)
     return total
 
@@ -84,8 +168,8 @@ def main(argv=None):
       batch = jax.ShapeDtypeStruct((n, 1, b, t), jax.numpy.int32)
     else:
       state_in = strategy.restore_target(state)
-      batch = jax.ShapeDtypeStruct((1, n * b, t), jax.numpy.int32,
-                                   sharding=jax.sharding.NamedSharding(mesh, strategy.batch_spec(3)))
+      batch_sharding = jax.sharding.NamedSharding(mesh, strategy.batch_spec(3))
+      batch = jax.ShapeDtypeStruct((1, n * b, t), jax.numpy.int32, sharding=batch_sharding)
     t0 = time.perf_counter()
     compiled = step_of(strategy).lower(state_in, {'inputs': batch, 'targets': batch}).compile()
     m = compiled.memory_analysis()

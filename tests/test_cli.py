@@ -72,6 +72,11 @@ README_COMMANDS = {
     'python main.py --config configs/base.py --config.parallel.strategy=fsdp '
     '--config.parallel.data=2 --config.parallel.fsdp=4':
         'test_fsdp.py::test_a_fsdp_checkpoint_resumes_in_other_layouts',
+    # expert parallelism: the train step and checkpoints of this layout (8 simulated devices)
+    'python main.py --config configs/moe.py:deepseek --config.parallel.strategy=fsdp '
+    '--config.parallel.data=2 --config.parallel.expert=4':
+        'test_moe.py::test_expert_parallel_training_equals_one_device; '
+        'test_fsdp.py::test_the_rule_puts_every_expert_stack_on_the_expert_axis',
     # after training
     'python main.py eval --workdir runs/tiny': 'test_train.py::test_cli_eval_sample_and_export',
     'python main.py eval --workdir runs/tiny --step 500': 'test_cli.py::test_eval_at_a_step',

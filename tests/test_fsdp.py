@@ -1,5 +1,8 @@
 """The sharded strategy (parallel.strategy='fsdp') against pmap, and checkpoints across layouts.
 
+The placement rule, with and without expert parallelism (an MoE layer's expert stacks and
+their optimizer moments on 'expert'; tests/test_moe.py trains under it).
+
 In one 8-device process: fsdp (data=2 x fsdp=4) and pmap on 1 device take the same 3 steps
 of AdamW and of Muon to the same losses and parameters; at fsdp=8 each device holds 1/8 of
 the parameters and optimizer state; a pmap checkpoint resumes under fsdp.
@@ -11,6 +14,7 @@ eval, sampling and export read the fsdp workdir.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +25,7 @@ import numpy as np
 import pytest
 
 from zhgpt_jax import checkpoint, export, metrics, model as M, parallel, sample, train
-from zhgpt_jax.config import UserError, default_config
+from zhgpt_jax.config import UserError, default_config, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, SAVED = 8, 3    # the runs below: 8 steps, resumed from the checkpoint at step 3
@@ -57,6 +61,52 @@ def test_one_rule_splits_the_largest_dimension_the_fsdp_size_divides():
   assert spec((8, 768, 256)) == P(None, 'fsdp', None)  # an expert stack
   assert spec((768,)) == P('fsdp')                   # biases and norms too
   assert spec((6, 10)) == P() and spec(()) == P()    # nothing divisible: replicated
+
+
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_the_rule_puts_every_expert_stack_on_the_expert_axis(optimizer):
+  """With expert=4: an MoE layer's w_gate/w_up/w_down, and their optimizer moments found
+  inside the optax state by path, split E over 'expert' and another dimension over 'fsdp';
+  everything else, the expert bias and router included, keeps the fsdp rule."""
+  from helpers import tiny_cfg
+  from zhgpt_jax import optim
+  c = default_config('tiny')
+  c.optim.update(name=optimizer, warmup_steps=1)
+  cfg = tiny_cfg(position='rope', mlp='moe', norm='rmsnorm', bias=False,
+                 moe=dict(n_routed=8, balance='bias', first_dense=1))
+  opt = optim.make_optimizer(c.optim, 10)
+  state = jax.eval_shape(lambda r: train.new_state(opt, M.init_params(cfg, r), 0),
+                         jax.random.PRNGKey(0))
+  P = jax.sharding.PartitionSpec
+  strategy = parallel.Sharded(jax.sharding.AbstractMesh((1, 2, 4), parallel.MESH_AXES))
+  flat = {jax.tree_util.keystr(k): (x.shape, strategy.spec(x.shape, k))
+          for k, x in jax.tree_util.tree_leaves_with_path(state)}
+  on_experts = {k: s for k, (_, s) in flat.items() if 'expert' in s}
+  # Each stack in params and its moments: Adam's mu and nu, or Muon's momentum.
+  assert len(on_experts) == 3 * {'adamw': 3, 'muon': 2}[optimizer], sorted(on_experts)
+  for key, s in on_experts.items():
+    assert re.search(r"\['h_1'\]\['moe'\]\['w_(gate|up|down)'\]$", key), key
+    shape = flat[key][0]   # [8, 64, 128] or [8, 128, 64]: E on expert, the widest other on fsdp
+    assert s == P('expert', *('fsdp' if d == max(shape[1:]) else None for d in shape[1:])), key
+  plain = parallel.Sharded(jax.sharding.AbstractMesh((4, 2, 1), parallel.MESH_AXES))
+  for key, (shape, s) in flat.items():
+    if key not in on_experts:   # as without expert parallelism
+      assert s == plain.spec(shape), key
+  assert flat["['params']['h_1']['moe']['expert_bias']"][1] == P('fsdp')
+  # 3 does not divide 8 experts: one line naming both keys, before anything is placed.
+  three = parallel.Sharded(jax.sharding.AbstractMesh((1, 1, 3), parallel.MESH_AXES))
+  with pytest.raises(UserError, match=r'parallel.expert=3 must divide .*model.moe.n_routed=8'):
+    three.shardings(state)
+  config = default_config('tiny')
+  config.model.mlp = 'moe'
+  config.parallel.update(strategy='fsdp', expert=3)
+  with pytest.raises(UserError, match=r'config.parallel.expert=3: must divide '
+                     r'model.moe.n_routed=8'):
+    validate(config)
+  config.parallel.update(strategy='pmap', expert=2)
+  with pytest.raises(UserError, match='config.parallel.expert=2: expert parallelism needs '
+                     '--config.parallel.strategy=fsdp'):
+    validate(config)
 
 
 # ----------------------------------------------------------------------------- one process, 8 devices

@@ -182,7 +182,8 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
       # fsdp's mesh (data x fsdp x expert = every device); -1 = the rest of the devices.
       data=1,                    # replicas of the (sharded) state; the batch splits over all axes
       fsdp=-1,                   # the state is split this many ways
-      expert=1,                  # MoE expert parallelism; until experts use it, another data axis
+      expert=1,                  # MoE: each layer's routed experts split this many ways (must
+                                 # divide model.moe.n_routed); splits the batch like data too
   ))
 
   c.dist = ml_collections.ConfigDict(dict(
@@ -315,6 +316,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
       fail(f'parallel.{key}', 'must be >= 1, or -1 (the rest of the devices)')
   if [config.parallel[k] for k in ('data', 'fsdp', 'expert')].count(-1) > 1:
     fail('parallel.fsdp', 'only one of parallel.data, fsdp, expert may be -1')
+  n_expert = config.parallel.expert
+  if n_expert not in (1, -1) and config.parallel.strategy != 'fsdp':
+    fail('parallel.expert', 'expert parallelism needs --config.parallel.strategy=fsdp')
+  if n_expert > 1 and m.mlp == 'moe' and m.moe.n_routed % n_expert:
+    fail('parallel.expert', f'must divide model.moe.n_routed={m.moe.n_routed} (each device '
+         'holds n_routed / expert experts)')
   d = config.dist
   host, _, port = d.coordinator.rpartition(':')
   if d.coordinator and not (host and port.isdigit()):

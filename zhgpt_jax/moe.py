@@ -79,11 +79,13 @@ def expert_axis_size() -> int:
   return mesh.shape[EXPERT_AXIS]
 
 
-def _on_experts(x_Ex_):
-  """Pins the leading (expert) axis to the mesh's 'expert' axis when there is one."""
+def _on_experts(x_ExCx_):
+  """Pins the leading (expert) axis to the mesh's 'expert' axis when there is one, and each
+  expert's rows to the mesh's other axes (so no two devices run the same rows)."""
   if expert_axis_size() == 1:
-    return x_Ex_
-  return jax.lax.with_sharding_constraint(x_Ex_, P(EXPERT_AXIS))
+    return x_ExCx_
+  rest = tuple(a for a in jax.sharding.get_abstract_mesh().axis_names if a != EXPERT_AXIS)
+  return jax.lax.with_sharding_constraint(x_ExCx_, P(EXPERT_AXIS, rest or None))
 
 
 def _swiglu(x, w_gate, w_up, w_down, spec: str):

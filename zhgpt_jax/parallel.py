@@ -24,11 +24,15 @@ Two strategies, chosen by `config.parallel.strategy` (`make`):
   with several processes the same pmapped step spans every device of every host. Every
   device holds the whole state; a replica's batch is [grad_accum, per_device_batch, seq_len].
 - `Sharded` ('fsdp'): `jax.jit` over a `Mesh` with axes ('data', 'fsdp', 'expert'). Every
-  array of the train state (parameters, gradients, optimizer moments) is split along one
-  dimension over 'fsdp' by one rule (`Sharded.spec`); the step sees the global batch
-  [grad_accum, B, seq_len], its rows split over all three axes, so `mean`/`sum` are the
-  identity and `device_index` is 0. 'expert' is for expert parallelism in MoE layers; until a
-  rule places experts on it, it splits the batch like 'data'.
+  array of the train state (parameters, gradients, optimizer moments) is placed by one rule
+  (`Sharded.spec`, by shape and tree path): an MoE layer's expert stacks ([E, ...] w_gate,
+  w_up, w_down, and their moments) have E split over 'expert', and every array one more
+  dimension over 'fsdp'. The step sees the global batch [grad_accum, B, seq_len], its rows
+  split over all three axes, so `mean`/`sum` are the identity and `device_index` is 0. Steps
+  are traced under `jax.set_mesh(mesh)`: there model.MoE pins its [E, C, D] capacity blocks
+  to 'expert' (and each expert's rows to the other axes), so each device runs its own
+  E / expert experts on its share of their rows and XLA moves the rows between devices
+  (all-to-alls). Without an MoE layer 'expert' only splits the batch, like 'data'.
 
 Also here: joining a multi-process run (`initialize`), barriers (`sync`), and the
 cross-process pre-emption and peer-failure checks.
@@ -50,6 +54,14 @@ from zhgpt_jax.config import UserError
 
 AXIS = 'batch'
 MESH_AXES = ('data', 'fsdp', 'expert')
+EXPERT_STACKS = ('w_gate', 'w_up', 'w_down')   # an MoE layer's [E, ...] routed expert weights
+
+
+def is_expert_stack(path) -> bool:
+  """True for a key path ending in 'moe' / one of EXPERT_STACKS: an MoE layer's routed
+  expert weights, or a gradient or optimizer moment of them (same path tail in optax states)."""
+  names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+  return len(names) >= 2 and names[-2] == 'moe' and names[-1] in EXPERT_STACKS
 
 
 def initialize(dist_cfg) -> None:
@@ -237,7 +249,7 @@ class Pmap:
 
 @dataclasses.dataclass(frozen=True)
 class Sharded:
-  """FSDP: `jax.jit` over `mesh`; every state array split over 'fsdp' by `spec`."""
+  """FSDP (+ expert parallelism): `jax.jit` over `mesh`; the state placed by `spec`."""
   mesh: jax.sharding.Mesh
   name = 'fsdp'
 
@@ -245,18 +257,33 @@ class Sharded:
   def local_devices(self) -> int:
     return sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
 
-  def spec(self, shape) -> PartitionSpec:
-    """The one placement rule: the largest dimension the 'fsdp' size divides is split over
-    'fsdp' (the first of equals); an array with no such dimension is replicated."""
+  def spec(self, shape, path=()) -> PartitionSpec:
+    """The one placement rule, for an array of `shape` at tree `path` (a key path, as
+    `jax.tree_util.tree_map_with_path` gives; params, gradients and optimizer moments of a
+    parameter all end in the parameter's path):
+
+    - an MoE layer's expert stack (`EXPERT_STACKS` under 'moe', [E, ...]) has its E
+      dimension split over 'expert' when that axis is larger than 1 (each device holds
+      E / expert experts); the 'expert' size must divide E (UserError otherwise);
+    - then the largest remaining dimension the 'fsdp' size divides is split over 'fsdp'
+      (the first of equals); an array with no such dimension is not split over 'fsdp'.
+    """
+    axes: list = [None] * len(shape)
+    n_exp = self.mesh.shape['expert']
+    if n_exp > 1 and is_expert_stack(path):
+      if shape[0] % n_exp:
+        raise UserError(f'parallel.expert={n_exp} must divide the number of experts '
+                        f'model.moe.n_routed={shape[0]} ({jax.tree_util.keystr(tuple(path))})')
+      axes[0] = 'expert'
     n = self.mesh.shape['fsdp']
-    dims = [i for i, d in enumerate(shape) if n > 1 and d % n == 0]
-    if not dims:
-      return PartitionSpec()
-    split = max(dims, key=lambda i: (shape[i], -i))
-    return PartitionSpec(*('fsdp' if i == split else None for i in range(len(shape))))
+    dims = [i for i, d in enumerate(shape) if n > 1 and d % n == 0 and axes[i] is None]
+    if dims:
+      axes[max(dims, key=lambda i: (shape[i], -i))] = 'fsdp'
+    return PartitionSpec(*axes) if any(axes) else PartitionSpec()
 
   def shardings(self, tree):
-    return jax.tree.map(lambda x: NamedSharding(self.mesh, self.spec(np.shape(x))), tree)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(self.mesh, self.spec(np.shape(x), path)), tree)
 
   def device_index(self):
     return 0   # one program for the global batch: the randomness of pmap's device 0
@@ -271,12 +298,16 @@ class Sharded:
     return jax.lax.with_sharding_constraint(tree, self.shardings(tree))
 
   def compile(self, fn: Callable, donate: bool = False) -> Callable:
-    return jax.jit(fn, donate_argnums=(0,) if donate else ())
+    """`jax.jit(fn)`, traced, lowered and run under `jax.set_mesh(self.mesh)`: the model sees
+    the mesh (moe.expert_axis_size), so MoE layers place their expert blocks on 'expert'."""
+    return _InMesh(jax.jit(fn, donate_argnums=(0,) if donate else ()), self.mesh)
 
   def init_state(self, make: Callable, *args):
     """`make(*args)` computed in place: no device ever holds the whole state."""
     args = self.put_state(args)
-    return jax.jit(make, out_shardings=self.shardings(jax.eval_shape(make, *args)))(*args)
+    with jax.set_mesh(self.mesh):
+      shardings = self.shardings(jax.eval_shape(make, *args))
+    return _InMesh(jax.jit(make, out_shardings=shardings), self.mesh)(*args)
 
   def put_state(self, tree):
     """Host (or differently placed) arrays -> this layout; each device copies its slice."""
@@ -322,6 +353,21 @@ class Sharded:
       from jax.experimental import multihost_utils
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return jax.tree.map(get, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class _InMesh:
+  """A jitted function whose calls and `lower` run under `jax.set_mesh(mesh)`."""
+  jitted: Any
+  mesh: jax.sharding.Mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
 
 
 Strategy = Any   # Pmap | Sharded
@@ -397,22 +443,3 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
-
-
-EXPERT_STACKS = ('w_gate', 'w_up', 'w_down')
-
-
-def expert_specs(params):
-  """PartitionSpecs for expert parallelism: each MoE layer's [E, ...] expert stacks split over
-  the mesh's 'expert' axis, every other parameter replicated.
-
-  Under `jax.set_mesh` of a mesh with an 'expert' axis (Auto axis types), model.MoE pins its
-  [E, C, D] token blocks to the same axis, so each device runs its own experts on the rows
-  routed to them; XLA moves the rows between the data and expert layouts.
-  """
-  from jax.sharding import PartitionSpec as P
-
-  def spec(path, leaf):
-    names = [getattr(p, 'key', None) for p in path]
-    return P('expert') if 'moe' in names and names[-1] in EXPERT_STACKS else P()
-  return jax.tree_util.tree_map_with_path(spec, params)
