@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from zhgpt_jax import chat, chat_data, checkpoint, corpus, export, metrics, train
+from zhgpt_jax import chat, chat_format, checkpoint, corpus, export, metrics, train
 from zhgpt_jax.config import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -315,8 +315,8 @@ def test_bad_chat_records_are_skipped_and_counted(record, reason, tmp_path):
   path = tmp_path / 'chat.jsonl'
   good = {'messages': [{'role': 'user', 'content': '你好'}, {'role': 'assistant', 'content': '好'}]}
   path.write_text('\n'.join(json.dumps(r) for r in (good, record, good)) + '\n', encoding='utf-8')
-  stats = chat_data.SftStats()
-  kept = list(chat_data.read_conversations(str(path), stats))
+  stats = chat_format.SftStats()
+  kept = list(chat_format.read_conversations(str(path), stats))
   assert len(kept) == 2 and stats.skipped == 1
   assert f'skipped 1 {reason}' in stats.summary(), stats.summary()
 

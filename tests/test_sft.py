@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from zhgpt_jax import checkpoint as ckpt_lib
-from zhgpt_jax import chat, chat_data, corpus, sft, train
+from zhgpt_jax import chat, chat_format, chat_shards, corpus, sft, train
 from zhgpt_jax import model as M
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.config import UserError, default_config
@@ -39,7 +39,7 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def encoder(tok_dir):
-  return chat_data.ChatEncoder(tok_lib.load_tokenizer(tok_dir))
+  return chat_format.ChatEncoder(tok_lib.load_tokenizer(tok_dir))
 
 
 def sft_config(data, tok_dir, **train_overrides):
@@ -79,8 +79,8 @@ def test_formats_parse_to_one_canonical_conversation(tmp_path):
   path = write_jsonl(tmp_path / 'a.jsonl', [messages, sharegpt, messy, alpaca])
   with open(path, 'rb') as f, gzip.open(tmp_path / 'b.jsonl.gz', 'wb') as g:
     g.write(f.read())
-  stats = chat_data.SftStats()
-  got = list(chat_data.read_conversations(f'{tmp_path}/*.jsonl.gz,{path}', stats))
+  stats = chat_format.SftStats()
+  got = list(chat_format.read_conversations(f'{tmp_path}/*.jsonl.gz,{path}', stats))
   assert got[:3] == [CONVERSATION] * 3
   assert got[3] == [{'role': 'system', 'content': system},
                     {'role': 'user', 'content': '翻译成英文\n你好'},
@@ -107,8 +107,8 @@ def test_bad_records_are_counted_per_reason(tmp_path):
       {'instruction': '问', 'output': 7},
   ]
   path = write_jsonl(tmp_path / 'mixed.jsonl', [good, *bad, good])
-  stats = chat_data.SftStats()
-  assert list(chat_data.read_conversations(path, stats)) == [CONVERSATION[1:3]] * 2
+  stats = chat_format.SftStats()
+  assert list(chat_format.read_conversations(path, stats)) == [CONVERSATION[1:3]] * 2
   assert dict(stats.files[path]) == dict(
       kept=2, malformed=1, invalid_utf8=1, blank=1, unknown_format=1, bad_role=1, empty_turn=1,
       not_alternating=2, no_assistant=1, not_string=2)
@@ -117,7 +117,7 @@ def test_bad_records_are_counted_per_reason(tmp_path):
 
 
 def test_bad_data_spec_is_one_user_error(tmp_path, tok_dir, encoder):
-  read = lambda spec: list(chat_data.read_conversations(spec, chat_data.SftStats()))
+  read = lambda spec: list(chat_format.read_conversations(spec, chat_format.SftStats()))
   with pytest.raises(UserError, match='config.sft.data: .*nope.jsonl does not exist'):
     read(str(tmp_path / 'nope.jsonl'))
   (tmp_path / 'notes.txt').write_text('x')
@@ -126,9 +126,11 @@ def test_bad_data_spec_is_one_user_error(tmp_path, tok_dir, encoder):
   with pytest.raises(UserError, match='sft.data: directory .* has no .jsonl/.jsonl.gz files'):
     read(str(tmp_path))
   path = write_jsonl(tmp_path / 'bad.jsonl', [b'nope\n', {'messages': []}])
+  tok = tok_lib.load_tokenizer(tok_dir)
   with pytest.raises(UserError, match=r"no usable conversations \(0 conversations; skipped 1 "
                                       r'malformed JSON, 1 without an assistant turn'):
-    sft.load_data(sft_config(path, tok_dir), encoder, chat_data.SftStats())
+    chat_shards.cached_rows(sft_config(path, tok_dir), str(tmp_path / 'data'), tok)
+  assert os.listdir(tmp_path / 'data' / 'sft') == []   # nothing left behind
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -152,7 +154,7 @@ def test_template_equals_hf_apply_chat_template(tok_dir, encoder):
 def test_mask_covers_exactly_the_assistant_spans(encoder):
   convs = [CONVERSATION, CONVERSATION[1:3],
            [{'role': 'user', 'content': '一加一等于几？'}, {'role': 'assistant', 'content': '二'}]]
-  rows = chat_data.packed_rows(encoder.encode(convs), 128, pad_id=3)
+  rows = chat_format.packed_rows(encoder.encode(convs), 128, pad_id=3)
   found = {}
   for r in range(len(rows['inputs'])):
     for seg in set(rows['segment_ids'][r].tolist()) - {0}:
@@ -170,12 +172,12 @@ def test_mask_covers_exactly_the_assistant_spans(encoder):
 def test_long_conversations_are_cut_at_a_turn_or_dropped(encoder):
   enc = encoder.encode([CONVERSATION])[0]
   first_exchange = enc.ends[2]          # system, user, assistant
-  cut = chat_data.fit(enc, enc.ends[3] + 2, 'truncate')   # room for the 2nd user turn, not its answer
+  cut = chat_format.fit(enc, enc.ends[3] + 2, 'truncate')   # room for the 2nd user turn, not its answer
   assert cut.ids.tolist() == enc.ids[:first_exchange].tolist()
   assert cut.roles == ['system', 'user', 'assistant'] and cut.ends == enc.ends[:3]
-  assert chat_data.fit(enc, len(enc.ids), 'truncate') is enc
-  assert chat_data.fit(enc, len(enc.ids) - 1, 'drop') is None
-  assert chat_data.fit(enc, first_exchange - 1, 'truncate') is None   # not one assistant turn fits
+  assert chat_format.fit(enc, len(enc.ids), 'truncate') is enc
+  assert chat_format.fit(enc, len(enc.ids) - 1, 'drop') is None
+  assert chat_format.fit(enc, first_exchange - 1, 'truncate') is None   # not one assistant turn fits
 
 
 def test_long_conversation_counts(tmp_path, tok_dir, encoder):
@@ -186,14 +188,20 @@ def test_long_conversation_counts(tmp_path, tok_dir, encoder):
                            {'role': 'assistant', 'content': '好'}]}
   path = write_jsonl(tmp_path / 'long.jsonl', [short, long, hopeless] * 3)
   for policy, truncated, dropped, kept in (('truncate', 3, 3, 6), ('drop', 0, 6, 3)):
-    c = sft_config(path, tok_dir)
-    c.sft.long_policy = policy
-    stats = chat_data.SftStats()
-    train_enc, val_enc, _ = sft.load_data(c, encoder, stats)
+    stats = chat_format.SftStats()
+    with open(path, 'rb') as f:
+      fitted = chat_format.fitted_conversations(f, path, encoder, stats, SEQ + 1, policy, 0.1)
     assert (stats.truncated, stats.too_long) == (truncated, dropped)
-    assert len(train_enc) + len(val_enc) == kept and len(val_enc) >= 1
-    assert all(len(e.ids) <= SEQ + 1 for e in train_enc + val_enc)
+    assert len(fitted) == kept and all(len(f.encoded.ids) <= SEQ + 1 for f in fitted)
     assert f'{truncated} truncated and {dropped} dropped' in stats.summary()
+    # The task's cached rows say the same, and hold one val conversation at least.
+    c = sft_config(path, tok_dir)
+    c.sft.long_policy, c.data.tokenize_workers = policy, 1
+    _, meta, _ = chat_shards.cached_rows(c, str(tmp_path / policy), encoder.tokenizer)
+    assert meta['summary'].startswith(f'9 conversations; {truncated} truncated and {dropped} '
+                                      'dropped as longer than the context; ')
+    n_val = int(meta['summary'].split(', ')[-1].split(' val ')[0])
+    assert n_val >= 1 and f'{kept - n_val} train conversations' in meta['summary']
 
 
 # ----------------------------------------------------------------------------- packing
@@ -201,10 +209,10 @@ def test_long_conversation_counts(tmp_path, tok_dir, encoder):
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.integers(1, 32), min_size=1, max_size=60))
 def test_pack_places_every_item_once_within_capacity(lengths):
-  rows = chat_data.pack(lengths, 32)
+  rows = chat_format.pack(lengths, 32)
   assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
   assert all(sum(lengths[i] for i in row) <= 32 for row in rows)
-  assert chat_data.pack(lengths, 32) == rows
+  assert chat_format.pack(lengths, 32) == rows
   # Any-fit packing never leaves two rows that would fit together: when a row was opened,
   # its first item did not fit in any earlier row.
   loads = [sum(lengths[i] for i in row) for row in rows]
@@ -215,7 +223,7 @@ def test_packed_conversations_never_attend_across(encoder):
   convs = [CONVERSATION[1:3], [{'role': 'user', 'content': '你好'},
                                {'role': 'assistant', 'content': '你好呀'}]]
   encoded = encoder.encode(convs)
-  rows = chat_data.packed_rows(encoded, 128, pad_id=3)
+  rows = chat_format.packed_rows(encoded, 128, pad_id=3)
   assert len(rows['inputs']) == 1 and set(rows['segment_ids'][0].tolist()) == {0, 1, 2}
   cfg = M.GPTConfig(vocab_size=640, real_vocab_size=600, n_layer=2, n_head=2, n_kv_head=2,
                     d_model=32, seq_len=128, mlp_hidden=64)
@@ -233,7 +241,7 @@ def test_packed_conversations_never_attend_across(encoder):
   np.testing.assert_allclose(other[second], packed[second], atol=1e-5)
   assert not np.allclose(other[first], packed[first], atol=1e-3)
   # And a conversation packed second gives the logits it gives alone in a row, from position 0.
-  alone = chat_data.packed_rows(encoded[1:], 128, pad_id=3)
+  alone = chat_format.packed_rows(encoded[1:], 128, pad_id=3)
   n = len(encoded[1].ids) - 1
   np.testing.assert_allclose(packed[second], np.asarray(apply(alone))[:n], atol=1e-5)
 
@@ -301,7 +309,7 @@ def test_sft_learns_a_toy_task_and_chats(tmp_path, tok_dir):
   config = sft_config(path, tok_dir, steps=STEPS)
   workdir = str(tmp_path / 'run')
   run = train.build(config, workdir, sft.make_task)
-  encoder = chat_data.ChatEncoder(run.tokenizer)
+  encoder = chat_format.ChatEncoder(run.tokenizer)
   prompts = [encoder.prompt([{'role': 'user', 'content': q}]) for q, _ in tests]
   answers = [a for _, a in tests]
   params = M.init_params(run.cfg, jax.random.PRNGKey(0))

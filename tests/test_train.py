@@ -172,6 +172,42 @@ def test_resume_refuses_a_different_model_and_extends_steps(reference, small_cor
   assert steps[-1] == STEPS + 5
 
 
+LATER_START = """
+import sys
+import jax, jax.numpy as jnp
+from zhgpt_jax import parallel
+events = []
+jax.monitoring.register_event_listener(lambda event, **kw: events.append(event))
+parallel.use_compile_cache(sys.argv[1], sys.argv[2])
+print(float(jax.jit(lambda x: jnp.tanh(x) * 7.0 + 3.0)(jnp.arange(5.0)).sum()))
+print('/jax/compilation_cache/cache_hits' in events)
+"""
+
+
+def test_a_later_start_loads_compiled_programs_from_the_cache(tmp_path, monkeypatch):
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
+  data = str(tmp_path / 'data')
+  later = lambda setting: subprocess.run(
+      [sys.executable, '-c', LATER_START, setting, data], cwd=ROOT, capture_output=True,
+      text=True, check=True).stdout.split()
+  try:
+    assert parallel.use_compile_cache('auto', data) == os.path.join(data, 'jax_cache')
+    want = float(jax.jit(lambda x: jnp.tanh(x) * 7.0 + 3.0)(jnp.arange(5.0)).sum())
+    assert any(n.startswith('jit__lambda') for n in os.listdir(os.path.join(data, 'jax_cache')))
+    assert later('auto') == [repr(want), 'True']     # loaded, not compiled, same result
+    assert later('') == [repr(want), 'False']        # off: compiled again
+    parallel.use_compile_cache('', data)
+    before = set(os.listdir(os.path.join(data, 'jax_cache')))
+    jax.jit(lambda x: x * 5.0 - 1.0)(jnp.arange(3.0)).block_until_ready()
+    assert set(os.listdir(os.path.join(data, 'jax_cache'))) == before
+    # A cache directory set outside zhgpt-jax (jax.config, $JAX_COMPILATION_CACHE_DIR) stays.
+    jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'theirs'))
+    assert parallel.use_compile_cache('auto', data) == str(tmp_path / 'theirs')
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'theirs')
+  finally:
+    parallel.use_compile_cache('', data)
+
+
 def test_non_finite_step_leaves_params_untouched():
   c = default_config('tiny')
   c.model.update(n_layer=1, n_head=2, d_model=32, seq_len=8, tie_embeddings=False)

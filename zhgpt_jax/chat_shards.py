@@ -1,15 +1,27 @@
 """SFT data through cached shard files: chat data tokenized and packed once, then mapped.
 
-A full chat set (hundreds of thousands of conversations) costs minutes and GBs to read,
-tokenize and pack. The first start does it and writes the packed rows under
-<data dir>/sft/<key>/: train/ and val/, one .npy file per array (inputs, targets, weights,
-segment_ids, positions; [rows, seq_len], in the smallest dtype that holds them) and
-meta.json (the counts and the summary line) written last. The key hashes what decides the
-rows: the chat files (paths, sizes, mtimes), the tokenizer's bytes, model.seq_len,
-sft.long_policy, data.val_fraction and CODE_VERSION. A later start with the same key memory-
-maps the files (np.load(mmap_mode='r')): no reading, no tokenizing, pages loaded as batches
-touch them. Everything is written in a temporary directory and renamed, so a killed first
-start leaves nothing a later one trusts.
+A full chat set (hundreds of thousands of conversations) costs minutes to read, tokenize and
+pack. The first start does it and writes the packed rows under <data dir>/sft/<key>/:
+train/ and val/, one .npy file per array (inputs, targets, weights, segment_ids, positions;
+[rows, seq_len], uint16 where the vocabulary and the context allow, weights uint8) and
+meta.json (the counts and the summary line). The key hashes what decides the rows: the chat
+files (paths, sizes, mtimes), the tokenizer's bytes, model.seq_len, sft.long_policy,
+data.val_fraction and CODE_VERSION. A later start with the same key memory-maps the files
+(np.load(mmap_mode='r')): no reading, no tokenizing, pages loaded as batches touch them.
+
+The first start streams, so its memory does not grow with the chat set beyond ~60 bytes a
+conversation (the lengths, splits and hashes that packing needs):
+  1. the files are cut into blocks of whole lines (~1 MiB, `sources`) that a pool of
+     processes on every core (`scan.worker_pool`, as `prepare` uses) parses, tokenizes and
+     fits (`chat_format.fitted_conversations`); each conversation's ids and weights are
+     appended, in file order, to two scratch files, and its length, split and hash kept;
+  2. best-fit decreasing packs each split from those lengths (`chat_format.pack_members`,
+     the same rows, in the same order, as packing everything in memory);
+  3. the rows are written a block of rows at a time, each conversation read back from a map
+     of the scratch files opened for that block only.
+Everything is written in a temporary directory, meta.json last, and renamed into place, so
+a start killed at any point (kill -9 included) leaves nothing a later start trusts; the
+next build removes such leftovers of dead processes of this host.
 """
 
 from __future__ import annotations
@@ -18,21 +30,26 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Callable
+import socket
+import time
 
 import numpy as np
+import tqdm
 
-from zhgpt_jax import corpus
+from zhgpt_jax import chat_format, scan, sources
+from zhgpt_jax import tokenizer as tok_lib
+from zhgpt_jax.chat_format import ChatEncoder, SftStats
 
 CODE_VERSION = 1
 ARRAYS = ('inputs', 'targets', 'weights', 'segment_ids', 'positions')
-SUFFIXES = ('.jsonl', '.jsonl.gz')
+BLOCK_BYTES = 1 << 20    # input bytes a worker parses and tokenizes at a time
+BLOCK_ROWS = 1024        # rows written at a time
 
 
 def cache_key(config, tokenizer_json: str) -> str:
   """The key of config.sft.data's packed rows for this tokenizer and these settings."""
   files = []
-  for path in corpus.resolve_paths(config.sft.data, 'config.sft.data', SUFFIXES):
+  for path in chat_format.data_paths(config.sft.data):
     st = os.stat(path)
     files.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
   inputs = dict(code=CODE_VERSION, files=files,
@@ -42,32 +59,156 @@ def cache_key(config, tokenizer_json: str) -> str:
   return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _compact(name: str, array: np.ndarray) -> np.ndarray:
-  """`array` in the smallest unsigned dtype that holds it (the loader casts back)."""
-  if name == 'weights' or not array.size:
-    return array.astype(np.uint8) if name == 'weights' else array
-  top = int(array.max())
-  if array.min() >= 0 and top < 1 << 16:
-    return array.astype(np.uint16)
-  return array.astype(np.int32)
+def row_dtype(bound: int) -> np.dtype:
+  """The dtype of a rows array whose values are in [0, bound)."""
+  return np.dtype(np.uint16) if bound <= 1 << 16 else np.dtype(np.int32)
 
 
-def save(directory: str, splits: dict[str, dict[str, np.ndarray]], meta: dict) -> None:
-  """Writes {split: rows} and meta.json to `directory` (atomically: a temporary directory,
-  meta.json last, then renamed)."""
-  tmp = f'{directory}.tmp-{os.getpid()}'
+# ----------------------------------------------------------------------------- pass 1
+
+def _encode_block(path: str, payload: bytes, max_tokens: int, policy: str, val_fraction: float,
+                  dtype: str) -> dict:
+  """A pool worker's fitted conversations of one block of whole jsonl lines, as arrays."""
+  state = scan.worker_state()
+  if state.get('chat_tok') is not state['tok']:   # the tokenizer of this pool
+    state['chat'], state['chat_tok'] = ChatEncoder(state['tok']), state['tok']
+  stats = SftStats()
+  fitted = chat_format.fitted_conversations(sources._lines(payload), path, state['chat'], stats,
+                                            max_tokens, policy, val_fraction)
+  join = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
+  return dict(stats=stats,
+              ids=join([f.encoded.ids for f in fitted], dtype),
+              weights=join([f.encoded.weights for f in fitted], np.uint8),
+              lengths=np.array([len(f.encoded.ids) for f in fitted], np.int32),
+              val=np.array([f.val for f in fitted], bool),
+              hashes=np.array([f.hash for f in fitted], np.uint64))
+
+
+def _tokenize(config, tokenizer_json: str, tmp: str, dtype: np.dtype, progress: bool):
+  """Pass 1: every conversation's ids and weights appended to tmp/tokens.bin and
+  tmp/weights.bin in file order; returns (stats, lengths, val, hashes), one entry each."""
+  paths = chat_format.data_paths(config.sft.data)
+  stats = SftStats()
+  parts = {'lengths': [], 'val': [], 'hashes': []}
+  args = (config.model.seq_len + 1, config.sft.long_policy, config.data.val_fraction, dtype.str)
+
+  def jobs():
+    for path in paths:
+      stats.file(path)   # every file is listed, even one that gives nothing
+      for payload, size in sources._file_blocks(path, False, BLOCK_BYTES):
+        yield size, (path, payload, *args)
+
+  with open(os.path.join(tmp, 'tokens.bin'), 'wb') as tokens, \
+      open(os.path.join(tmp, 'weights.bin'), 'wb') as weights, \
+      scan.worker_pool(config, tokenizer_json) as submit, \
+      tqdm.tqdm(total=sum(os.path.getsize(p) for p in paths), unit='B', unit_scale=True,
+                disable=not progress, desc='sft data') as bar:
+    for size, out in scan.ordered(submit, _encode_block, jobs(), 2 * scan.workers(config)):
+      bar.update(size)
+      stats.merge(out['stats'])
+      tokens.write(out['ids'].tobytes())
+      weights.write(out['weights'].tobytes())
+      for name, kept in parts.items():
+        kept.append(out[name])
+  lengths, val, hashes = (np.concatenate(parts[k]) if parts[k] else np.zeros(0, dt)
+                          for k, dt in (('lengths', np.int32), ('val', bool),
+                                        ('hashes', np.uint64)))
+  return stats, lengths, val, hashes
+
+
+# ----------------------------------------------------------------------------- pass 2
+
+def _npy_file(path: str, dtype: np.dtype, shape: tuple):
+  """`path` opened for writing an .npy array of `shape` row block by row block (the header
+  np.save writes, then the data as it comes)."""
+  f = open(path, 'wb')  # pylint: disable=consider-using-with
+  np.lib.format.write_array_header_1_0(f, {'descr': np.lib.format.dtype_to_descr(dtype),
+                                           'fortran_order': False, 'shape': shape})
+  return f
+
+
+def _write_rows(directory: str, tmp: str, index: np.ndarray, offsets: np.ndarray,
+                seq_len: int, pad_id: int, dtype: np.dtype) -> tuple[int, int, int]:
+  """Packs the conversations `index` (in file order) into directory/*.npy; returns their
+  (conversations, rows, tokens)."""
+  sizes = offsets[index + 1] - offsets[index] - 1   # positions a conversation fills
+  members, starts = chat_format.pack_members(sizes, seq_len)
+  n_rows = len(starts) - 1
+  most = int(np.diff(starts).max()) if n_rows else 0
+  dtypes = dict(inputs=dtype, targets=dtype, weights=np.dtype(np.uint8),
+                segment_ids=row_dtype(most + 1), positions=row_dtype(seq_len))
+  os.makedirs(directory)
+  files = {k: _npy_file(os.path.join(directory, f'{k}.npy'), dt, (n_rows, seq_len))
+           for k, dt in dtypes.items()}
+  try:
+    for r0 in range(0, n_rows, BLOCK_ROWS):
+      # Maps opened for one block: the pages it touched leave this process's RSS with it.
+      ids = np.memmap(os.path.join(tmp, 'tokens.bin'), dtype, 'r')
+      weights = np.memmap(os.path.join(tmp, 'weights.bin'), np.uint8, 'r')
+      rows = [index[members[starts[r]:starts[r + 1]]].tolist()
+              for r in range(r0, min(r0 + BLOCK_ROWS, n_rows))]
+      item = lambda c: (ids[offsets[c]:offsets[c + 1]], weights[offsets[c]:offsets[c + 1]])
+      block = chat_format.fill_rows(rows, seq_len, pad_id, item)
+      for k, f in files.items():
+        f.write(block[k].astype(dtypes[k]).tobytes())
+      del ids, weights, item
+  finally:
+    for f in files.values():
+      f.close()
+  return len(index), n_rows, int(sizes.sum())
+
+
+def _build(config, tokenizer, tmp: str, progress: bool) -> dict:
+  """Both passes into `tmp`; returns meta (without the key)."""
+  seq_len = config.model.seq_len
+  dtype = row_dtype(tokenizer.get_vocab_size())
+  stats, lengths, val, hashes = _tokenize(config, tokenizer.to_str(), tmp, dtype, progress)
+  val = chat_format.final_val(val, hashes)
+  chat_format.check_usable(config.sft.data, stats, int((~val).sum()), seq_len)
+  offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+  pad = tok_lib.special_ids(tokenizer).pad
+  counts = {split: _write_rows(os.path.join(tmp, split), tmp, np.flatnonzero(mask), offsets,
+                               seq_len, pad, dtype)
+            for split, mask in (('train', ~val), ('val', val))}
+  for name in ('tokens.bin', 'weights.bin'):
+    os.remove(os.path.join(tmp, name))
+  return dict(summary=chat_format.summary(stats, seq_len, counts['train'], counts['val'][:2]),
+              splits=list(counts))
+
+
+def _remove_stale(parent: str) -> None:
+  """Removes the temporary directories in `parent` left by dead processes of this host (a
+  killed build, of any key)."""
+  host = socket.gethostname()
+  for name in os.listdir(parent) if os.path.isdir(parent) else ():
+    _, sep, owner = name.partition('.tmp-')
+    pid = owner[len(host) + 1:] if owner.startswith(f'{host}-') else ''
+    if sep and pid.isdigit():
+      try:
+        os.kill(int(pid), 0)
+      except ProcessLookupError:
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+      except PermissionError:   # alive, another user's
+        pass
+
+
+def build(config, tokenizer, directory: str, key: str, progress: bool = False) -> None:
+  """Writes config.sft.data's packed rows and meta.json to `directory`, atomically."""
+  _remove_stale(os.path.dirname(directory))
+  tmp = f'{directory}.tmp-{socket.gethostname()}-{os.getpid()}'
   shutil.rmtree(tmp, ignore_errors=True)
-  for split, rows in splits.items():
-    os.makedirs(os.path.join(tmp, split))
-    for name in ARRAYS:
-      np.save(os.path.join(tmp, split, f'{name}.npy'), _compact(name, rows[name]))
-  with open(os.path.join(tmp, 'meta.json'), 'w', encoding='utf-8') as f:
-    json.dump(meta, f, ensure_ascii=False, indent=1)
-  if load(directory, meta['key']) is not None:   # another process got there first
+  os.makedirs(tmp)
+  try:
+    t0 = time.perf_counter()
+    meta = dict(_build(config, tokenizer, tmp, progress), key=key,
+                seconds=round(time.perf_counter() - t0, 1))
+    with open(os.path.join(tmp, 'meta.json'), 'w', encoding='utf-8') as f:
+      json.dump(meta, f, ensure_ascii=False, indent=1)
+    if load(directory, key) is None:   # else another process got there first
+      shutil.rmtree(directory, ignore_errors=True)
+      os.rename(tmp, directory)
+  finally:
     shutil.rmtree(tmp, ignore_errors=True)
-    return
-  shutil.rmtree(directory, ignore_errors=True)
-  os.rename(tmp, directory)
 
 
 def load(directory: str, key: str) -> tuple[dict, dict] | None:
@@ -85,19 +226,17 @@ def load(directory: str, key: str) -> tuple[dict, dict] | None:
   return splits, meta
 
 
-def cached_rows(config, data_dir: str, tokenizer_json: str,
-                build: Callable[[], tuple[dict, dict]]) -> tuple[dict, dict, bool]:
-  """({split: rows}, meta, reused): the packed rows of config.sft.data, from the cache
-  under data_dir when it holds them for these inputs, else from `build()` (which returns
-  ({split: rows}, meta)) and then saved there."""
-  key = cache_key(config, tokenizer_json)
+def cached_rows(config, data_dir: str, tokenizer, progress: bool = False
+                ) -> tuple[dict, dict, bool]:
+  """({split: rows}, meta, reused): the packed rows of config.sft.data, memory-mapped from
+  the cache under data_dir, built there first (`build`) unless it holds them for these
+  inputs. UserError when the data has no usable conversation."""
+  key = cache_key(config, tokenizer.to_str())
   directory = os.path.join(data_dir, 'sft', key)
   found = load(directory, key)
   if found is not None:
     return found[0], found[1], True
-  splits, meta = build()
-  meta = dict(meta, key=key, splits=list(splits))
   os.makedirs(os.path.dirname(directory), exist_ok=True)
-  save(directory, splits, meta)
-  loaded = load(directory, key)
-  return loaded[0], loaded[1], False
+  build(config, tokenizer, directory, key, progress)
+  splits, meta = load(directory, key)
+  return splits, meta, False

@@ -156,6 +156,10 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
       peak_flops=989e12,         # per-device peak for MFU (H100 bf16 dense); set per device
       prompt='村民们都很高兴',         # what the eval-time samples continue
       sample_tokens=64,          # tokens of the eval-time continuations (0 = none)
+      # JAX's persistent compilation cache: a later start (a resume, another run on the same
+      # data dir) loads the compiled steps instead of compiling them again. 'auto' =
+      # <data dir>/jax_cache (unless $JAX_COMPILATION_CACHE_DIR sets one); a directory; '' = off.
+      compile_cache='auto',
   ))
 
   c.sample = ml_collections.ConfigDict(dict(
@@ -342,7 +346,9 @@ def check_paths(config: ml_collections.ConfigDict, workdir: str, training: bool 
   if training and config.task == 'pretrain' and config.data.val_fraction == 0:
     raise UserError('config.data.val_fraction=0.0: must be > 0 for training, which evaluates '
                     'on the val split (0 is for `prepare` alone)')
-  for what, path in (('--workdir', workdir), ('config.data.cache_dir', config.data.cache_dir)):
+  cache = config.train.get('compile_cache', '')
+  for what, path in (('--workdir', workdir), ('config.data.cache_dir', config.data.cache_dir),
+                     ('config.train.compile_cache', '' if cache == 'auto' else cache)):
     if path and os.path.exists(path) and not os.path.isdir(path):
       raise UserError(f'{what} {path} is a file; it must be a directory (or not exist yet)')
   src = config.init_from if training else ''

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 
 class MetricsWriter:
@@ -20,7 +21,7 @@ class MetricsWriter:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
     if enabled:
-      from tensorboardX import SummaryWriter
+      SummaryWriter = _summary_writer_class()
       os.makedirs(workdir, exist_ok=True)
       drop_after(self.path, start_step)
       self._tb = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=start_step + 1)
@@ -47,6 +48,21 @@ class MetricsWriter:
     self._tb.close()
     if plot:
       plot_loss_curve(self.path, os.path.join(self.workdir, 'loss_curve.png'))
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch when torch is installed but not yet
+  loaded: tensorboardX imports torch only to accept torch tensors (we log floats), and
+  that import costs seconds of every start."""
+  if 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    return SummaryWriter
+  sys.modules['torch'] = None   # `import torch` raises ImportError, which tensorboardX expects
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
 
 
 def drop_after(path: str, step: int) -> None:

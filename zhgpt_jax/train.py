@@ -165,6 +165,7 @@ def build(config, workdir: str, make_task: TaskBuilder | None = None,
     raise UserError(f'config.task={config.task!r}: pass its task builder as make_task '
                     '(main.py does)')
   parallel.initialize(config.dist)
+  parallel.use_compile_cache(config.train.compile_cache, shards.data_dir(config, workdir))
   tokenizer_dir = pretrained.init_tokenizer_dir(config)
   if config.task == 'sft' and tokenizer_dir and \
       not tok_lib.has_chatml(tok_lib.load_tokenizer(tokenizer_dir)):
