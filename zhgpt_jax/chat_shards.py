@@ -73,7 +73,7 @@ def _encode_block(path: str, payload: bytes, max_tokens: int, policy: str, val_f
   if state.get('chat_tok') is not state['tok']:   # the tokenizer of this pool
     state['chat'], state['chat_tok'] = ChatEncoder(state['tok']), state['tok']
   stats = SftStats()
-  fitted = chat_format.fitted_conversations(sources._lines(payload), path, state['chat'], stats,
+  fitted = chat_format.fitted_conversations(sources.block_lines(payload), path, state['chat'], stats,
                                             max_tokens, policy, val_fraction)
   join = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
   return dict(stats=stats,
@@ -95,7 +95,7 @@ def _tokenize(config, tokenizer_json: str, tmp: str, dtype: np.dtype, progress: 
   def jobs():
     for path in paths:
       stats.file(path)   # every file is listed, even one that gives nothing
-      for payload, size in sources._file_blocks(path, False, BLOCK_BYTES):
+      for payload, size in sources.file_blocks(path, False, BLOCK_BYTES):
         yield size, (path, payload, *args)
 
   with open(os.path.join(tmp, 'tokens.bin'), 'wb') as tokens, \

@@ -55,7 +55,7 @@ def _cut_point(data: bytes, paragraph: bool) -> int:
   return max(ends, default=0)
 
 
-def _file_blocks(path: str, paragraph: bool, block_bytes: int) -> Iterator[tuple[bytes, int]]:
+def file_blocks(path: str, paragraph: bool, block_bytes: int) -> Iterator[tuple[bytes, int]]:
   """(whole lines or paragraphs of about block_bytes, input bytes read) of one file."""
   try:
     gz = path.endswith('.gz')
@@ -92,7 +92,7 @@ def iter_blocks(data_cfg, n_heldout: int = corpus.HELDOUT_REVIEWS,
     for path in source.paths:
       kind = 'txt' if path.endswith('.txt') else 'jsonl'
       empty = True
-      for data, size in _file_blocks(path, kind == 'txt' and paragraph, block_bytes):
+      for data, size in file_blocks(path, kind == 'txt' and paragraph, block_bytes):
         empty = False
         yield Block(i, path, kind, data, size)
       if empty:  # still listed in the stats
@@ -105,7 +105,7 @@ def _chunks(items: Iterable, n: int) -> Iterator[list]:
     yield chunk
 
 
-def _lines(data: bytes) -> list[bytes]:
+def block_lines(data: bytes) -> list[bytes]:
   """`data` split after each b'\\n' (which stays, as when a file is iterated)."""
   lines = [line + b'\n' for line in data.split(b'\n')]
   last = lines.pop()
@@ -120,7 +120,7 @@ def block_documents(block: Block, data_cfg, stats: CorpusStats) -> list[tuple[st
   if block.kind == 'docs':
     labeled = block.payload
   else:
-    lines = _lines(block.payload)
+    lines = block_lines(block.payload)
     texts = (corpus.read_txt(lines, data_cfg.txt_mode, stats, block.path) if block.kind == 'txt'
              else corpus.read_jsonl(lines, block.path, data_cfg.text_field, stats))
     fraction = data_cfg.val_fraction
