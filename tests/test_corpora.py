@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 
-from zhgpt_jax import corpus, dedup, encode, scan, shards, sources
+from zhgpt_jax import corpus, dedup, scan, shards, sources
 from zhgpt_jax.config import UserError, default_config
 
 SENTENCES = None
@@ -180,10 +180,12 @@ def test_killed_prepare_resumes_byte_identical(tmp_path, make_tiny_config, monke
   capsys.readouterr()
 
   saves = {'n': 0}
-  real_save = encode._save_state
+  real_save = scan.write_progress
 
-  def dying_save(build, state):   # dies after the 3rd checkpoint, with bytes written past it
-    real_save(build, state)
+  def dying_save(build, state):   # dies after the shard pass's 3rd checkpoint, with bytes
+    real_save(build, state)       # written past it (the scan's checkpoints pass through)
+    if 'writers' not in state:
+      return
     saves['n'] += 1
     if saves['n'] == 3:
       for split in ('train', 'val'):
@@ -192,11 +194,11 @@ def test_killed_prepare_resumes_byte_identical(tmp_path, make_tiny_config, monke
           f.write(b'\x01\x02' * 50)
       raise KeyboardInterrupt
 
-  monkeypatch.setattr(encode, '_save_state', dying_save)
+  monkeypatch.setattr(scan, 'write_progress', dying_save)
   with pytest.raises(KeyboardInterrupt):
     shards.prepare(config, work, progress=False)
   assert 'scan: resuming at block 2 of the corpus' in capsys.readouterr().out
-  monkeypatch.setattr(encode, '_save_state', real_save)
+  monkeypatch.setattr(scan, 'write_progress', real_save)
   again = shards.prepare(config, work, progress=False)
   assert 'prepare: resuming at block' in capsys.readouterr().out
   assert shards.digest(again.data_dir) == want

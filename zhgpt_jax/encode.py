@@ -14,7 +14,6 @@ printing from which shard, and its result is byte for byte that of an uninterrup
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -121,12 +120,8 @@ class ShardWriter:
 
 def _resume_state(build: str, key: str, dtype: np.dtype) -> dict | None:
   """progress.json of `build` if it is for `key` and every shard it lists is there whole."""
-  try:
-    with open(os.path.join(build, 'progress.json'), encoding='utf-8') as f:
-      state = json.load(f)
-  except (OSError, ValueError):
-    return None
-  if state.get('key') != key:
+  state = scan.read_progress(build)
+  if state is None or state.get('key') != key:
     return None
   for split in SPLITS:
     for shard in state['writers'][split]['shards']:
@@ -134,13 +129,6 @@ def _resume_state(build: str, key: str, dtype: np.dtype) -> dict | None:
       if not os.path.isfile(path) or os.path.getsize(path) < shard['tokens'] * dtype.itemsize:
         return None
   return state
-
-
-def _save_state(build: str, state: dict) -> None:
-  tmp = os.path.join(build, f'progress.json.tmp-{os.getpid()}')
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(state, f)
-  os.replace(tmp, os.path.join(build, 'progress.json'))
 
 
 def build(config, tok, n_heldout: int, build_dir: str, key: str, found: scan.Scan | None,
@@ -184,8 +172,8 @@ def build(config, tok, n_heldout: int, build_dir: str, key: str, found: scan.Sca
       for s, w in writers.items():
         w.write(out[s], block.source)
       if before != [len(w.shards) for w in writers.values()]:  # a shard is complete
-        _save_state(build_dir, dict(key=key, next_block=i + 1, stats=stats.to_json(),
-                                    writers={s: w.state() for s, w in writers.items()}))
+        scan.write_progress(build_dir, dict(key=key, next_block=i + 1, stats=stats.to_json(),
+                                            writers={s: w.state() for s, w in writers.items()}))
   for w in writers.values():
     w.close()
   if not any(w.counts['documents'] for w in writers.values()):

@@ -214,14 +214,27 @@ def _records(path: str) -> Iterator:
       yield json.loads(line.decode('utf-8', 'surrogatepass'))
 
 
-def _resume_state(work_dir: str, ident: dict) -> dict | None:
-  """The checkpoint in work_dir if it was made for `ident` and its files are all there."""
+def read_progress(directory: str) -> dict | None:
+  """directory/progress.json (a resumable pass's checkpoint), None if missing or unreadable."""
   try:
-    with open(os.path.join(work_dir, 'progress.json'), encoding='utf-8') as f:
-      state = json.load(f)
+    with open(os.path.join(directory, 'progress.json'), encoding='utf-8') as f:
+      return json.load(f)
   except (OSError, ValueError):
     return None
-  if state.get('ident') != json.loads(json.dumps(ident)):
+
+
+def write_progress(directory: str, state: dict) -> None:
+  """Writes directory/progress.json atomically (a temporary file renamed over it)."""
+  tmp = os.path.join(directory, f'progress.json.tmp-{os.getpid()}')
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(state, f)
+  os.replace(tmp, os.path.join(directory, 'progress.json'))
+
+
+def _resume_state(work_dir: str, ident: dict) -> dict | None:
+  """The checkpoint in work_dir if it was made for `ident` and its files are all there."""
+  state = read_progress(work_dir)
+  if state is None or state.get('ident') != json.loads(json.dumps(ident)):
     return None
   for name, size in state['sizes'].items():
     path = os.path.join(work_dir, f'{name}.bin')
@@ -234,10 +247,7 @@ def _checkpoint(work_dir: str, files: dict, state: dict) -> None:
   for f in files.values():
     f.flush()   # to the OS: enough for kill -9
   state['sizes'] = {k: f.tell() for k, f in files.items()}
-  tmp = os.path.join(work_dir, 'progress.json.tmp')
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(state, f)
-  os.replace(tmp, os.path.join(work_dir, 'progress.json'))
+  write_progress(work_dir, state)
 
 
 def scan(config, n_heldout: int, want_sample: bool, progress: bool, work_dir: str,
