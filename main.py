@@ -135,7 +135,10 @@ def dispatch(command, config, workdir, explicit=()):
     _fail('export needs --out DIR')
   if command == 'sample':
     prompts = _prompts()
-  if command == 'prepare':
+  if command == 'prepare' and config.data.get('peek', 0):
+    from zhgpt_jax import peek
+    peek.peek(config)
+  elif command == 'prepare':
     from zhgpt_jax import shards
     shards.prepare(config, workdir)
   elif command == 'train':

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from zhgpt_jax import chat_format, chat_shards, scan
+from zhgpt_jax import chat_format, chat_shards, formats, scan
 from zhgpt_jax import tokenizer as tokenizer_lib
 from zhgpt_jax.config import default_config
 
@@ -62,7 +62,7 @@ def one_shot(config, tok):
   for path in chat_format.data_paths(config.sft.data):
     with open(path, 'rb') as f:
       fitted += chat_format.fitted_conversations(
-          f, path, encoder, stats, config.model.seq_len + 1, config.sft.long_policy,
+          formats.json_lines(f), path, encoder, stats, config.model.seq_len + 1, config.sft.long_policy,
           config.data.val_fraction)
   val = chat_format.final_val([f.val for f in fitted], [f.hash for f in fitted])
   pad, seq_len = tokenizer_lib.special_ids(tok).pad, config.model.seq_len

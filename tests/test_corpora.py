@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 
-from zhgpt_jax import corpus, dedup, scan, shards, sources
+from zhgpt_jax import corpus, dedup, formats, scan, shards, sources
 from zhgpt_jax.config import UserError, default_config
 
 SENTENCES = None
@@ -66,7 +66,7 @@ def test_sources_and_weights(tmp_path):
     corpus.parse_sources(f'{news}:2,{web}')
   with pytest.raises(UserError, match='must be > 0'):
     corpus.parse_sources(f'{news}:0')
-  assert corpus.resolve_paths(f'{news},{web}') == [p for s in plain for p in s.paths]
+  assert formats.resolve_paths(f'{news},{web}') == [p for s in plain for p in s.paths]
 
 
 def test_blocks_read_what_the_serial_reader_reads(tmp_path):

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from zhgpt_jax import corpus
+from zhgpt_jax import corpus, formats
 from zhgpt_jax.config import UserError, default_config
 
 FIRST_NEWS_LINE = '迈向充满希望的新世纪——一九九八年新年讲话（附图片１张）'
@@ -48,11 +48,11 @@ def test_jsonl_skips_every_bad_line_and_counts_it(tmp_path):
   assert docs == ['第一篇。', 'second']
   f = stats.files[path]
   assert (f.documents, f.characters) == (2, 10)
-  assert f.skipped == {'malformed': 1, 'missing': 2, 'not_string': 2, 'invalid_utf8': 1,
-                       'empty': 2}
+  assert f.skipped == {'malformed': 1, 'missing': 2, 'not_string': 1, 'null': 1,
+                       'invalid_utf8': 1, 'empty': 2}
   summary = stats.summary()
-  assert summary.startswith('skipped 1 malformed JSON, 2 missing \'text\', 2 non-string '
-                            "'text', 1 invalid UTF-8, 2 empty in ")
+  assert summary.startswith('skipped 1 malformed JSON, 2 missing \'text\', 1 non-string '
+                            "'text', 1 null 'text', 1 invalid UTF-8, 2 empty in ")
   assert summary.endswith('a.jsonl')
 
 
@@ -106,9 +106,9 @@ def test_resolve_dir_glob_and_comma_list(tmp_path):
   c = write(tmp_path / 'd' / 'c.jsonl.gz', gzip.compress(jsonl({'text': 'c'})))
   write(tmp_path / 'd' / 'notes.md', b'ignored\n')
   other = write(tmp_path / 'e.txt', b'e\n')
-  assert corpus.resolve_paths(str(tmp_path / 'd')) == sorted([a, b, c])
-  assert corpus.resolve_paths(str(tmp_path / 'd' / '**' / '*.jsonl')) == [b]
-  assert corpus.resolve_paths(f'{other}, {tmp_path / "d"} ,{a}') == [other, *sorted([a, b, c])]
+  assert formats.resolve_paths(str(tmp_path / 'd')) == sorted([a, b, c])
+  assert formats.resolve_paths(str(tmp_path / 'd' / '**' / '*.jsonl')) == [b]
+  assert formats.resolve_paths(f'{other}, {tmp_path / "d"} ,{a}') == [other, *sorted([a, b, c])]
   docs, stats = read(f'{tmp_path / "d"},{other}')
   assert sorted(docs) == ['a', 'b', 'c', 'e']
   assert stats.documents == 4 and stats.summary() == 'nothing skipped'

@@ -285,7 +285,7 @@ def test_empty_train_split_is_an_error_naming_the_cause(tmp_path):
 
 @pytest.mark.parametrize('make, needles', [
     (lambda d: None, ['does not exist']),
-    (lambda d: os.makedirs(d / 'empty_dir'), ['has no .jsonl/.jsonl.gz/.txt files']),
+    (lambda d: os.makedirs(d / 'empty_dir'), ['has no .jsonl/.json/.parquet/.txt (.gz/.zst too) files']),
     (lambda d: (d / 'cut.jsonl.gz').write_bytes(gzip.compress(b'{"text": "x"}\n' * 500)[:60]),
      ['cannot read']),
     (lambda d: (d / 'bad.jsonl').write_text('{not json\n[1]\n{"text": 5}\n'),

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from zhgpt_jax import checkpoint as ckpt_lib
-from zhgpt_jax import chat, chat_format, chat_shards, corpus, sft, train
+from zhgpt_jax import chat, chat_format, chat_shards, corpus, formats, sft, train
 from zhgpt_jax import model as M
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.config import UserError, default_config
@@ -121,9 +121,9 @@ def test_bad_data_spec_is_one_user_error(tmp_path, tok_dir, encoder):
   with pytest.raises(UserError, match='config.sft.data: .*nope.jsonl does not exist'):
     read(str(tmp_path / 'nope.jsonl'))
   (tmp_path / 'notes.txt').write_text('x')
-  with pytest.raises(UserError, match='sft.data: .*notes.txt is not a .jsonl/.jsonl.gz file'):
+  with pytest.raises(UserError, match='sft.data: .*notes.txt is not a .jsonl/.json/.parquet file'):
     read(str(tmp_path / 'notes.txt'))
-  with pytest.raises(UserError, match='sft.data: directory .* has no .jsonl/.jsonl.gz files'):
+  with pytest.raises(UserError, match='sft.data: directory .* has no .jsonl/.json/.parquet'):
     read(str(tmp_path))
   path = write_jsonl(tmp_path / 'bad.jsonl', [b'nope\n', {'messages': []}])
   tok = tok_lib.load_tokenizer(tok_dir)
@@ -190,7 +190,8 @@ def test_long_conversation_counts(tmp_path, tok_dir, encoder):
   for policy, truncated, dropped, kept in (('truncate', 3, 3, 6), ('drop', 0, 6, 3)):
     stats = chat_format.SftStats()
     with open(path, 'rb') as f:
-      fitted = chat_format.fitted_conversations(f, path, encoder, stats, SEQ + 1, policy, 0.1)
+      fitted = chat_format.fitted_conversations(formats.json_lines(f), path, encoder, stats,
+                                                SEQ + 1, policy, 0.1)
     assert (stats.truncated, stats.too_long) == (truncated, dropped)
     assert len(fitted) == kept and all(len(f.encoded.ids) <= SEQ + 1 for f in fitted)
     assert f'{truncated} truncated and {dropped} dropped' in stats.summary()

@@ -3,8 +3,11 @@
 Pure Python and numpy (no JAX): the pool processes that tokenize a big chat set import it.
 `chat_data` feeds the rows to training; `chat_shards` builds and caches them.
 
-`config.sft.data` is 'builtin' or a comma-separated list of .jsonl/.jsonl.gz files,
-directories (searched recursively) and globs. A line holds one conversation in any of:
+`config.sft.data` is 'builtin' or a comma-separated list of files, directories (searched
+recursively; a split's files in a hub-style folder), globs and `hf:OWNER/NAME` datasets, read
+as `formats` says: JSON lines, JSON arrays (optionally .gz/.zst) and parquet, whose columns
+`messages`, `conversations`, `instruction`/`input`/`output`/`system` are read (smoltalk's
+`messages` is list<struct<role, content>>). A record holds one conversation in any of:
   * messages (smoltalk, OpenAI): {"messages": [{"role": "system|user|assistant", "content": ...}]}
   * ShareGPT:                    {"conversations": [{"from": "system|human|gpt", "value": ...}]}
   * Alpaca:                      {"instruction": ..., "input": ..., "output": ...} (+ "system")
@@ -38,11 +41,12 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from zhgpt_jax import corpus
+from zhgpt_jax import corpus, formats
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.config import UserError
 
-SUFFIXES = ('.jsonl', '.jsonl.gz')
+SUFFIXES = formats.CHAT_SUFFIXES
+COLUMNS = ('messages', 'conversations', 'instruction', 'input', 'output', 'system')
 ROLES = ('system', 'user', 'assistant')
 _ROLE_OF = {'system': 'system', 'user': 'user', 'human': 'user', 'assistant': 'assistant',
             'gpt': 'assistant'}
@@ -154,20 +158,14 @@ def check_order(turns: list[dict]) -> list[dict]:
   return turns
 
 
-def parse_lines(lines: Iterable[bytes], counts: collections.Counter) -> Iterator[list[dict]]:
-  """The canonical conversations of raw jsonl lines; kept and skipped lines counted in `counts`."""
-  for raw in lines:
+def parse_items(items: Iterable, counts: collections.Counter) -> Iterator[list[dict]]:
+  """The canonical conversations of records (`formats.part_items`: a `formats.Bad` for a bad
+  line); kept and skipped records counted in `counts`."""
+  for record in items:
     try:
-      line = raw.decode('utf-8')
-      if not line.strip():
-        raise _Skip('blank')
-      try:
-        record = json.loads(line.lstrip('\ufeff'))
-      except (ValueError, RecursionError):
-        raise _Skip('malformed') from None
+      if isinstance(record, formats.Bad):
+        raise _Skip(record.reason)
       conversation = parse_record(record)
-    except UnicodeDecodeError:
-      counts['invalid_utf8'] += 1
     except _Skip as skip:
       counts[skip.args[0]] += 1
     else:
@@ -175,15 +173,36 @@ def parse_lines(lines: Iterable[bytes], counts: collections.Counter) -> Iterator
       yield conversation
 
 
-def data_paths(spec: str) -> list[str]:
+def parse_lines(lines: Iterable[bytes], counts: collections.Counter) -> Iterator[list[dict]]:
+  """The canonical conversations of raw jsonl lines; kept and skipped lines counted in `counts`."""
+  return parse_items(formats.json_lines(lines), counts)
+
+
+def columns(path: str, names: list[str]) -> list[str]:
+  """The chat columns of a parquet file; UserError (listing its columns) when it has none."""
+  found = [c for c in COLUMNS if c in names]
+  if not found:
+    raise UserError(f'{path} has no column {", ".join(COLUMNS[:3])} (config.sft.data); '
+                    f'its columns: {", ".join(names)}')
+  return found
+
+
+def data_paths(spec: str, split: str = 'train') -> list[str]:
   """The files of `spec` (config.sft.data), in order; UserError names an entry with none."""
-  return corpus.resolve_paths(spec, 'config.sft.data', SUFFIXES)
+  return formats.resolve_paths(spec, 'config.sft.data', SUFFIXES, split)
 
 
-def read_conversations(spec: str, stats: SftStats) -> Iterator[list[dict]]:
+def file_parts(path: str, block_bytes: int = 1 << 20) -> Iterator[formats.Part]:
+  """The Parts of one chat file, for `parse_items(formats.part_items(part), ...)`."""
+  return formats.file_parts(path, columns, False, block_bytes)
+
+
+def read_conversations(spec: str, stats: SftStats, split: str = 'train'
+                       ) -> Iterator[list[dict]]:
   """Canonical conversations of every file of `spec` (config.sft.data), skips counted in `stats`."""
-  for path in data_paths(spec):
-    yield from parse_lines(corpus.raw_lines(path), stats.file(path))
+  for path in data_paths(spec, split):
+    for part in file_parts(path):
+      yield from parse_items(formats.part_items(part), stats.file(path))
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -263,12 +282,13 @@ class Fitted:
   hash: int             # key_hash of its canonical JSON: picks a val conversation if none is
 
 
-def fitted_conversations(lines: Iterable[bytes], path: str, encoder: ChatEncoder,
+def fitted_conversations(items: Iterable, path: str, encoder: ChatEncoder,
                          stats: SftStats, max_tokens: int, policy: str,
                          val_fraction: float) -> list[Fitted]:
-  """The conversations of jsonl `lines` (of file `path`), in order, encoded (one batched
-  tokenizer call) and fitted to max_tokens; skips, cuts and drops counted in `stats`."""
-  conversations = list(parse_lines(lines, stats.file(path)))
+  """The conversations of records `items` (`formats.part_items` of a Part of file `path`),
+  in order, encoded (one batched tokenizer call) and fitted to max_tokens; skips, cuts and
+  drops counted in `stats`."""
+  conversations = list(parse_items(items, stats.file(path)))
   out = []
   for conversation, enc in zip(conversations, encoder.encode(conversations)):
     fitted = fit(enc, max_tokens, policy)

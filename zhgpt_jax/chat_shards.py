@@ -11,7 +11,7 @@ data.val_fraction and CODE_VERSION. A later start with the same key memory-maps 
 
 The first start streams, so its memory does not grow with the chat set beyond ~60 bytes a
 conversation (the lengths, splits and hashes that packing needs):
-  1. the files are cut into blocks of whole lines (~1 MiB, `sources`) that a pool of
+  1. the files are cut into blocks (~1 MiB of input, `formats.file_parts`) that a pool of
      processes on every core (`scan.worker_pool`, as `prepare` uses) parses, tokenizes and
      fits (`chat_format.fitted_conversations`); each conversation's ids and weights are
      appended, in file order, to two scratch files, and its length, split and hash kept;
@@ -36,7 +36,7 @@ import time
 import numpy as np
 import tqdm
 
-from zhgpt_jax import chat_format, scan, sources
+from zhgpt_jax import chat_format, formats, scan
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.chat_format import ChatEncoder, SftStats
 
@@ -49,7 +49,7 @@ BLOCK_ROWS = 1024        # rows written at a time
 def cache_key(config, tokenizer_json: str) -> str:
   """The key of config.sft.data's packed rows for this tokenizer and these settings."""
   files = []
-  for path in chat_format.data_paths(config.sft.data):
+  for path in chat_format.data_paths(config.sft.data, config.data.split):
     st = os.stat(path)
     files.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
   inputs = dict(code=CODE_VERSION, files=files,
@@ -66,15 +66,15 @@ def row_dtype(bound: int) -> np.dtype:
 
 # ----------------------------------------------------------------------------- pass 1
 
-def _encode_block(path: str, payload: bytes, max_tokens: int, policy: str, val_fraction: float,
+def _encode_block(part: formats.Part, max_tokens: int, policy: str, val_fraction: float,
                   dtype: str) -> dict:
-  """A pool worker's fitted conversations of one block of whole jsonl lines, as arrays."""
+  """A pool worker's fitted conversations of one Part of a chat file, as arrays."""
   state = scan.worker_state()
   if state.get('chat_tok') is not state['tok']:   # the tokenizer of this pool
     state['chat'], state['chat_tok'] = ChatEncoder(state['tok']), state['tok']
   stats = SftStats()
-  fitted = chat_format.fitted_conversations(sources.block_lines(payload), path, state['chat'], stats,
-                                            max_tokens, policy, val_fraction)
+  fitted = chat_format.fitted_conversations(formats.part_items(part), part.path, state['chat'],
+                                            stats, max_tokens, policy, val_fraction)
   join = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
   return dict(stats=stats,
               ids=join([f.encoded.ids for f in fitted], dtype),
@@ -87,7 +87,7 @@ def _encode_block(path: str, payload: bytes, max_tokens: int, policy: str, val_f
 def _tokenize(config, tokenizer_json: str, tmp: str, dtype: np.dtype, progress: bool):
   """Pass 1: every conversation's ids and weights appended to tmp/tokens.bin and
   tmp/weights.bin in file order; returns (stats, lengths, val, hashes), one entry each."""
-  paths = chat_format.data_paths(config.sft.data)
+  paths = chat_format.data_paths(config.sft.data, config.data.split)
   stats = SftStats()
   parts = {'lengths': [], 'val': [], 'hashes': []}
   args = (config.model.seq_len + 1, config.sft.long_policy, config.data.val_fraction, dtype.str)
@@ -95,8 +95,8 @@ def _tokenize(config, tokenizer_json: str, tmp: str, dtype: np.dtype, progress: 
   def jobs():
     for path in paths:
       stats.file(path)   # every file is listed, even one that gives nothing
-      for payload, size in sources.file_blocks(path, False, BLOCK_BYTES):
-        yield size, (path, payload, *args)
+      for part in chat_format.file_parts(path, BLOCK_BYTES):
+        yield part.size, (part, *args)
 
   with open(os.path.join(tmp, 'tokens.bin'), 'wb') as tokens, \
       open(os.path.join(tmp, 'weights.bin'), 'wb') as weights, \

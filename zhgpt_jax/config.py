@@ -44,7 +44,11 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       # 'builtin' | a file, directory, glob, or comma-separated list of them.
       corpus='builtin',
-      text_field='text',         # the jsonl field that holds a document
+      text_field='text',         # the field (JSON) or column (parquet) of a document; dotted: nested
+      # In a directory or hf: dataset, the files of this split by the hub's naming rule
+      # ('train' | 'validation' | 'test'; a folder with no split names is all train).
+      split='train',
+      peek=0,                    # prepare: show what each source gives (N documents), build nothing
       txt_mode='line',           # .txt: 'line' (a document a line) | 'paragraph' (blank-line separated)
       fullwidth_to_halfwidth=False,  # ＡＢＣ１２３ -> ABC123 (punctuation such as ，。“” is kept)
       val_fraction=0.05,         # share of documents (by hash) held out for validation
@@ -208,6 +212,7 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
 
 _CHOICES = {
     'task': ('pretrain', 'sft'),
+    'data.split': ('train', 'validation', 'test'),
     'model.position': ('learned', 'rope'),
     'model.mlp': ('gelu', 'swiglu', 'moe'),
     'model.norm': ('layernorm', 'rmsnorm'),
@@ -226,6 +231,7 @@ _CHOICES = {
 }
 
 _NON_NEGATIVE = ('tokenizer.min_frequency', 'data.tokenize_workers', 'data.loader_workers',
+                 'data.peek',
                  'data.prefetch', 'train.eval_max_batches', 'train.sample_tokens',
                  'train.short_seq_steps', 'sft.heldout', 'sft.eval_examples', 'seed',
                  'sample.seed')

@@ -1,12 +1,13 @@
 """Raw text in, normalised documents out: the builtin corpus and the user's files.
 
 `config.data.corpus` is 'builtin' or a comma-separated list of sources, each a file,
-directory (every .jsonl, .jsonl.gz and .txt inside, recursively, sorted) or glob, optionally
-with a mixing weight: 'news/*.jsonl:2,web/:1' (`parse_sources`). `.jsonl(.gz)` holds a
-document a line in `config.data.text_field`: a key, or a dotted path through nested records
-and lists ('段落.内容'), a list of strings joined by newlines (`field_text`). `.txt` holds a
-document a line (`txt_mode='line'`) or a blank-line-separated paragraph ('paragraph'). Files
-are read in binary a line at a time: a bad line is skipped and counted (`CorpusStats`).
+directory (every data file inside, recursively, sorted; a split's files in a hub-style
+folder), glob or `hf:OWNER/NAME` dataset (`formats`), optionally with a mixing weight:
+'news/*.jsonl:2,web/:1' (`parse_sources`). JSON lines, JSON arrays and parquet rows hold a
+document in `config.data.text_field`: a key (a column), or a dotted path through nested
+records and lists ('段落.内容'), a list of strings joined by newlines (`field_text`). `.txt`
+holds a document a line (`txt_mode='line'`) or a blank-line-separated paragraph
+('paragraph'). A bad line or record is skipped and counted by reason (`CorpusStats`).
 
 Normalisation, applied to every document:
   * a leading UTF-8 byte-order mark is dropped; \\r\\n and \\r become \\n;
@@ -40,8 +41,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import glob
-import gzip
 import hashlib
 import importlib.util
 import itertools
@@ -50,9 +49,10 @@ import os
 import re
 from typing import Iterable, Iterator
 
+from zhgpt_jax import formats
 from zhgpt_jax.config import UserError, default_config
 
-SUFFIXES = ('.jsonl', '.jsonl.gz', '.txt')
+SUFFIXES = formats.CORPUS_SUFFIXES
 HELDOUT_REVIEWS = 1000   # reviews excluded from the builtin pretraining corpus (see split_reviews)
 HASH_METHOD = 'blake2b-64 of the normalised UTF-8 text < val_fraction * 2**64'
 
@@ -60,6 +60,7 @@ HASH_METHOD = 'blake2b-64 of the normalised UTF-8 text < val_fraction * 2**64'
 _REASONS = {
     'malformed': 'malformed JSON',
     'missing': "missing '{field}'",
+    'null': "null '{field}'",
     'not_string': "non-string '{field}'",
     'invalid_utf8': 'invalid UTF-8',
     'unencodable': 'lone surrogate (not encodable text)',
@@ -156,43 +157,11 @@ def is_val(text: str, fraction: float) -> bool:
   return _hash64(text) < fraction * 2.0**64
 
 
-def _entry_paths(entry: str, key: str, suffixes: tuple[str, ...]) -> list[str]:
-  kinds = '/'.join(suffixes)
-  if os.path.isdir(entry):
-    found = sorted(os.path.join(d, f) for d, _, fs in os.walk(entry) for f in fs
-                   if f.endswith(suffixes))
-    if not found:
-      raise UserError(f'{key}: directory {entry} has no {kinds} files')
-  elif os.path.isfile(entry) and not entry.endswith(suffixes):
-    raise UserError(f'{key}: {entry} is not a {kinds} file')
-  elif os.path.isfile(entry):
-    found = [entry]
-  elif not glob.has_magic(entry):
-    raise UserError(f'{key}: {entry} does not exist')
-  elif not (found := sorted(p for p in glob.glob(entry, recursive=True)
-                            if os.path.isfile(p) and p.endswith(suffixes))):
-    raise UserError(f'{key}: glob {entry} matches no {kinds} files')
-  return found
-
-
 def pieces(text: str, val: bool, data_cfg, by_piece: bool = True) -> list[tuple[str, bool]]:
   """(piece, in_val) of a document cut at max_doc_chars; `by_piece`: each by its own hash."""
   n, cut = data_cfg.max_doc_chars, len(text) > data_cfg.max_doc_chars
   return [(p, is_val(p, data_cfg.val_fraction) if by_piece and cut else val)
           for p in (text[i:i + n] for i in range(0, max(len(text), 1), n))]
-
-
-def resolve_paths(spec: str, key: str = 'config.data.corpus',
-                  suffixes: tuple[str, ...] = SUFFIXES) -> list[str]:
-  """Expands a comma-separated list of files, directories and globs into sorted file paths
-  ending in `suffixes`; UserError names the entry (`key`: the config field) that finds none."""
-  paths = []
-  for entry in (e.strip() for e in spec.split(',')):
-    if entry:
-      paths.extend(p for p in _entry_paths(entry, key, suffixes) if p not in paths)
-  if not paths:
-    raise UserError(f'{key}={spec!r} names no files')
-  return paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +175,8 @@ class Source:
 _WEIGHT = re.compile(r'(.+):([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)')
 
 
-def parse_sources(spec: str, key: str = 'config.data.corpus') -> list[Source]:
+def parse_sources(spec: str, key: str = 'config.data.corpus', split: str = 'train'
+                  ) -> list[Source]:
   """The sources of a corpus spec: 'builtin', or entries 'files/dir/glob[:weight]' joined by ','.
 
   A weight is the source's share of the training windows (normalised over all sources); it
@@ -224,7 +194,7 @@ def parse_sources(spec: str, key: str = 'config.data.corpus') -> list[Source]:
         entry, None)
     if weight is not None and weight <= 0:
       raise UserError(f'{key}: weight of {name} must be > 0, not {m.group(2)}')
-    paths = tuple(p for p in _entry_paths(name, key, SUFFIXES) if p not in seen)
+    paths = tuple(p for p in formats.entry_paths(name, key, SUFFIXES, split) if p not in seen)
     seen.update(paths)
     sources.append(Source(name, weight, paths))
   if not sources:
@@ -232,16 +202,6 @@ def parse_sources(spec: str, key: str = 'config.data.corpus') -> list[Source]:
   if len({s.weight is None for s in sources}) > 1:
     raise UserError(f'{key}: give every source a weight (e.g. a/:2,b/:1) or none')
   return sources
-
-
-def raw_lines(path: str) -> Iterator[bytes]:
-  """The lines of a file (gunzipped if it ends in .gz) as bytes; UserError if unreadable."""
-  try:
-    opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rb') as f:
-      yield from f
-  except (OSError, EOFError) as e:  # unreadable, or a truncated/corrupt .gz
-    raise UserError(f'cannot read {path}: {e}') from e
 
 
 def _decoded(lines: Iterable[bytes]) -> Iterator[str | None]:
@@ -263,6 +223,8 @@ def field_text(record, field: str) -> str:
   value = record
   for part in [field] if isinstance(record, dict) and field in record else field.split('.'):
     value = _step(value, part)
+  if value is None:
+    raise _FieldError('null')
   if isinstance(value, list):
     if not all(isinstance(v, str) for v in value):
       raise _FieldError('not_string')
@@ -283,24 +245,29 @@ def _step(value, part: str):
   raise _FieldError('missing')
 
 
-def read_jsonl(lines: Iterable[bytes], name: str, field: str, stats: CorpusStats
-                ) -> Iterator[str]:
-  for line in _decoded(lines):
-    if line is None:
-      stats.skip(name, 'invalid_utf8')
-      continue
-    if not line.strip():
-      stats.skip(name, 'empty')
-      continue
-    try:
-      record = json.loads(line.lstrip('\ufeff'))
-    except (ValueError, RecursionError):
-      stats.skip(name, 'malformed')
+def read_records(items: Iterable, name: str, field: str, stats: CorpusStats) -> Iterator[str]:
+  """The texts at `field` of records (`formats.part_items`); skips counted under `name`."""
+  for record in items:
+    if isinstance(record, formats.Bad):
+      stats.skip(name, 'empty' if record.reason == 'blank' else record.reason)
       continue
     try:
       yield field_text(record, field)
     except _FieldError as e:
       stats.skip(name, e.args[0])
+
+
+def part_texts(part: formats.Part, data_cfg, stats: CorpusStats) -> Iterator[str]:
+  """The raw texts of one Part of a user file (before normalising); skips counted."""
+  if formats.kind_of(part.path) == 'txt':
+    return read_txt(formats.block_lines(part.payload), data_cfg.txt_mode, stats, part.path)
+  return read_records(formats.part_items(part), part.path, data_cfg.text_field, stats)
+
+
+def file_parts(path: str, data_cfg, block_bytes: int = 1 << 20) -> Iterator[formats.Part]:
+  """The Parts of one corpus file (`formats.file_parts` with the text field's column)."""
+  return formats.file_parts(path, formats.column_picker(data_cfg.text_field),
+                            data_cfg.txt_mode == 'paragraph', block_bytes)
 
 
 def read_txt(lines: Iterable[bytes], mode: str, stats: CorpusStats, name: str
@@ -371,7 +338,7 @@ def _read_reviews() -> tuple[tuple[tuple[str, int, str], ...], CorpusStats]:
   labels, source = {}, {}
   for label, key in ((1, 'pos'), (0, 'neg')):
     path = _short(paths[key])
-    lines = raw_lines(paths[key])
+    lines = formats.raw_lines(paths[key])
     for text in kept(path, read_txt(lines, 'line', stats, path), stats, False):
       if text not in labels:
         labels[text], source[text] = label, path
@@ -414,7 +381,7 @@ def builtin_documents(data_cfg, stats: CorpusStats, n_heldout: int
   news_path = builtin_paths()['news']
   news = _short(news_path)
   fraction, fullwidth = data_cfg.val_fraction, data_cfg.fullwidth_to_halfwidth
-  lines = read_txt(raw_lines(news_path), 'line', stats, news)
+  lines = read_txt(formats.raw_lines(news_path), 'line', stats, news)
   for text in kept(news, map(strip_pos_tags, lines), stats, fullwidth):
     yield news, text, is_val(text, fraction)
   reviews, review_stats = _read_reviews()
@@ -430,14 +397,12 @@ def builtin_documents(data_cfg, stats: CorpusStats, n_heldout: int
 
 def _user(data_cfg, stats: CorpusStats) -> Iterator[tuple[str, str, bool]]:
   fraction, fullwidth = data_cfg.val_fraction, data_cfg.fullwidth_to_halfwidth
-  for source in parse_sources(data_cfg.corpus):
+  for source in parse_sources(data_cfg.corpus, split=data_cfg.split):
     for path in source.paths:
       stats.file(path)  # list every file, even one that gives nothing
-      lines = raw_lines(path)
-      texts = (read_txt(lines, data_cfg.txt_mode, stats, path) if path.endswith('.txt')
-               else read_jsonl(lines, path, data_cfg.text_field, stats))
-      for text in kept(path, texts, stats, fullwidth):
-        yield path, text, is_val(text, fraction)
+      for part in file_parts(path, data_cfg):
+        for text in kept(path, part_texts(part, data_cfg, stats), stats, fullwidth):
+          yield path, text, is_val(text, fraction)
 
 
 def _labeled(data_cfg, stats: CorpusStats, n_heldout: int) -> Iterator[tuple[str, str, bool]]:

@@ -99,7 +99,8 @@ def ordered(submit: Callable, fn: Callable, jobs, depth: int) -> Iterator[tuple]
 def input_bytes(config) -> int:
   """The corpus files' size on disk: the total of the progress bars."""
   paths = (corpus.builtin_paths().values() if config.data.corpus == 'builtin'
-           else [p for s in corpus.parse_sources(config.data.corpus) for p in s.paths])
+           else [p for s in corpus.parse_sources(config.data.corpus, split=config.data.split)
+                 for p in s.paths])
   return sum(os.path.getsize(p) for p in paths)
 
 

@@ -35,7 +35,7 @@ from zhgpt_jax import corpus, encode, scan, sources
 from zhgpt_jax import tokenizer as tokenizer_lib
 from zhgpt_jax.config import UserError, check_paths, validate
 
-CODE_VERSION = 3   # bump when a change to corpus/tokenizer/shards changes what is written
+CODE_VERSION = 4   # bump when a change to corpus/tokenizer/shards changes what is written
 SPLITS = ('train', 'val')
 # Inputs that change the documents, so both the tokenizer and the shards.
 _TEXT_FIELDS = ('text_field', 'txt_mode', 'fullwidth_to_halfwidth', 'val_fraction',
@@ -117,14 +117,14 @@ def _n_heldout(config) -> int:
 def _text_inputs(config) -> dict:
   """Everything that decides the documents: the files as they are now and the text fields."""
   builtin = config.data.corpus == 'builtin'
-  paths = [p for s in corpus.parse_sources(config.data.corpus) for p in s.paths]
+  paths = [p for s in corpus.parse_sources(config.data.corpus, split=config.data.split) for p in s.paths]
   files = []
   for p in paths:
     st = os.stat(p)
     files.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
   return dict(code=CODE_VERSION, files=files,
               data=dict({k: config.data[k] for k in _TEXT_FIELDS},
-                        corpus=sources.without_weights(config.data.corpus)),
+                        corpus=sources.without_weights(config.data.corpus, config.data.split)),
               heldout=_n_heldout(config) if builtin else None)
 
 
@@ -273,12 +273,12 @@ def _valid_meta(split_dir: str, key: str) -> dict | None:
 def _seal(config, tok: Tokenizer, tok_hash: str, root: str, build_dir: str, key: str,
           states: dict, stats: corpus.CorpusStats, counts: list[dict] | None) -> dict[str, dict]:
   """Writes each split's meta.json and renames the built splits into place; returns metas."""
-  names = [src.name for src in corpus.parse_sources(config.data.corpus)]
+  names = [src.name for src in corpus.parse_sources(config.data.corpus, split=config.data.split)]
   counts = counts or [{} for _ in names]
   metas = {}
   for split, st in states.items():
     groups = [dict(name=n, files=list(src.paths), tokens=t, documents=d, **c)
-              for n, src, t, d, c in zip(names, corpus.parse_sources(config.data.corpus),
+              for n, src, t, d, c in zip(names, corpus.parse_sources(config.data.corpus, split=config.data.split),
                                          st['source_tokens'], st['source_documents'], counts)]
     metas[split] = dict(
         format=2, split=split, dtype=_dtype(tok.get_vocab_size()).name, byteorder='little',
@@ -286,7 +286,7 @@ def _seal(config, tok: Tokenizer, tok_hash: str, root: str, build_dir: str, key:
         characters=st['characters'], utf8_bytes=st['utf8_bytes'], shards=st['shards'],
         shard_tokens=config.data.shard_tokens, vocab_size=tok.get_vocab_size(),
         eot_id=tokenizer_lib.special_ids(tok).eos, tokenizer_hash=tok_hash,
-        corpus=sources.without_weights(config.data.corpus), source_groups=groups,
+        corpus=sources.without_weights(config.data.corpus, config.data.split), source_groups=groups,
         dedup=dict(mode=config.data.dedup, near_threshold=config.data.near_threshold,
                    near_ngram=config.data.near_ngram),
         sources=stats.to_json(), skipped=stats.summary(),
@@ -319,7 +319,7 @@ def prepare(config, workdir: str, progress: bool = True) -> PrepareSummary:
       if name.startswith(('.tmp-', '.old-')):
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     inputs = _text_inputs(config)
-    names = [src.name for src in corpus.parse_sources(config.data.corpus)]
+    names = [src.name for src in corpus.parse_sources(config.data.corpus, split=config.data.split)]
     scan_dir, scan_key = os.path.join(root, 'scan'), _hash(inputs)
     found = None
 
