@@ -31,6 +31,13 @@ flags.DEFINE_string('host', '127.0.0.1', 'serve: the address to listen on.')
 flags.DEFINE_integer('port', 8000, 'serve: the port to listen on.')
 flags.DEFINE_string('api_key', None, 'serve: require "Authorization: Bearer KEY" on /v1 '
                     '(default: $ZHGPT_API_KEY; none = open).')
+flags.DEFINE_string('tasks', None, 'eval: lm_eval tasks, comma-separated (e.g. zh_mc,zh_sentiment); '
+                    'without it eval reports val loss.')
+flags.DEFINE_float('limit', None, 'eval --tasks: items per task (< 1: a fraction of them).')
+flags.DEFINE_integer('num_fewshot', None, 'eval --tasks: few-shot examples per item.')
+flags.DEFINE_string('task_path', None, 'eval --tasks: a directory of your own lm_eval YAML tasks.')
+flags.DEFINE_string('task_data', None, 'eval --tasks: the local data directory zh_mc reads '
+                    '(C-Eval / CMMLU csv, or jsonl).')
 FLAGS = flags.FLAGS
 
 
@@ -144,6 +151,13 @@ def dispatch(command, config, workdir, explicit=()):
   elif command == 'train':
     from zhgpt_jax import train
     train.train_and_evaluate(config, workdir, _task_builder(config.task))
+  elif command == 'eval' and FLAGS.tasks is not None:
+    from zhgpt_jax import harness
+    limit = FLAGS.limit
+    harness.evaluate_tasks(workdir, FLAGS.tasks, step=FLAGS.step,
+                           limit=int(limit) if limit is not None and limit >= 1 else limit,
+                           num_fewshot=FLAGS.num_fewshot, task_path=FLAGS.task_path,
+                           data_dir=FLAGS.task_data)
   elif command == 'eval':
     from zhgpt_jax import checkpoint, train
     saved = checkpoint.load_config(workdir)
