@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -332,3 +333,54 @@ def test_peek_shows_format_field_skips_and_first_documents(tmp_path, hub_cache, 
   assert ('conversation 1: <|im_start|>user\\n你好<|im_end|>\\n<|im_start|>assistant\\n你好！'
           '<|im_end|>\\n') in text
   assert not os.path.exists(tmp_path / 'runs')
+
+
+def readme_sources() -> list[list[str]]:
+  """The flags of each row of README's table of named sources."""
+  with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+    text = f.read()
+  table = text[text.index('The sources the project we grew from named'):]
+  table = table[:table.index('\n\n', table.index('| source |'))]
+  rows = [r for r in table.splitlines() if r.startswith('| ') and not r.startswith(('| source', '| ---'))]
+  return [[f for group in re.findall(r'`(--config\.[^`]+)`', r.split(' | ')[2]) for f in group.split()]
+          for r in rows]
+
+
+def test_readme_source_table_lines_read_files_of_that_shape(tmp_path, hub_cache):
+  texts = sentences(40)
+  data = str(tmp_path / 'data')
+  mnbvc = [{'文件名': f'{i}.txt', '是否待查文件': False, '段落': [
+      {'行号': 1, '内容': texts[i], 'md5': 'x'}, {'行号': 2, '内容': texts[i + 1], 'md5': 'y'}],
+      '时间': '20230101'} for i in range(0, 20, 2)]
+  write(os.path.join(data, 'MNBVC', 'news', 'a.jsonl'), jsonl_bytes(mnbvc))
+  c4 = [{'text': t, 'timestamp': '2019-04-25T12:57:54Z', 'url': 'https://c4'} for t in texts]
+  for name in ('c4-train.00000-of-01024.json.gz', 'c4-validation.00000-of-00008.json.gz'):
+    write(os.path.join(data, 'c4', 'en', name), gzip.compress(jsonl_bytes(c4)))
+  web = [{'text': t, 'score': 3.5} for t in texts]
+  write_parquet(os.path.join(data, 'hub', 'Fineweb-Edu-Chinese-V2.1', 'data',
+                             'train-00000-of-00002.parquet'), web, 2)
+  chats = [{'messages': [{'role': 'user', 'content': q}, {'role': 'assistant', 'content': a}]}
+           for q, a in zip(texts[::2], texts[1::2])]
+  write_parquet(os.path.join(hub_cache('opencsg/smoltalk-chinese'), 'data',
+                             'train-00000-of-00001.parquet'), chats, 2)
+  alpaca = [{'instruction': q, 'input': '', 'output': a} for q, a in zip(texts[::2], texts[1::2])]
+  write(os.path.join(data, 'alpaca_gpt4_data_zh.json'), json.dumps(alpaca, ensure_ascii=False).encode())
+  rows = readme_sources()
+  assert len(rows) == 5 and all(rows)
+  for flags in rows:
+    c = data_config('builtin', 'text')
+    for flag in flags:
+      key, value = flag[len('--config.'):].split('=', 1)
+      value = value.strip("'").replace('/data/', f'{data}/')
+      *parents, leaf = key.split('.')
+      node = c
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+    c.data.peek = 2
+    text = peek.peek(c)
+    shown = 'conversation 2: <|im_start|>user' if c.task == 'sft' else 'document 2: '
+    assert shown in text and 'skipped: none' in text, (flags, text)
+  c = data_config(f'{data}/MNBVC/', '段落.内容')
+  c.data.peek = 1   # MNBVC's paragraphs joined by newlines: one document a file
+  assert f'document 1: {texts[0]}\\n{texts[1]}' in peek.peek(c)
