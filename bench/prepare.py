@@ -2,6 +2,7 @@
 
   python bench/prepare.py [--vocab 8000] [--workers 0,1] [--train_chars 1000000,2000000]
   python bench/prepare.py --scale 0.25,1,3 [--kill_trials 5]     (see bench/prepare_scale.py)
+  python bench/prepare.py --formats 1 [--repeats 2]  jsonl vs jsonl.zst vs parquet (bench/prepare_formats.py)
 
 1. Shard-stage throughput: `shards.prepare` with an already trained tokenizer (so it reads
    the corpus, tokenizes in parallel and writes shards), in MB/s of the documents' UTF-8
@@ -68,11 +69,17 @@ def main() -> None:
   parser.add_argument('--train_chars', default='1000000,2000000')
   parser.add_argument('--child_train', type=int, default=0, help=argparse.SUPPRESS)
   parser.add_argument('--scale', default='', help='GB sizes of synthetic corpora (scale mode)')
+  parser.add_argument('--formats', type=float, default=0,
+                      help='GB of a synthetic corpus read as jsonl, jsonl.zst and parquet')
   parser.add_argument('--kill_trials', type=int, default=5)
   parser.add_argument('--scale_dir', default='/tmp/zhgpt_scale')
   parser.add_argument('--phases', default='scan,prepare', help='scale mode: scan and/or prepare')
   parser.add_argument('--results', default='results.json', help='scale mode: file in scale_dir')
   args = parser.parse_args()
+  if args.formats:
+    import prepare_formats  # pylint: disable=import-outside-toplevel
+    prepare_formats.main(args.formats, args.repeats, args.scale_dir)
+    return
   if args.scale:
     import prepare_scale  # pylint: disable=import-outside-toplevel
     prepare_scale.main([float(x) for x in args.scale.split(',')], args.vocab, args.kill_trials,

@@ -6,7 +6,7 @@ Formats, by extension (and, for .json, by content):
     the first byte (`[`). A `.json` holding one object (`{"data": [...]}`, or a record
     spread over lines) is an error that says so, not a one-record corpus;
   * each of these optionally compressed: `.gz` (gzip) or `.zst` / `.zstd` (zstandard);
-  * `.parquet` (pyarrow): the columns the caller names, a row group at a time.
+  * `.parquet` (pyarrow): the columns the caller names, a record batch at a time.
 
 Entries (`resolve_paths`, `entry_paths`): a file, a directory (searched recursively), a glob,
 or `hf:OWNER/NAME[/SUBDIR]`, a Hugging Face *dataset* id fetched (or found in the local hub
@@ -27,9 +27,11 @@ becomes Parts of about `block_bytes` of input each:
     to start at but the beginning;
   * a JSON array: elements decoded in the main process (`json.JSONDecoder.raw_decode` over a
     sliding window: one element in memory at a time, never the whole file), sent as records;
-  * parquet: consecutive row groups up to `block_bytes` (compressed) a Part, which the worker
-    reads itself (`ParquetFile.iter_batches` over those groups and columns only): parquet is
-    decoded on every core, in memory bounded by a row group.
+  * parquet: record batches of the named columns only, of about `block_bytes` of decoded
+    data each (`ParquetFile.iter_batches`, the column chunks read 1 MiB at a time): decoded
+    (decompressed, C++) in the main process, turned into Python records in the workers.
+    Not a row group a Part: writers make row groups of anything from 100 rows to 1 GB, and
+    a Part must stay small for memory to stay flat and every core busy.
 A damaged file (a truncated .gz/.zst/.parquet, broken JSON inside an array) is a UserError
 naming it; a bad line of JSON lines is a `Bad` item the caller counts and skips.
 """
@@ -62,11 +64,11 @@ _READ = 1 << 18   # compressed bytes read at a time
 @dataclasses.dataclass
 class Part:
   """A piece of one file that a worker turns into items: `kind` 'lines' (payload: bytes of
-  whole lines), 'records' (a list of decoded JSON values) or 'parquet' (payload: (first row
-  group, end row group, columns)). `size`: the file bytes it stands for (progress)."""
+  whole lines), 'records' (a list of decoded JSON values) or 'parquet' (a pyarrow
+  RecordBatch of the columns read). `size`: the file bytes it stands for (progress)."""
   path: str
   kind: str
-  payload: bytes | list | tuple
+  payload: object
   size: int
 
 
@@ -400,27 +402,40 @@ def json_lines(lines: Iterable[bytes]) -> Iterator:
 # ----------------------------------------------------------------------------- parquet
 
 def parquet_file(path: str):
-  """pyarrow's ParquetFile of `path`; UserError if it is not a (complete) parquet file."""
+  """pyarrow's ParquetFile of `path`, reading a column chunk 1 MiB at a time (not whole);
+  UserError if it is not a (complete) parquet file."""
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   try:
-    return pq.ParquetFile(path)
+    return pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
   except Exception as e:  # pylint: disable=broad-except  (ArrowInvalid, OSError)
     raise UserError(f'cannot read {path}: {" ".join(str(e).split())} (a truncated or damaged '
                     'parquet file?)') from None
 
 
-def parquet_blocks(path: str, columns: list[str], block_bytes: int
-                   ) -> Iterator[tuple[tuple, int]]:
-  """((first row group, end row group, columns), compressed bytes) of consecutive row groups
-  up to about block_bytes."""
-  meta = parquet_file(path).metadata
-  first, size = 0, 0
-  for g in range(meta.num_row_groups):
-    rg = meta.row_group(g)
-    size += sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
-    if size >= block_bytes or g == meta.num_row_groups - 1:
-      yield (first, g + 1, columns), size
-      first, size = g + 1, 0
+def parquet_blocks(path: str, columns: list[str], block_bytes: int) -> Iterator[tuple[object, int]]:
+  """(a pyarrow RecordBatch of `columns`, file bytes it stands for) of about block_bytes of
+  decoded column data each, in row order. The rows a batch holds follow from the footer
+  alone (the columns' uncompressed size a row), so the batches are the same on every run."""
+  pf = parquet_file(path)
+  meta = pf.metadata
+  if not meta.num_rows:
+    return
+  data = sum(rg.column(j).total_uncompressed_size
+             for rg in map(meta.row_group, range(meta.num_row_groups))
+             for j in range(rg.num_columns)
+             if any(rg.column(j).path_in_schema in (c,) or
+                    rg.column(j).path_in_schema.startswith(c + '.') for c in columns))
+  rows = max(1, int(block_bytes * meta.num_rows / max(1, data)))
+  size, done, seen = os.path.getsize(path), 0, 0
+  try:
+    for batch in pf.iter_batches(batch_size=rows, columns=columns, use_threads=False):
+      seen += batch.num_rows
+      now = size * seen // meta.num_rows
+      yield batch, now - done
+      done = now
+  except Exception as e:  # pylint: disable=broad-except  (a damaged page or column chunk)
+    raise UserError(f'cannot read {path} (after row {seen:,}): {" ".join(str(e).split())}'
+                    ) from None
 
 
 def column_picker(field: str, key: str = 'config.data.text_field') -> Callable:
@@ -432,25 +447,6 @@ def column_picker(field: str, key: str = 'config.data.text_field') -> Callable:
     raise UserError(f"{path} has no column {field.split('.')[0]!r} ({key}={field!r}); "
                     f'its columns: {", ".join(names)}')
   return columns
-
-
-_OPEN: dict = {}   # a worker's last ParquetFile: {path: file}
-
-
-def parquet_rows(path: str, payload: tuple, batch_rows: int = 4096) -> Iterator[dict]:
-  """The rows (dicts of the chosen columns) of a 'parquet' Part's row groups."""
-  first, end, columns = payload
-  if path not in _OPEN:
-    _OPEN.clear()
-    _OPEN[path] = parquet_file(path)
-  try:
-    for batch in _OPEN[path].iter_batches(batch_size=batch_rows, row_groups=range(first, end),
-                                          columns=columns, use_threads=False):
-      yield from batch.to_pylist()
-  except Exception as e:  # pylint: disable=broad-except  (a damaged page or column chunk)
-    _OPEN.clear()
-    raise UserError(f'cannot read {path} (row groups {first}-{end - 1}): '
-                    f'{" ".join(str(e).split())}') from None
 
 
 # ----------------------------------------------------------------------------- parts
@@ -480,4 +476,4 @@ def part_items(part: Part) -> Iterator:
     return json_lines(block_lines(part.payload))
   if part.kind == 'records':
     return iter(part.payload)
-  return parquet_rows(part.path, part.payload)
+  return iter(part.payload.to_pylist())
