@@ -13,6 +13,7 @@ Any other exception is a bug in zhgpt-jax or a library and keeps its traceback (
 
 import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -56,6 +57,28 @@ def _one_line(e: BaseException, argv) -> str:
   return text or type(e).__name__
 
 
+def _raised_in(e: BaseException, config_path: str | None) -> str | None:
+  """'--config FILE: line N: Type: message' when `e` (or an exception it wraps: config_flags
+  re-raises with the traceback's text) was raised by the code of the config file."""
+  if not config_path:
+    return None
+  path = os.path.realpath(config_path.split(':')[0])
+  seen = []
+  while e is not None and e not in seen:
+    seen.append(e)
+    e = e.__cause__ or e.__context__
+  for err in reversed(seen):   # the innermost first: the exception the file itself raised
+    lines = [f.lineno for f in traceback.extract_tb(err.__traceback__)
+             if os.path.realpath(f.filename) == path]
+    if isinstance(err, SyntaxError) and os.path.realpath(err.filename or '') == path:
+      lines, err = [err.lineno], SyntaxError(err.msg)
+    if lines:
+      text = ' '.join(str(err).split())
+      return (f'--config {config_path}: line {lines[-1]}: {type(err).__name__}'
+              + (f': {text}' if text else ''))
+  return None
+
+
 def _value(argv, name):
   for i, a in enumerate(argv):
     if a == f'--{name}' and i + 1 < len(argv):
@@ -79,8 +102,12 @@ def parse_flags(argv):
   try:
     rest = FLAGS(argv)
   except Exception as e:  # config_flags raises many kinds; all are the user's input
-    _fail(_one_line(e, argv))
+    _fail(_raised_in(e, config_path) or _one_line(e, argv))
   import ml_collections
+  error = object.__getattribute__(_CONFIG.value, '_error') if type(
+      _CONFIG.value).__name__ == '_ErrorConfig' else None   # an OSError config_flags kept
+  if error is not None:
+    _fail(_raised_in(error, config_path) or f'--config {config_path}: {error}')
   if _CONFIG.value is not None and not isinstance(_CONFIG.value, ml_collections.ConfigDict):
     _fail(f'--config {config_path}: get_config() returned a {type(_CONFIG.value).__name__}, '
           'not an ml_collections.ConfigDict')
@@ -100,12 +127,17 @@ def main(argv):
     _fail('--config is required (e.g. --config configs/tiny.py), or --workdir of a saved run')
   workdir = FLAGS.workdir or os.path.join('runs', _config_name(FLAGS['config'].serialize()))
 
-  from zhgpt_jax.config import UserError
+  from zhgpt_jax.config import UserError, disk_cause
   explicit = set(config_flags.get_override_values(FLAGS['config']))
   try:
     dispatch(command, config, workdir, explicit)
   except UserError as e:
     _fail(str(e))
+  except OSError as e:   # one the stage did not word itself: still the user's to fix
+    if disk_cause(e) is None:
+      raise
+    _fail(f'{command} failed ({disk_cause(e)}' + (f': {e.filename}' if e.filename else '')
+          + '); free the space or fix the permission and run the same command again')
   except KeyboardInterrupt:
     print('interrupted', file=sys.stderr)
     sys.exit(130)
@@ -171,7 +203,11 @@ def dispatch(command, config, workdir, explicit=()):
     chat.chat(workdir, config.sample, FLAGS.step)
   elif command == 'export':
     from zhgpt_jax import export
-    print(export.export_workdir(workdir, FLAGS.out, FLAGS.overwrite, FLAGS.step))
+    from zhgpt_jax.config import disk_errors
+    with disk_errors('export', f'the partial export was removed and {FLAGS.out} is as it was; '
+                     'free the space or fix the permission and run the same command',
+                     FLAGS.out):
+      print(export.export_workdir(workdir, FLAGS.out, FLAGS.overwrite, FLAGS.step))
   elif command == 'serve':
     from zhgpt_jax import serve
     serve.serve(workdir, config, host=FLAGS.host, port=FLAGS.port, api_key=FLAGS.api_key,

@@ -619,3 +619,463 @@ def test_error_inside_the_loop_waits_for_the_save_in_flight(base, pristine, tmp_
   monkeypatch.setattr(train, '_check', real)
   ok(cli(*base_args(base, workdir)))
   assert losses(workdir) == losses(pristine)
+
+
+# ============================================================================= round two
+# The doors added since the first round: config files that raise, corpus weights, a full or
+# read-only disk under prepare / SFT rows / export / the training logs / the compile cache,
+# hf: directories whose config.json disagrees with their weights, and the server.
+
+def _remount(path: str, options: str) -> None:
+  subprocess.run(['mount', '-o', f'remount,{options}', path], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def _read_only_view(source: str, path: str):
+  """`source` seen read-only at `path` (a read-only bind mount: root ignores chmod)."""
+  os.makedirs(path, exist_ok=True)
+  if subprocess.run(['mount', '--bind', source, path], capture_output=True).returncode:
+    pytest.skip('cannot bind-mount here (needs root with CAP_SYS_ADMIN)')
+  try:
+    _remount(path, 'bind,ro')
+    yield path
+  finally:
+    subprocess.run(['umount', '-l', path], check=False)
+
+
+# ----------------------------------------------------------------------------- config files
+
+GOOD_CONFIG = open(TINY, encoding='utf-8').read()
+
+
+@pytest.mark.parametrize('body, needles', [
+    ('from zhgpt_jax.config import default_config\ndef get_config():\n'
+     '  c = default_config("tiny")\n  raise ValueError("steps must be even")\n',
+     ['line 4: ValueError: steps must be even']),
+    ('x = 1 / 0\ndef get_config():\n  return None\n', ['line 1: ZeroDivisionError: division by zero']),
+    ('def get_config():\n  return {}["model"]\n', ["line 2: KeyError: 'model'"]),
+    ('def get_config(:\n', ['line 1: SyntaxError: invalid syntax']),
+    ('def get_config():\n  return open("/no/such/file").read()\n',
+     ['line 2: FileNotFoundError', '/no/such/file']),
+])
+def test_config_file_that_raises_is_its_own_message_and_line(body, needles, tmp_path, tiny_data):
+  path = tmp_path / 'mine.py'
+  path.write_text(body)
+  line = user_error(cli('prepare', '--config', str(path), '--workdir', str(tmp_path / 'w')),
+                    f'--config {path}: ', *needles)
+  assert 'Error whilst parsing' not in line and 'File "' not in line and '^^^' not in line
+  assert not (tmp_path / 'w').exists() and path.read_text() == body
+  path.write_text(GOOD_CONFIG)    # fixed: the same command runs (the cached data is reused)
+  ok(cli('prepare', '--config', str(path), '--workdir', str(tmp_path / 'w'),
+         *flat(tiny_data.config, 'data', 'tokenizer'), f'--config.data.cache_dir={tiny_data.data_dir}'))
+
+
+@pytest.fixture(scope='module')
+def weights_cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('weights_cache'))
+
+
+@pytest.mark.parametrize('weight', ['-1', '0', 'abc', '', '1e999', 'nan'])
+def test_a_corpus_weight_that_is_not_a_positive_number(weight, tmp_path, weights_cache):
+  path = tmp_path / 'a.jsonl'
+  path.write_text('\n'.join(json.dumps({'text': t}, ensure_ascii=False) for t in NEWS) + '\n',
+                  encoding='utf-8')
+  before = tree(str(tmp_path))
+  line = user_error(prepare(tmp_path, f'{path}:{weight}', f'--config.data.cache_dir={weights_cache}'),
+                    f'config.data.corpus: the weight of {path} must be a number > 0',
+                    f'not {weight!r}')
+  assert 'does not exist' not in line
+  assert tree(str(tmp_path)) == before
+  ok(prepare(tmp_path, f'{path}:2', f'--config.data.cache_dir={weights_cache}'))
+
+
+# ----------------------------------------------------------------------------- prepare: disk faults
+
+BIG_NEWS = [f'{t}{i}号文件指出，要坚持改革开放，推动高质量发展。' * 3 for i in range(1500) for t in NEWS[:1]]
+
+
+@pytest.fixture(scope='module')
+def big_corpus(tmp_path_factory):
+  """~400 KB of text: its scan scratch and shards outgrow a 100 KB file size limit."""
+  path = tmp_path_factory.mktemp('big') / 'big.jsonl'
+  path.write_text('\n'.join(json.dumps({'text': t}, ensure_ascii=False) for t in BIG_NEWS) + '\n',
+                  encoding='utf-8')
+  return str(path)
+
+
+def _prepare_into(cache: str, corpus_path: str):
+  return cli('prepare', '--config', TINY, '--workdir', os.path.join(os.path.dirname(cache), 'w'),
+             f'--config.data.corpus={corpus_path}', '--config.tokenizer.vocab_size=300',
+             '--config.data.tokenize_workers=1', f'--config.data.cache_dir={cache}')
+
+
+@pytest.mark.parametrize('fault', ['enospc_tmpfs', 'efbig_rlimit', 'read_only_remount',
+                                   'cache_under_a_file'])
+def test_prepare_on_a_full_or_read_only_disk(fault, big_corpus, tmp_path):
+  corpus_before = tree(os.path.dirname(big_corpus))
+  with contextlib.ExitStack() as stack:
+    if fault == 'efbig_rlimit':
+      cache = str(tmp_path / 'cache')
+      with _file_size_limit(100_000):
+        line = user_error(_prepare_into(cache, big_corpus), 'prepare failed (File too large')
+    elif fault == 'cache_under_a_file':
+      (tmp_path / 'afile').write_text('mine')
+      cache = str(tmp_path / 'afile' / 'cache')
+      line = user_error(_prepare_into(cache, big_corpus), 'prepare failed (Not a directory')
+      assert (tmp_path / 'afile').read_text() == 'mine'
+      cache = str(tmp_path / 'cache')
+    else:
+      mnt = stack.enter_context(_tmpfs(str(tmp_path / 'mnt'), '300k'))
+      cache = os.path.join(mnt, 'cache')
+      if fault == 'read_only_remount':
+        _remount(mnt, 'ro')
+      line = user_error(_prepare_into(cache, big_corpus),
+                        'prepare failed (' + ('No space left on device' if fault == 'enospc_tmpfs'
+                                              else 'Read-only file system'))
+      _remount(mnt, 'rw,size=50m')    # room again: the same command continues and finishes
+    assert 'prepare stopped' in line and 'run the same command' in line
+    for n in ('train', 'val'):   # nothing half-written was sealed
+      assert not os.path.exists(os.path.join(cache, n, 'meta.json'))
+    out = ok(_prepare_into(cache, big_corpus))
+    assert 'tokens' in out
+    meta = json.load(open(os.path.join(cache, 'train', 'meta.json'), encoding='utf-8'))
+    if fault == 'read_only_remount':   # a prepared cache on a read-only mount is used as it is
+      _remount(mnt, 'ro')
+      ok(_prepare_into(cache, big_corpus))
+  assert meta['documents'] > 1000
+  assert tree(os.path.dirname(big_corpus)) == corpus_before
+
+
+def test_sft_rows_on_a_read_only_or_full_cache(tiny_data, tmp_path):
+  from zhgpt_jax import chat_shards, tokenizer as tok_lib
+  chat_path = tmp_path / 'chat.jsonl'
+  chat_path.write_text('\n'.join(json.dumps(dict(messages=[
+      {'role': 'user', 'content': t[:12]}, {'role': 'assistant', 'content': t[12:30]}]),
+      ensure_ascii=False) for t in NEWS * 20) + '\n', encoding='utf-8')
+  config = tiny_data.config.copy_and_resolve_references()
+  config.task, config.sft.data = 'sft', str(chat_path)
+  tok = tok_lib.load_tokenizer(os.path.join(tiny_data.data_dir, 'tokenizer'))
+  with _tmpfs(str(tmp_path / 'mnt'), '2m') as mnt:
+    _remount(mnt, 'ro')
+    with pytest.raises(UserError) as e:
+      chat_shards.cached_rows(config, os.path.join(mnt, 'data'), tok)
+    assert 'building the SFT rows failed (Read-only file system' in str(e.value)
+    _remount(mnt, 'rw,size=8k')
+    with pytest.raises(UserError) as e:
+      chat_shards.cached_rows(config, os.path.join(mnt, 'data'), tok)
+    assert 'building the SFT rows failed (No space left on device' in str(e.value)
+    assert 'Nothing half-written is kept' in str(e.value) and '\n' not in str(e.value)
+    assert not [n for n in os.listdir(os.path.join(mnt, 'data', 'sft')) if '.tmp-' in n]
+    _remount(mnt, 'rw,size=20m')
+    rows, meta, reused = chat_shards.cached_rows(config, os.path.join(mnt, 'data'), tok)
+    assert not reused and len(rows['train']['inputs']) > 0
+
+
+# ----------------------------------------------------------------------------- export: disk faults
+
+@pytest.mark.parametrize('fault', ['enospc_tmpfs', 'efbig_rlimit', 'read_only_bind'])
+def test_export_on_a_full_or_read_only_disk(fault, pristine, tmp_path):
+  before = tree(pristine)
+  (tmp_path / 'target').mkdir()
+  (tmp_path / 'target' / 'keep.txt').write_text('mine')
+  with contextlib.ExitStack() as stack:
+    if fault == 'efbig_rlimit':
+      out = str(tmp_path / 'hf')
+      with _file_size_limit(100_000):
+        line = user_error(cli('export', '--workdir', pristine, '--out', out),
+                          'export failed (File too large')
+    elif fault == 'read_only_bind':
+      view = stack.enter_context(_read_only_view(str(tmp_path / 'target'), str(tmp_path / 'ro')))
+      out = os.path.join(view, 'hf')
+      line = user_error(cli('export', '--workdir', pristine, '--out', out),
+                        'export failed (Read-only file system')
+    else:
+      mnt = stack.enter_context(_tmpfs(str(tmp_path / 'mnt'), '100k'))
+      out = os.path.join(mnt, 'hf')
+      line = user_error(cli('export', '--workdir', pristine, '--out', out),
+                        'export failed (No space left on device')
+      assert os.listdir(mnt) == []      # the partial export was removed
+    assert 'the partial export was removed' in line and not os.path.exists(out)
+    assert tree(str(tmp_path / 'target')) == {'keep.txt': tree(str(tmp_path / 'target'))['keep.txt']}
+    assert (tmp_path / 'target' / 'keep.txt').read_text() == 'mine'
+  assert tree(pristine) == before
+  ok(cli('export', '--workdir', pristine, '--out', str(tmp_path / 'hf2')))
+  assert os.path.isfile(tmp_path / 'hf2' / 'model.safetensors')
+
+
+# ----------------------------------------------------------------------------- training: its logs, the compile cache
+
+@pytest.mark.parametrize('fault, needles', [
+    ('metrics_is_a_directory', ['training failed (Is a directory', 'metrics.jsonl']),
+    ('tb_is_a_file', ['training failed (Not a directory', 'tb']),
+])
+def test_training_logs_that_cannot_be_written(fault, needles, base, run_copy):
+  path = os.path.join(run_copy, 'metrics.jsonl' if fault == 'metrics_is_a_directory' else 'tb')
+  aside = path + '.aside'
+  os.rename(path, aside)
+  if fault == 'metrics_is_a_directory':
+    os.makedirs(path)
+  else:
+    open(path, 'w').close()
+  before = tree(os.path.join(run_copy, 'checkpoints'))
+  line = user_error(cli(*base_args(base, run_copy)), *needles)
+  assert 'training stopped. The last good checkpoint is step 8' in line
+  assert tree(os.path.join(run_copy, 'checkpoints')) == before
+  (shutil.rmtree if os.path.isdir(path) else os.remove)(path)
+  os.rename(aside, path)
+  ok(cli(*base_args(base, run_copy)))
+  assert last_line(ok(cli('eval', '--workdir', run_copy))).startswith('step 8: loss')
+
+
+def test_a_compile_cache_that_cannot_be_written(base, run_copy, tmp_path):
+  with _tmpfs(str(tmp_path / 'mnt'), '1m') as mnt:
+    _remount(mnt, 'ro')
+    user_error(cli(*base_args(base, run_copy), f'--config.train.compile_cache={mnt}/jax'),
+               f"config.train.compile_cache='{mnt}/jax': cannot write there (Read-only file system)")
+  import jax
+  ok(cli(*base_args(base, run_copy),      # the module's cache: the one the run used
+         f'--config.train.compile_cache={jax.config.jax_compilation_cache_dir}'))
+
+
+# ----------------------------------------------------------------------------- hf: directories
+
+@pytest.fixture(scope='module')
+def hf_models(tiny_data, tmp_path_factory):
+  """Random checkpoints saved by transformers' own save_pretrained (tests/hf_checkpoints.py)."""
+  import hf_checkpoints
+  root = tmp_path_factory.mktemp('hf_models')
+  texts = hf_checkpoints.corpus_texts(tiny_data.corpus_dir)
+  return {kind: hf_checkpoints.build(kind, str(root / kind), texts)
+          for kind in ('gpt2', 'llama', 'qwen2_moe')}
+
+
+@pytest.fixture(scope='module')
+def hf_cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('hf_cache'))
+
+
+@pytest.mark.parametrize('kind, edit, needles', [
+    ('gpt2', dict(n_embd=96), ['tensor transformer.h.0.attn.c_attn.bias has shape [192]',
+                               'implies [288] (d_model=96']),
+    ('gpt2', dict(n_layer=3), ['the weights lack tensor transformer.h.2.', 'n_layer=3']),
+    ('gpt2', dict(vocab_size=2000), ['tensor transformer.wte.weight has shape [',
+                                     'vocab_size=2000']),
+    ('gpt2', dict(n_embd=None), ["config.json lacks the field 'n_embd'"]),
+    ('llama', dict(intermediate_size=100), ['mlp.down_proj.weight has shape [64, 96]',
+                                            'implies [64, 100]']),
+    ('llama', dict(num_key_value_heads=4), ['self_attn.k_proj.weight has shape [32, 64]']),
+    ('llama', dict(hidden_size='64'), ["config.json has hidden_size='64'",
+                                       'must be a positive integer']),
+    ('qwen2_moe', dict(hidden_size=96), ['has shape', 'd_model=96']),
+    ('qwen2_moe', dict(num_experts=8), ['mlp.gate.weight has shape [4, 64]', 'implies [8, 64]']),
+])
+def test_hf_directory_whose_config_disagrees_with_its_weights(kind, edit, needles, hf_models,
+                                                              tiny_data, hf_cache, tmp_path):
+  src = str(tmp_path / kind)
+  shutil.copytree(hf_models[kind], src)
+  cfg_path = os.path.join(src, 'config.json')
+  good = open(cfg_path, encoding='utf-8').read()
+  cfg = json.loads(good)
+  for key, value in edit.items():
+    if value is None:
+      del cfg[key]
+    else:
+      cfg[key] = value
+  with open(cfg_path, 'w', encoding='utf-8') as f:
+    json.dump(cfg, f)
+  before = tree(src)
+  prepare_args = ('prepare', '--config', TINY, '--workdir', str(tmp_path / 'w'),
+                  f'--config.init_from=hf:{src}', *flat(tiny_data.config, 'data'),
+                  f'--config.data.cache_dir={hf_cache}', '--config.model.seq_len=64')
+  # Found before any data is built (init_from) and before any weight is loaded (serve).
+  user_error(cli(*prepare_args), f'init_from=hf:{src}: ', *needles)
+  assert not os.path.exists(tmp_path / 'w')
+  from serving import free_port
+  user_error(cli('serve', '--workdir', f'hf:{src}', '--port', str(free_port())),
+             f'--workdir hf:{src}: ', *needles)
+  assert tree(src) == before
+  with open(cfg_path, 'w', encoding='utf-8') as f:   # the intact directory: the same commands run
+    f.write(good)
+  ok(cli(*prepare_args))
+
+
+# ----------------------------------------------------------------------------- the server
+
+@pytest.fixture(scope='module')
+def served(tiny_data, tmp_path_factory):
+  """`main.py serve` on a random-weight tiny model (tests/serving.py), for the whole module."""
+  from serving import Served, random_workdir
+  workdir = random_workdir(tiny_data.config, os.path.join(tiny_data.data_dir, 'tokenizer'),
+                           str(tmp_path_factory.mktemp('served') / 'model'))
+  server = Served(workdir, '--config.serve.max_request_bytes=4000')
+  server.workdir = workdir
+  yield server
+  server.close()
+
+
+def _post(server, path: str, body: bytes, method: str = 'POST') -> tuple[int, dict]:
+  import urllib.request
+  req = urllib.request.Request(server.url + path, data=body if method == 'POST' else None,
+                               method=method, headers={'Content-Type': 'application/json'})
+  try:
+    with urllib.request.urlopen(req, timeout=60) as r:
+      return r.status, json.loads(r.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+def _openai_error(reply: dict) -> dict:
+  """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}; returns the inner."""
+  assert set(reply) == {'error'}, reply
+  assert set(reply['error']) == {'message', 'type', 'param', 'code'}, reply
+  assert reply['error']['message'] and reply['error']['type'], reply
+  return reply['error']
+
+
+CHAT_PATH, TEXT_PATH = '/v1/chat/completions', '/v1/completions'
+# Valid JSON whose strings are not text: lone surrogates, in every kind of place.
+SURROGATES = {
+    'chat content': (CHAT_PATH, r'{"model": "model", "messages": [{"role": "user", '
+                     r'"content": "坏\ud800"}]}', 'messages.0.content'),
+    'chat text part': (CHAT_PATH, r'{"model": "model", "messages": [{"role": "user", "content": '
+                       r'[{"type": "text", "text": "\udc80"}]}]}', 'messages.0.content.0.text'),
+    'prompt': (TEXT_PATH, r'{"model": "model", "prompt": "人民\udfff"}', 'prompt'),
+    'prompt list': (TEXT_PATH, r'{"model": "model", "prompt": ["\ud801x"]}', 'prompt.0'),
+    'stop': (TEXT_PATH, r'{"model": "model", "prompt": "人民", "stop": ["\ud800"]}', 'stop.0'),
+    'model': (CHAT_PATH, r'{"model": "m\ud800", "messages": [{"role": "user", "content": "x"}]}',
+              'model'),
+    'a key': (CHAT_PATH, r'{"model": "model", "\ud800": 1, "messages": []}',
+              'a key of the body'),
+}
+OTHER_BAD = {
+    'empty prompt list': (TEXT_PATH, '{"model": "model", "prompt": []}', 400, 'prompt'),
+    'not json': (CHAT_PATH, '{"model": "model", "messages": [', 400, None),
+    'not an object': (CHAT_PATH, '[1, 2]', 400, None),
+    'not utf-8': (TEXT_PATH, b'{"model": "model", "prompt": "\xff\xfe"}', 400, None),
+    'too large': (TEXT_PATH, '{"model": "model", "prompt": "' + '人' * 3000 + '"}', 413, None),
+    'token id out of range': (TEXT_PATH, '{"model": "model", "prompt": [5, 99999]}', 400, 'prompt'),
+    'unknown model': (TEXT_PATH, '{"model": "nope", "prompt": "人民"}', 404, 'model'),
+}
+
+
+@pytest.mark.parametrize('name', list(SURROGATES))
+def test_server_lone_surrogate_is_a_400_naming_the_field(name, served):
+  path, body, field = SURROGATES[name]
+  status, reply = _post(served, path, body.encode('utf-8'))
+  error = _openai_error(reply)
+  assert status == 400 and error['param'] == field, (name, reply)
+  assert 'lone surrogate' in error['message'] and error['type'] == 'invalid_request_error'
+
+
+@pytest.mark.parametrize('name', list(OTHER_BAD))
+def test_server_bad_bodies_get_openai_errors(name, served):
+  path, body, want, param = OTHER_BAD[name]
+  status, reply = _post(served, path, body if isinstance(body, bytes) else body.encode('utf-8'))
+  error = _openai_error(reply)
+  assert status == want and error['param'] == param, (name, reply)
+  if name == 'empty prompt list':   # what it is, not "a batch of prompts"
+    assert 'empty list' in error['message'] and 'batch' not in error['message']
+
+
+@pytest.mark.parametrize('method, path, want', [('GET', TEXT_PATH, 405), ('GET', '/v1/nowhere', 404),
+                                                ('POST', '/health', 405), ('DELETE', '/v1/models', 405)])
+def test_server_routes_and_methods_answer_in_openai_shape(method, path, want, served):
+  status, reply = _post(served, path, b'{}', method)
+  assert status == want
+  _openai_error(reply)
+
+
+def test_server_errors_through_the_openai_client(served):
+  import openai
+  client = openai.OpenAI(base_url=f'{served.url}/v1', api_key='none', max_retries=0, timeout=60)
+  cases = [
+      (openai.BadRequestError, 400, dict(prompt=[]), 'prompt'),
+      (openai.NotFoundError, 404, dict(prompt='人民', model='nope'), 'model'),
+      (openai.BadRequestError, 400, dict(prompt='人民', max_tokens=100_000), 'max_tokens'),
+      (openai.BadRequestError, 400, dict(prompt='人民', logprobs=2), 'logprobs'),
+  ]
+  for kind, status, kw, param in cases:
+    with pytest.raises(kind) as e:
+      client.completions.create(**dict(dict(model='model'), **kw))
+    assert e.value.status_code == status and e.value.body['param'] == param, kw
+    assert set(e.value.body) == {'message', 'type', 'param', 'code'}
+  with pytest.raises(openai.BadRequestError) as e:
+    client.chat.completions.create(model='model', messages=[])
+  assert e.value.body['param'] == 'messages'
+  # The client itself refuses to send a lone surrogate (its JSON is UTF-8): raw HTTP above.
+  with pytest.raises(UnicodeEncodeError):
+    client.completions.create(model='model', prompt='坏\ud800')
+  assert client.completions.create(model='model', prompt='人民', max_tokens=3,
+                                   temperature=0).choices[0].text is not None
+
+
+def test_serve_on_a_port_in_use_or_an_address_not_here(served, capsys):
+  for args, needles in (
+      (['--port', str(served.port)], [f'--port {served.port}: cannot listen there',
+                                      'the port is in use']),
+      (['--host', '192.0.2.1', '--port', '8000'],     # TEST-NET-1: never this machine's
+       ['--host 192.0.2.1 --port 8000: cannot listen there: Cannot assign requested address']),
+      (['--port', '70000'], ['--port 70000: must be in 1..65535'])):
+    code, out, err = cli('serve', '--workdir', served.workdir, *args)
+    user_error((code, out, err), *needles)
+    assert 'serve: http' not in out + err and 'compiled' not in err   # before the warm-up
+  status, reply = _post(served, TEXT_PATH, b'{"model": "model", "prompt": "x", "max_tokens": 2}')
+  assert status == 200 and reply['choices'][0]['finish_reason'] == 'length'
+
+
+def test_serve_refuses_to_start_when_a_warm_up_program_fails(served, monkeypatch):
+  from zhgpt_jax import engine
+
+  def broken(self, slot, req):
+    raise RuntimeError('RESOURCE_EXHAUSTED: out of memory while trying to allocate')
+
+  real = engine.Engine._prefill
+  monkeypatch.setattr(engine.Engine, '_prefill', broken)
+  from serving import free_port
+  line = user_error(cli('serve', '--workdir', served.workdir, '--port', str(free_port())),
+                    'serve: the warm-up requests of 4 of 4 prompt lengths', 'RESOURCE_EXHAUSTED',
+                    'not serving')
+  assert 'serve: http' not in line
+  monkeypatch.setattr(engine.Engine, '_prefill', real)
+  cfg, params, _, _ = __import__('zhgpt_jax.serve', fromlist=['load']).load(served.workdir)
+  e = engine.Engine(cfg, params, slots=2, chunk=8, stop_ids=[0])
+  try:
+    assert e.warm_up() == 4
+  finally:
+    e.close()
+
+
+def _rss_kb(pid: int) -> int:
+  with open(f'/proc/{pid}/status', encoding='ascii') as f:
+    return int(next(l for l in f if l.startswith('VmRSS:')).split()[1])
+
+
+def test_server_under_a_thousand_bad_requests(served):
+  """The bad-request sequence, 1,000 times over: the server keeps answering a good request
+  with `main.py sample`'s greedy reply, its RSS grows by at most 10%, and its log holds no
+  traceback."""
+  bad = [(p, b.encode('utf-8')) for p, b, _ in SURROGATES.values()] + [
+      (p, b if isinstance(b, bytes) else b.encode('utf-8')) for p, b, _, _ in OTHER_BAD.values()]
+  good = json.dumps(dict(model='model', prompt='人民', temperature=0, max_tokens=12),
+                    ensure_ascii=False).encode('utf-8')
+  code, want, err = cli('sample', '--workdir', served.workdir, '--prompt', '人民',
+                        '--config.sample.temperature=0', '--config.sample.max_new_tokens=12')
+  assert code == 0, err[-2000:]
+
+  def reply():
+    status, body = _post(served, TEXT_PATH, good)
+    assert status == 200, body
+    return '人民' + body['choices'][0]['text'] + '\n'
+
+  assert reply() == want
+  for i in range(200):    # allocations settle (connections, caches) before the baseline
+    _post(served, *bad[i % len(bad)])
+  rss0 = _rss_kb(served.proc.pid)
+  for i in range(1000):
+    status, body = _post(served, *bad[i % len(bad)])
+    assert status >= 400 and 'error' in body
+  rss1 = _rss_kb(served.proc.pid)
+  assert reply() == want
+  assert rss1 <= 1.10 * rss0, (rss0, rss1)
+  log = served.output()
+  assert 'Traceback' not in log and 'Internal Server Error' not in log, log[-3000:]

@@ -9,10 +9,14 @@ Unknown fields are ignored, as OpenAI's server does. Every error is
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal, Union
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
+
+
+_SURROGATE = re.compile('[\ud800-\udfff]')
 
 
 class ApiError(Exception):
@@ -98,6 +102,23 @@ class CompletionRequest(Sampling):
       raise ApiError(400, f'{name} is not supported by this server', name, 'unsupported')
 
 
+def _unencodable(value, path: str = '') -> str | None:
+  """The dotted path ('messages.0.content') of the first string in `value` holding a lone
+  surrogate, keys included; None when every string is text."""
+  if isinstance(value, str):
+    return path if _SURROGATE.search(value) else None
+  items = value.items() if isinstance(value, dict) else enumerate(value) \
+      if isinstance(value, list) else ()
+  for key, item in items:
+    if isinstance(key, str) and _SURROGATE.search(key):
+      return f'a key of {path or "the body"}'
+    here = f'{path}.{key}' if path else str(key)
+    found = _unencodable(item, here)
+    if found is not None:
+      return found
+  return None
+
+
 def parse(model_cls, body: bytes):
   """`body` as a `model_cls`; ApiError(400) naming the first bad field."""
   try:
@@ -106,6 +127,10 @@ def parse(model_cls, body: bytes):
     raise ApiError(400, f'the body is not valid JSON: {e}', code='invalid_json') from None
   if not isinstance(data, dict):
     raise ApiError(400, 'the body must be a JSON object')
+  where = _unencodable(data)
+  if where is not None:   # valid JSON ("\ud800"), but not text: nothing could encode it
+    raise ApiError(400, f'{where or "body"}: a lone surrogate (\\ud800-\\udfff) is not text',
+                   where or None)
   try:
     req = model_cls.model_validate(data)
   except pydantic.ValidationError as e:

@@ -39,6 +39,7 @@ import tqdm
 from zhgpt_jax import chat_format, formats, scan
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.chat_format import ChatEncoder, SftStats
+from zhgpt_jax.config import disk_errors
 
 CODE_VERSION = 1
 ARRAYS = ('inputs', 'targets', 'weights', 'segment_ids', 'positions')
@@ -236,7 +237,11 @@ def cached_rows(config, data_dir: str, tokenizer, progress: bool = False
   found = load(directory, key)
   if found is not None:
     return found[0], found[1], True
-  os.makedirs(os.path.dirname(directory), exist_ok=True)
-  build(config, tokenizer, directory, key, progress)
+  with disk_errors('building the SFT rows', 'training stopped before its first step. Nothing '
+                   'half-written is kept or used; free the space or fix the permission (or '
+                   'set config.data.cache_dir to a writable directory) and run the same '
+                   'command', os.path.dirname(directory)):
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    build(config, tokenizer, directory, key, progress)
   splits, meta = load(directory, key)
   return splits, meta, False

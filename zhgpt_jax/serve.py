@@ -20,10 +20,12 @@ With an API key (--api_key or $ZHGPT_API_KEY) every /v1 request needs
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import json
 import os
 import secrets
+import socket
 import sys
 import time
 import uuid
@@ -103,6 +105,9 @@ class Server:
     return chat_prompt_ids(self.encoder, [dict(role=m.role, content=m.text()) for m in messages])
 
   def completion_ids(self, prompt) -> list[int]:
+    if isinstance(prompt, list) and not prompt:   # [] parses as either list: it is neither
+      raise ApiError(400, 'prompt: an empty list (give a prompt text, or its token ids)',
+                     'prompt')
     if isinstance(prompt, list) and all(isinstance(x, str) for x in prompt):
       if len(prompt) != 1:
         raise ApiError(400, 'prompt: give one prompt (a batch of prompts is not supported)',
@@ -269,6 +274,11 @@ def create_app(server: Server, api_key: str | None = None) -> fastapi.FastAPI:
   async def http_error(_, e: StarletteHTTPException):
     return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
+  @app.exception_handler(Exception)
+  async def server_error(_, e: Exception):   # a bug: its traceback goes to the log, too
+    return JSONResponse(ApiError(500, f'internal server error ({type(e).__name__})',
+                                 kind='server_error').body(), status_code=500)
+
   async def authorize(request: fastapi.Request):
     if api_key:
       given = request.headers.get('authorization', '')
@@ -316,8 +326,9 @@ def load(source: str, step: int | None = None):
   import jax
   import jax.numpy as jnp
   if source.startswith('hf:'):
-    from zhgpt_jax import export
+    from zhgpt_jax import export, pretrained
     path = source[3:]
+    pretrained.check_hf_dir(path, f'--workdir {source}')   # before loading anything
     cfg, params = export.import_hf(path)
     tokenizer = tok_lib.load_tokenizer(path)
   else:
@@ -356,9 +367,39 @@ def serve(source: str, config, *, host: str, port: int, api_key: str | None = No
   has them, rather than config.sample's (command-line `--config.sample.*` still win).
   """
   import uvicorn
+  api_key = api_key or os.environ.get(API_KEY_ENV) or None
+  sock = listen_socket(host, port)   # held from here on: no one can take the port meanwhile
+  try:
+    _serve(source, config, sock, host, port, api_key, step, explicit, uvicorn)
+  finally:
+    sock.close()
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+  """A socket bound to host:port, before the slow start: a port in use (or refused, or an
+  address this machine does not have) is one UserError line, and, bound, no other process
+  can take the port between this check and serving. uvicorn serves on it (`sockets=`)."""
   if not 0 < port < 65536:
     raise UserError(f'--port {port}: must be in 1..65535')
-  api_key = api_key or os.environ.get(API_KEY_ENV) or None
+  try:
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+  except (socket.gaierror, UnicodeError) as e:
+    raise UserError(f'--host {host}: not an address of this machine ({e})') from None
+  sock = socket.socket(family, kind, proto)
+  try:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn does
+    sock.bind(address)
+  except OSError as e:
+    sock.close()
+    why = ('the port is in use (another server?); stop it or choose another --port'
+           if e.errno == errno.EADDRINUSE else f'{e.strerror or e}')
+    raise UserError(f'--host {host} --port {port}: cannot listen there: {why}') from None
+  sock.set_inheritable(True)
+  return sock
+
+
+def _serve(source, config, sock, host, port, api_key, step, explicit, uvicorn) -> None:
   cfg, params, tokenizer, model_id = load(source, step)
   sample_cfg = config.sample
   if source.startswith('hf:'):
@@ -367,13 +408,18 @@ def serve(source: str, config, *, host: str, port: int, api_key: str | None = No
   server = Server(cfg, params, tokenizer, sample_cfg, model_id=model_id, slots=s.slots,
                   chunk=s.chunk, max_request_bytes=s.max_request_bytes)
   t0 = time.time()
-  programs = server.engine.warm_up()
+  try:
+    programs = server.engine.warm_up()
+  except engine_lib.WarmUpError as e:
+    server.engine.close()
+    raise UserError(f'serve: {e}; not serving (a model that cannot run its warm-up would '
+                    'answer every request with an error)') from None
   print(f'serve: {model_id} ({cfg.seq_len}-token context), {s.slots} slots; compiled '
         f'{programs} prefill buckets + decode in {time.time() - t0:.1f}s', file=sys.stderr)
   print(f'serve: http://{host}:{port}/  (API: http://{host}:{port}/v1'
         f'{", key required" if api_key else ""})', file=sys.stderr, flush=True)
   try:
-    uvicorn.run(create_app(server, api_key), host=host, port=port, log_level='warning',
-                timeout_graceful_shutdown=2)
+    uvicorn.Server(uvicorn.Config(create_app(server, api_key), log_level='warning',
+                                  timeout_graceful_shutdown=2)).run(sockets=[sock])
   finally:
     server.engine.close()

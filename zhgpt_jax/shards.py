@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -33,7 +34,7 @@ from tokenizers import Tokenizer
 
 from zhgpt_jax import corpus, encode, scan, sources
 from zhgpt_jax import tokenizer as tokenizer_lib
-from zhgpt_jax.config import UserError, check_paths, validate
+from zhgpt_jax.config import UserError, check_paths, disk_errors, validate
 
 CODE_VERSION = 4   # bump when a change to corpus/tokenizer/shards changes what is written
 SPLITS = ('train', 'val')
@@ -131,7 +132,14 @@ def _text_inputs(config) -> dict:
 @contextlib.contextmanager
 def _locked(directory: str) -> Iterator[None]:
   # Two prepares into one directory would rename each other's splits away: take turns.
-  with open(os.path.join(directory, '.lock'), 'w') as f:
+  try:
+    f = open(os.path.join(directory, '.lock'), 'w')
+  except OSError as e:
+    if e.errno != errno.EROFS:
+      raise
+    yield   # a read-only cache: no one writes there; what it holds can still be used
+    return
+  with f:
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
       yield
@@ -304,15 +312,8 @@ def _seal(config, tok: Tokenizer, tok_hash: str, root: str, build_dir: str, key:
   return metas
 
 
-def prepare(config, workdir: str, progress: bool = True) -> PrepareSummary:
-  """Builds (or reuses) the tokenizer and the train/val shards for `config`.
-
-  Returns a PrepareSummary (also printed). Raises UserError for a bad corpus or tokenizer path.
-  """
-  t0 = time.time()
-  validate(config)
-  check_paths(config, workdir, training=False)
-  root = data_dir(config, workdir)
+def _prepare(config, root: str, progress: bool):
+  """prepare's work in `root`: (metas, tokenizer dir, tokenizer, reused it, reused splits)."""
   os.makedirs(root, exist_ok=True)
   with _locked(root):
     for name in os.listdir(root):  # left by a killed run
@@ -358,6 +359,23 @@ def prepare(config, workdir: str, progress: bool = True) -> PrepareSummary:
       for path, f in stats.files.items():
         _warn_if_mostly_invalid(path, f.skipped['invalid_utf8'], f.documents)
       metas = _seal(config, tok, tok_hash, root, build_dir, key, states, stats, counts)
+  return metas, tok_dir, tok, reused_tok, reused
+
+
+def prepare(config, workdir: str, progress: bool = True) -> PrepareSummary:
+  """Builds (or reuses) the tokenizer and the train/val shards for `config`.
+
+  Returns a PrepareSummary (also printed). Raises UserError for a bad corpus or tokenizer path.
+  """
+  t0 = time.time()
+  validate(config)
+  check_paths(config, workdir, training=False)
+  root = data_dir(config, workdir)
+  with disk_errors('prepare', f'prepare stopped. What was finished in {root} is kept and '
+                   'nothing half-written is used; free the space or fix the permission (or set '
+                   'config.data.cache_dir to a writable directory) and run the same command to '
+                   'continue', root):
+    metas, tok_dir, tok, reused_tok, reused = _prepare(config, root, progress)
   if not metas['train']['documents']:
     raise _empty_train(config, metas['val']['documents'])
   example = (_read_json(os.path.join(tok_dir, 'prepare.json')) or {}).get('example', '')

@@ -29,7 +29,7 @@ from zhgpt_jax import loss as loss_lib
 from zhgpt_jax import model as model_lib
 from zhgpt_jax import moe as moe_lib
 from zhgpt_jax import optim, parallel
-from zhgpt_jax.config import UserError, check_paths, validate
+from zhgpt_jax.config import UserError, check_paths, disk_errors, validate
 from zhgpt_jax.metrics import MetricsWriter
 
 # ----------------------------------------------------------------------------- the steps
@@ -267,15 +267,19 @@ def train_and_evaluate(config, workdir: str, make_task: TaskBuilder | None = Non
   tok_hash = tok_lib.tokenizer_hash(run.tokenizer_dir)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep)
   writer = None
+  stopped = lambda: (f'training stopped. The last good checkpoint is {ckpt.last_good()}; free '
+                     'the space or fix the permission and run the same command to resume')
   try:
-    state = _start_state(config, workdir, run, ckpt, tok_hash)
-    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
-                           start_step=int(run.strategy.to_host(state['step'])))
-    return _loop(config, workdir, run, state, ckpt, writer, tok_hash)
+    with disk_errors('training', stopped, workdir):   # metrics, TensorBoard, the run files
+      state = _start_state(config, workdir, run, ckpt, tok_hash)
+      writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
+                             start_step=int(run.strategy.to_host(state['step'])))
+      return _loop(config, workdir, run, state, ckpt, writer, tok_hash)
   except BaseException:
     ckpt.abandon()   # waits for (or cleanly drops) a save in flight; never raises
     if writer is not None:
-      writer.close(plot=False)
+      with contextlib.suppress(OSError):   # a full disk: the error already says so
+        writer.close(plot=False)
     raise
 
 
