@@ -827,6 +827,24 @@ def test_training_logs_that_cannot_be_written(fault, needles, base, run_copy):
   assert last_line(ok(cli('eval', '--workdir', run_copy))).startswith('step 8: loss')
 
 
+def test_auto_compile_cache_on_a_read_only_data_dir_warns_and_compiles(tmp_path, capsys,
+                                                                       monkeypatch):
+  import jax
+  from zhgpt_jax import parallel
+  current = jax.config.jax_compilation_cache_dir
+  monkeypatch.setitem(parallel._COMPILE_CACHE, 'dir', current)   # 'auto' then picks its own
+  with _tmpfs(str(tmp_path / 'mnt'), '1m') as mnt:
+    _remount(mnt, 'ro')
+    try:
+      assert parallel.use_compile_cache('auto', mnt) == ''
+    finally:
+      parallel.use_compile_cache(current, '')    # the module's cache again
+  out = capsys.readouterr().out
+  assert f'warning: the compilation cache {mnt}/jax_cache is not writable (Read-only file system)' \
+      in out and 'Traceback' not in out
+  assert jax.config.jax_compilation_cache_dir == current
+
+
 def test_a_compile_cache_that_cannot_be_written(base, run_copy, tmp_path):
   with _tmpfs(str(tmp_path / 'mnt'), '1m') as mnt:
     _remount(mnt, 'ro')
@@ -845,8 +863,29 @@ def hf_models(tiny_data, tmp_path_factory):
   import hf_checkpoints
   root = tmp_path_factory.mktemp('hf_models')
   texts = hf_checkpoints.corpus_texts(tiny_data.corpus_dir)
-  return {kind: hf_checkpoints.build(kind, str(root / kind), texts)
+  dirs = {kind: hf_checkpoints.build(kind, str(root / kind), texts)
           for kind in ('gpt2', 'llama', 'qwen2_moe')}
+  # The same GPT-2 as a pytorch_model.bin (transformers 5 saves only safetensors), and split
+  # into two safetensors shards with an index, as large checkpoints come.
+  import torch
+  import transformers
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(os.path.join(dirs['gpt2'], 'model.safetensors'))
+  for kind in ('gpt2_bin', 'gpt2_sharded'):
+    dirs[kind] = str(root / kind)
+    shutil.copytree(dirs['gpt2'], dirs[kind], ignore=shutil.ignore_patterns('model.safetensors'))
+  model = transformers.GPT2LMHeadModel.from_pretrained(dirs['gpt2'])
+  torch.save(model.state_dict(), os.path.join(dirs['gpt2_bin'], 'pytorch_model.bin'))
+  names = sorted(tensors)
+  weight_map = {}
+  for i, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+    shard = f'model-0000{i + 1}-of-00002.safetensors'
+    save_file({k: tensors[k] for k in part}, os.path.join(dirs['gpt2_sharded'], shard),
+              metadata={'format': 'pt'})
+    weight_map.update({k: shard for k in part})
+  with open(os.path.join(dirs['gpt2_sharded'], 'model.safetensors.index.json'), 'w') as f:
+    json.dump({'metadata': {}, 'weight_map': weight_map}, f)
+  return dirs
 
 
 @pytest.fixture(scope='module')
@@ -868,6 +907,12 @@ def hf_cache(tmp_path_factory):
                                        'must be a positive integer']),
     ('qwen2_moe', dict(hidden_size=96), ['has shape', 'd_model=96']),
     ('qwen2_moe', dict(num_experts=8), ['mlp.gate.weight has shape [4, 64]', 'implies [8, 64]']),
+    ('gpt2_bin', dict(n_embd=96), ['tensor transformer.wte.weight has shape [500, 64]',
+                                   'implies [500, 96]']),
+    ('gpt2_sharded', dict(vocab_size=2000), ['tensor transformer.wte.weight has shape [',
+                                             'vocab_size=2000']),
+    ('gpt2_sharded', 'drop_shard', ['cannot read the weights in', 'model-00002-of-00002',
+                                    'is the download complete?']),
 ])
 def test_hf_directory_whose_config_disagrees_with_its_weights(kind, edit, needles, hf_models,
                                                               tiny_data, hf_cache, tmp_path):
@@ -876,7 +921,10 @@ def test_hf_directory_whose_config_disagrees_with_its_weights(kind, edit, needle
   cfg_path = os.path.join(src, 'config.json')
   good = open(cfg_path, encoding='utf-8').read()
   cfg = json.loads(good)
-  for key, value in edit.items():
+  shard = os.path.join(src, 'model-00002-of-00002.safetensors')
+  if edit == 'drop_shard':     # a download that stopped before its last shard
+    os.rename(shard, shard + '.part')
+  for key, value in (edit.items() if isinstance(edit, dict) else ()):
     if value is None:
       del cfg[key]
     else:
@@ -896,6 +944,8 @@ def test_hf_directory_whose_config_disagrees_with_its_weights(kind, edit, needle
   assert tree(src) == before
   with open(cfg_path, 'w', encoding='utf-8') as f:   # the intact directory: the same commands run
     f.write(good)
+  if edit == 'drop_shard':
+    os.rename(shard + '.part', shard)
   ok(cli(*prepare_args))
 
 

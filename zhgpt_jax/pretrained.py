@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 
 import ml_collections
 import numpy as np
@@ -131,6 +132,17 @@ def _hf_shapes(cfg: GPTConfig, arch: str) -> dict[str, tuple[int, ...]]:
   return out
 
 
+def _bin_shapes(path: str) -> dict[str, tuple[int, ...]]:
+  """The tensor shapes of a pytorch_model.bin, memory-mapped (nothing read but the index);
+  {} without torch (import_hf then says torch is needed)."""
+  try:
+    import torch
+  except ImportError:
+    return {}
+  state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+  return {k: tuple(v.shape) for k, v in state.items()}
+
+
 def check_hf_dir(directory: str, what: str) -> GPTConfig:
   """DIR's GPTConfig, after checking each tensor's shape in its safetensors headers (nothing
   is loaded) against the shape its config.json implies; UserError naming the first mismatch."""
@@ -146,12 +158,16 @@ def check_hf_dir(directory: str, what: str) -> GPTConfig:
       with open(index, encoding='utf-8') as f:
         names = sorted(set(json.load(f)['weight_map'].values()))
       files = [os.path.join(directory, n) for n in names]
-    else:   # no safetensors (a .bin, or nothing): import_hf checks it as it loads it
+    else:
       files = [path] if os.path.isfile(path) else []
     for path in files:
       with safe_open(path, framework='numpy') as f:
         got.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-  except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+    if not files and os.path.isfile(os.path.join(directory, 'pytorch_model.bin')):
+      path = os.path.join(directory, 'pytorch_model.bin')
+      got = _bin_shapes(path)
+  except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError,
+          EOFError, pickle.UnpicklingError) as e:
     raise UserError(f'{what}: cannot read the weights in {path} ({type(e).__name__}: '
                     f'{" ".join(str(e).split())[:200]}); is the download complete?') from None
   if not got:
