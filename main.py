@@ -26,7 +26,8 @@ flags.DEFINE_string('workdir', None, 'Run directory (default: runs/<config name>
 flags.DEFINE_integer('step', None, 'eval/sample/export: checkpoint step (default: latest).')
 flags.DEFINE_string('prompt', None, 'sample: the prompt text.')
 flags.DEFINE_string('prompt_file', None, 'sample: a file with one prompt per line.')
-flags.DEFINE_string('out', None, 'export: output directory for the HuggingFace model.')
+flags.DEFINE_string('out', None, 'export: output directory for the HuggingFace model; eval --tasks: '
+                    'where the results go (default <workdir>/lm_eval).')
 flags.DEFINE_bool('overwrite', False, 'export: replace a non-empty --out.')
 flags.DEFINE_string('host', '127.0.0.1', 'serve: the address to listen on.')
 flags.DEFINE_integer('port', 8000, 'serve: the port to listen on.')
@@ -189,7 +190,7 @@ def dispatch(command, config, workdir, explicit=()):
     harness.evaluate_tasks(workdir, FLAGS.tasks, step=FLAGS.step,
                            limit=int(limit) if limit is not None and limit >= 1 else limit,
                            num_fewshot=FLAGS.num_fewshot, task_path=FLAGS.task_path,
-                           data_dir=FLAGS.task_data)
+                           data_dir=FLAGS.task_data, out_dir=FLAGS.out)
   elif command == 'eval':
     from zhgpt_jax import checkpoint, train
     saved = checkpoint.load_config(workdir)

@@ -26,6 +26,7 @@ import pytest
 from serving import ROOT, random_workdir
 from zhgpt_jax import checkpoint, eval_tasks, export, harness, score, shards
 from zhgpt_jax import model as model_lib
+from zhgpt_jax.config import UserError
 
 WORDS = ('经济', '发展', '人民', '生活', '城市', '学生', '中国', '今天', '我们', '新的', '工作', '问题')
 TASKS = 'zh_mc,zt_gen,zt_ppl'
@@ -98,17 +99,17 @@ def assert_same_as_hf(got: dict, want: dict, results: dict, want_results: dict, 
   assert set(got) == set(want) == set(TASKS.split(','))
   mc, ref = got['zh_mc'], want['zh_mc']
   assert sorted(mc) == sorted(ref) == list(range(40))
-  for i, r in mc.items():
-    lls, ref_lls = [x[0] for x in r['filtered_resps']], [x[0] for x in ref[i]['filtered_resps']]
+  for i, r in mc.items():   # lm_eval's command writes the numbers as strings
+    lls = [float(x[0]) for x in r['filtered_resps']]
+    ref_lls = [float(x[0]) for x in ref[i]['filtered_resps']]
     np.testing.assert_allclose(lls, ref_lls, atol=1e-4, rtol=0)
-    assert np.argmax(lls) == np.argmax(ref_lls) and r['acc'] == ref[i]['acc']
+    assert np.argmax(lls) == np.argmax(ref_lls) and float(r['acc']) == float(ref[i]['acc'])
   assert [got['zt_gen'][i]['filtered_resps'] for i in range(16)] == \
       [want['zt_gen'][i]['filtered_resps'] for i in range(16)]
   assert sum(len(want['zt_gen'][i]['filtered_resps'][0]) > 0 for i in range(16)) > 8
   for i, r in got['zt_ppl'].items():
     ll, ref_ll = r['filtered_resps'], want['zt_ppl'][i]['filtered_resps']
-    ll, ref_ll = (ll[0] if isinstance(ll, list) else ll), (
-        ref_ll[0] if isinstance(ref_ll, list) else ref_ll)
+    ll, ref_ll = (float(x[0] if isinstance(x, list) else x) for x in (ll, ref_ll))
     assert abs(ll - ref_ll) <= ppl_rel * abs(ref_ll), (i, ll, ref_ll)
   assert results['zh_mc']['acc,none'] == want_results['zh_mc']['acc,none']
   assert results['zt_gen']['exact_match,none'] == want_results['zt_gen']['exact_match,none']
@@ -132,16 +133,24 @@ def tasks(tmp_path_factory):
   return write_tasks(str(tmp_path_factory.mktemp('tasks')))
 
 
-@pytest.fixture(scope='module')
-def hf(model, tasks, tmp_path_factory):
-  """lm_eval --model hf on the export, in this process: (samples, results)."""
+def hf_run(model, tasks, max_length=None):
+  """lm_eval --model hf on the export, in this process: (samples {task: {doc_id: sample}},
+  results)."""
   import lm_eval
+  args = dict(pretrained=model[1], dtype='float32', device='cpu')
+  if max_length:
+    args['max_length'] = max_length
   out = lm_eval.simple_evaluate(
-      model='hf', model_args=dict(pretrained=model[1], dtype='float32', device='cpu'),
-      tasks=TASKS.split(','), task_manager=harness.task_manager(tasks['path'], tasks['data']),
-      num_fewshot=1, log_samples=True, batch_size=16)
+      model='hf', model_args=args, tasks=TASKS.split(','),
+      task_manager=harness.task_manager(tasks['path'], tasks['data']), num_fewshot=1,
+      log_samples=True, batch_size=16)
   samples = out.pop('samples')
   return {t: {r['doc_id']: r for r in rows} for t, rows in samples.items()}, out['results']
+
+
+@pytest.fixture(scope='module')
+def hf(model, tasks):
+  return hf_run(model, tasks)
 
 
 def run_main(*args, timeout=600):
@@ -184,15 +193,19 @@ def test_main_py_eval_tasks_equals_lm_eval_hf(model, tasks, hf, tmp_path):
   assert_same_as_hf(read_samples(written), hf[0], read_results(written), hf[1])
 
 
-def test_eval_without_tasks_is_val_loss_and_mistakes_are_one_line(model, tasks, tmp_path):
-  for args, message in [
-      (['--tasks', 'no_such_task'], "--tasks: unknown task 'no_such_task'"),
-      (['--tasks', 'zh_mc'], 'zh_mc reads a local directory: main.py eval --task_data DIR'),
-      (['--tasks', 'zh_mc', '--task_data', str(tmp_path)], 'zh_mc: no answered question in'),
-      (['--tasks', 'zh_mc', '--task_data', str(tmp_path / 'nope')], 'no such directory')]:
-    out = run_main('eval', '--workdir', model[0], *args)
-    assert out.returncode == 2 and out.stderr.count('\n') == 1, out.stderr[-3000:]
-    assert out.stderr.startswith('main.py: error: ') and message in out.stderr, out.stderr
+def test_task_mistakes_are_one_line(model, tmp_path):
+  out = run_main('eval', '--workdir', model[0], '--tasks', 'zh_mc,no_such_task')
+  assert out.returncode == 2 and out.stderr == (
+      "main.py: error: --tasks: unknown task 'no_such_task' (ours: zh_mc, zh_sentiment, "
+      "zh_sentiment_chat; `lm_eval ls tasks` lists lm_eval's)\n"), out.stderr
+  for kw, message in [
+      (dict(), 'zh_mc reads a local directory: main.py eval --task_data DIR'),
+      (dict(data_dir=str(tmp_path)), 'zh_mc: no answered question in'),
+      (dict(data_dir=str(tmp_path / 'nope')), '--task_data '),
+      (dict(task_path=str(tmp_path / 'nope')), '--task_path ')]:
+    with pytest.raises(UserError, match=message):
+      harness.evaluate_tasks(model[0], 'zh_mc', limit=2, out_dir=str(tmp_path / 'out'), **kw)
+  assert not os.path.exists(tmp_path / 'out')
   # Without lm_eval: one line naming the pip command (a stand-in package that fails to import).
   fake = tmp_path / 'fake' / 'lm_eval'
   fake.mkdir(parents=True)
