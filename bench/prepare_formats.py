@@ -9,8 +9,7 @@ writes) and as .parquet (pyarrow, zstd-compressed columns, 10,000-row groups as 
 parquet converter writes them). A tokenizer is trained once (8,000 tokens on the first
 5M characters) and given to every run, so each run is the read + scan + shard pass only.
 
-Each run is `prepare` (dedup='exact', the default; every core) in a child process at nice 10
-whose whole process tree's RSS and PSS are polled every 0.1 s (PSS shares a library's pages
+Each run is `prepare` (dedup='exact', the default; every core) in a child process whose whole process tree's RSS and PSS are polled every 0.1 s (PSS shares a library's pages
 out among the processes that map them; RSS counts them in each). Formats are
 interleaved (jsonl, zst, parquet, then again), so the machine's changing load hits them
 alike; the 1-minute load average is recorded around each run. Reported per format: MB of
@@ -92,9 +91,9 @@ def _tree_memory(pid: int) -> tuple[int, int]:
 
 
 def _run(args: dict) -> dict:
-  """prepare_scale's 'prepare' child at nice 10, its tree's peak RSS and PSS polled."""
+  """prepare_scale's 'prepare' child, its tree's peak RSS and PSS polled."""
   cmd = [sys.executable, prepare_scale.__file__, 'prepare', json.dumps(args)]
-  proc = subprocess.Popen(['nice', '-n', '10', *cmd], stdout=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
   peak_rss = peak_pss = 0
   while proc.poll() is None:
     rss, pss = _tree_memory(proc.pid)

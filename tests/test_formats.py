@@ -186,6 +186,8 @@ def test_c4_named_gzip_json_lines_prepare(tmp_path):
   assert corpus.parse_sources(c.data.corpus)[0].paths == (str(d / 'c4-train.00000-of-01024.json.gz'),)
   assert corpus.parse_sources(c.data.corpus, split='validation')[0].paths == (
       str(d / 'c4-validation.00000-of-00008.json.gz'),)
+  assert sources.source_weights(f'{d}/c4-train.00000-of-01024.json.gz:3,'
+                                f'{d}/c4-validation.00000-of-00008.json.gz:1') == [0.75, 0.25]
   with pytest.raises(UserError, match="has no files of split 'test'.*validation"):
     corpus.parse_sources(c.data.corpus, split='test')
   assert [formats.split_of(p) for p in ('data/train-00000-of-00009.parquet', 'train/x.jsonl',

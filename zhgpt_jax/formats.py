@@ -287,7 +287,7 @@ def json_shape(path: str) -> str:
     start = head.lstrip(b'\xef\xbb\xbf \t\r\n')
     if start[:1] == b'[':
       return 'array'
-    if start and (not path.endswith(JSON_SUFFIXES[4:]) or start[:1] != b'{'):
+    if start and (not strip_compression(path).endswith('.json') or start[:1] != b'{'):
       return 'lines'   # .jsonl, or not an object: JSON lines (bad lines are counted)
     if b'\n' in start or len(head) > 1 << 26:
       break
@@ -423,7 +423,7 @@ def parquet_blocks(path: str, columns: list[str], block_bytes: int) -> Iterator[
   data = sum(rg.column(j).total_uncompressed_size
              for rg in map(meta.row_group, range(meta.num_row_groups))
              for j in range(rg.num_columns)
-             if any(rg.column(j).path_in_schema in (c,) or
+             if any(rg.column(j).path_in_schema == c or
                     rg.column(j).path_in_schema.startswith(c + '.') for c in columns))
   rows = max(1, int(block_bytes * meta.num_rows / max(1, data)))
   size, done, seen = os.path.getsize(path), 0, 0
