@@ -4,10 +4,13 @@ Only their correctness checks are asserted here (same weights and first loss on 
 the train-step bench; the GPU script runs its throughput half at toy sizes), never their timings.
 """
 
+import json
 import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,3 +50,31 @@ def test_gpu_script_smoke():
   for row in rows:
     tokens_s = float(row.split('|')[4].replace(',', ''))
     assert tokens_s > 0
+
+
+def test_recipes_bench_trains_each_row_at_one_budget_and_skips_finished_runs(tiny_data, tmp_path):
+  # Two rows of bench/recipes.py on the session's prepared tiny corpus, a toy model, one seed.
+  sets = {f'data.{k}': v for k, v in tiny_data.config.data.items()}
+  sets.update({f'tokenizer.{k}': v for k, v in tiny_data.config.tokenizer.items()})
+  sets.update({'data.cache_dir': tiny_data.data_dir, 'model.n_layer': 1, 'model.d_model': 32,
+               'model.n_head': 2, 'model.seq_len': 32, 'model.vocab_multiple': 64,
+               'train.per_device_batch': 4, 'train.eval_max_batches': 2,
+               'train.eval_batch': 4, 'train.sample_tokens': 8})
+  args = ['bench/recipes.py', '--rows', 'gpt2-muon,llama-adamw', '--seeds', '1', '--budget', '4',
+          '--workdir', str(tmp_path), *[f'--set={k}={v}' for k, v in sets.items()]]
+  out = bench(*args)
+  assert '2 runs, 0 done before, 2 to train' in out, out
+  results = [json.loads(l) for l in (tmp_path / 'results.jsonl').read_text().splitlines()]
+  assert sorted(r['row'] for r in results) == ['gpt2-muon', 'llama-adamw']
+  by_row = {r['row']: r for r in results}
+  # Equal FLOPs, not equal steps: the reference row trains the budget's 4 steps, the
+  # Llama-style row (SwiGLU's wider MLP, no position table) as many of its own as they buy.
+  assert by_row['gpt2-muon']['steps'] == 4
+  for r in results:
+    assert r['flops'] == pytest.approx(by_row['gpt2-muon']['flops'], rel=0.2)
+    assert 0 < r['bpc'] < 20 and 1 <= r['longest'] <= 8
+  table = [l for l in out.splitlines() if l.startswith(('| gpt2-muon |', '| llama-adamw |'))]
+  assert len(table) == 2 and all('| 1 |' in l for l in table), out
+  again = bench(*args)       # finished runs are read back, not trained again
+  assert '2 runs, 2 done before, 0 to train' in again, again
+  assert [l for l in again.splitlines() if l.startswith('| gpt2-muon |')] == table[:1]

@@ -60,6 +60,7 @@ def test_causal_and_initial_loss(variant):
 SWITCHES = {
     'position=rope': dict(position='rope'),
     'mlp=swiglu': dict(mlp='swiglu'),
+    'mlp=relu2': dict(mlp='relu2'),
     'mlp=moe': dict(mlp='moe', moe=dict(n_routed=4)),
     'norm=rmsnorm': dict(norm='rmsnorm'),
     'bias=False': dict(bias=False),

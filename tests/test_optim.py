@@ -26,6 +26,20 @@ def test_schedule_warmup_peak_and_floor():
   assert float(s(5000)) == pytest.approx(6e-5)
 
 
+def test_wsd_schedule_holds_then_decays_linearly():
+  s = optim.schedule(optim_cfg(schedule='wsd', decay_fraction=0.4, min_lr_ratio=0.0),
+                     total_steps=1000)
+  assert float(s(50)) == pytest.approx(3e-4)
+  assert [float(s(i)) for i in (100, 400, 600)] == pytest.approx([6e-4] * 3)   # stable
+  assert float(s(800)) == pytest.approx(3e-4, rel=1e-5)     # halfway through the last 400
+  assert float(s(1000)) == 0.0 and float(s(5000)) == 0.0
+  # decay_fraction=1: linear from the end of warmup to the floor.
+  s = optim.schedule(optim_cfg(schedule='wsd', decay_fraction=1.0), total_steps=1000)
+  assert float(s(100)) == pytest.approx(6e-4)
+  assert float(s(550)) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-5)
+  assert float(s(1000)) == pytest.approx(6e-5)
+
+
 def test_weight_decay_only_on_matrices():
   c = default_config('tiny')
   c.model.update(n_layer=1, d_model=32, n_head=2, seq_len=16)

@@ -126,7 +126,7 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
       qkv_bias=False,            # q/k/v projections have biases even when bias=False (Qwen2)
       position='learned',        # 'learned' | 'rope'
       rope_theta=10000.0,
-      mlp='gelu',                # 'gelu' | 'swiglu' | 'moe'
+      mlp='gelu',                # 'gelu' | 'relu2' (ReLU squared, Primer) | 'swiglu' | 'moe'
       mlp_ratio=4.0,             # hidden = ratio * d_model (swiglu: 2/3 of that, rounded up to 64)
       mlp_hidden=0,              # the MLP's hidden width; 0 = from mlp_ratio
       norm='layernorm',          # 'layernorm' | 'rmsnorm'
@@ -169,7 +169,12 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
       muon_lr=0.02,              # peak rate of the Muon-updated matrices
       muon_beta=0.95,            # Muon's (Nesterov) momentum
       lr=6e-4,
-      min_lr_ratio=0.1,          # the cosine floor, as a fraction of lr
+      min_lr_ratio=0.1,          # where the decay ends, as a fraction of lr
+      # After warmup: 'cosine' decays from the peak to the floor over the rest of the steps;
+      # 'wsd' (warmup-stable-decay) holds the peak, then decays linearly to the floor over
+      # the last decay_fraction of the steps (1.0: linear decay from the end of warmup).
+      schedule='cosine',
+      decay_fraction=0.4,
       warmup_steps=700,
       b1=0.9,
       b2=0.95,
@@ -254,7 +259,8 @@ _CHOICES = {
     'task': ('pretrain', 'sft'),
     'data.split': ('train', 'validation', 'test'),
     'model.position': ('learned', 'rope'),
-    'model.mlp': ('gelu', 'swiglu', 'moe'),
+    'model.mlp': ('gelu', 'relu2', 'swiglu', 'moe'),
+    'optim.schedule': ('cosine', 'wsd'),
     'model.norm': ('layernorm', 'rmsnorm'),
     'model.attention': ('xla', 'cudnn'),
     'model.dtype': ('float32', 'bfloat16'),
@@ -342,6 +348,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail('optim.lr', 'must be > 0')
   if not 0.0 <= o.min_lr_ratio <= 1.0:
     fail('optim.min_lr_ratio', 'must be in [0, 1]')
+  if not 0.0 < o.decay_fraction <= 1.0:
+    fail('optim.decay_fraction', 'must be in (0, 1]')
   for key in ('b1', 'b2', 'muon_beta'):
     if not 0.0 <= o[key] < 1.0:
       fail(f'optim.{key}', 'must be in [0, 1)')

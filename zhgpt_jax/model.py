@@ -39,7 +39,7 @@ class GPTConfig:
   qkv_bias: bool = False        # q/k/v biases even when bias=False (Qwen2)
   position: str = 'learned'
   rope_theta: float = 10000.0
-  mlp: str = 'gelu'
+  mlp: str = 'gelu'              # 'gelu' | 'relu2' | 'swiglu' | 'moe'
   mlp_hidden: int = 0
   norm: str = 'layernorm'
   norm_eps: float = 1e-5
@@ -214,7 +214,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-  """GELU (GPT-2) or SwiGLU (Llama) feed-forward."""
+  """GELU (GPT-2), ReLU² (Primer; modded-nanogpt) or SwiGLU (Llama) feed-forward."""
   cfg: GPTConfig
   hidden: int
   train: bool = False
@@ -223,8 +223,10 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD):
     cfg = self.cfg
-    if cfg.mlp == 'gelu':
-      h_BxLxF = nn.gelu(_dense(cfg, self.hidden, 'fc', bias=self.bias)(x_BxLxD), approximate=True)
+    if cfg.mlp in ('gelu', 'relu2'):
+      h_BxLxF = _dense(cfg, self.hidden, 'fc', bias=self.bias)(x_BxLxD)
+      h_BxLxF = (nn.gelu(h_BxLxF, approximate=True) if cfg.mlp == 'gelu'
+                 else jnp.square(nn.relu(h_BxLxF)))
       y_BxLxD = _dense(cfg, cfg.d_model, 'proj', std=_residual_std(cfg), bias=self.bias)(h_BxLxF)
     else:
       gate_BxLxF = _dense(cfg, self.hidden, 'gate', bias=self.bias)(x_BxLxD)

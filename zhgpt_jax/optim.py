@@ -1,7 +1,9 @@
-"""The optimiser: AdamW (or Muon + AdamW) under linear warmup + cosine decay, with clipping.
+"""The optimiser: AdamW (or Muon + AdamW) under linear warmup + a decay, with clipping.
 
 The peak rate is reached only after `warmup_steps` (a pretraining-sized peak with no warmup
-diverges), then decays along a cosine to `min_lr_ratio · lr` at the last step.
+diverges), then decays to `min_lr_ratio · lr` at the last step: along a cosine
+(`schedule='cosine'`), or held and then decayed linearly over the last `decay_fraction` of the
+steps (`schedule='wsd'`, warmup-stable-decay as in modded-nanogpt's warmdown).
 
 `optim.name = 'muon'` updates the 2-D matrices inside the blocks with Muon (momentum, then
 the update's orthogonal factor by a Newton-Schulz iteration; Jordan et al. 2024) at its own
@@ -16,8 +18,16 @@ import optax
 
 
 def schedule(optim_cfg, total_steps: int, peak: float | None = None) -> optax.Schedule:
-  """Linear warmup from 0 to `peak` (default lr), cosine to min_lr_ratio·peak at `total_steps`."""
+  """Linear warmup from 0 to `peak` (default lr), then cosine (or wsd: hold, then linear) to
+  min_lr_ratio·peak at `total_steps`."""
   peak = optim_cfg.lr if peak is None else peak
+  if optim_cfg.get('schedule', 'cosine') == 'wsd':
+    warmup = optim_cfg.warmup_steps
+    decay = max(1, min(round(optim_cfg.decay_fraction * total_steps), total_steps - warmup))
+    hold = total_steps - warmup - decay
+    parts = [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak),
+             optax.linear_schedule(peak, peak * optim_cfg.min_lr_ratio, decay)]
+    return optax.join_schedules(parts, [warmup, warmup + hold])
   # optax's end_value is an absolute rate, not a fraction of the peak.
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=optim_cfg.warmup_steps,
