@@ -182,7 +182,11 @@ def train(args, run: dict) -> dict:
                        f'{stderr[-3000:]}')
   done = re.search(r'done: (\d+) steps in (\d+)s', stdout)
   records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8')]
-  val = [r for r in records if r['split'] == 'val' and r['step'] == run['steps']][-1]
+  val = [r for r in records if r['split'] == 'val' and r['step'] == run['steps']]
+  if not val:
+    raise RuntimeError(f'{run["row"]} seed {run["seed"]}: no val record at step {run["steps"]} '
+                       f'in {workdir}/metrics.jsonl')
+  val = val[-1]
   sample = [r for r in records if r['split'] == 'sample' and r['step'] == run['steps']]
   return dict(run, flags=None, bpc=val['bpc'], loss=val['loss'],
               longest=sample[-1]['greedy_longest_run'] if sample else None,
