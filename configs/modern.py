@@ -1,18 +1,16 @@
 """A Llama-style GPT: RoPE, SwiGLU, RMSNorm, no biases, untied embeddings.
 
 The same model code as GPT-2 with its switches flipped; exports as LlamaForCausalLM.
-`--config configs/modern.py:tiny` gives the CPU-sized version of the tiny recipe.
+`--config configs/modern.py:tiny` gives the CPU-sized version of the tiny recipe. On a GPU
+(the other sizes) it trains as configs/base.py does: Muon on the blocks' matrices + Adam on the
+rest (BENCHMARKS.md "Recipes"), bfloat16, cuDNN attention.
 """
 
-from configs import tiny
-from zhgpt_jax.config import default_config
+from configs import base, tiny
 
 
 def get_config(size='small'):
-  c = tiny.get_config() if size == 'tiny' else default_config(size)
-  if size != 'tiny':
-    c.model.dtype = 'bfloat16'
-    c.model.attention = 'cudnn'
+  c = tiny.get_config() if size == 'tiny' else base.get_config(size)
   c.model.update(position='rope', rope_theta=10000.0, mlp='swiglu', norm='rmsnorm',
                  norm_eps=1e-6, bias=False, tie_embeddings=False)
   return c

@@ -15,10 +15,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def bench(*args: str) -> str:
+def bench(*args: str, timeout: int = 300) -> str:
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=timeout)
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout
 
@@ -62,7 +62,7 @@ def test_recipes_bench_trains_each_row_at_one_budget_and_skips_finished_runs(tin
                'train.eval_batch': 4, 'train.sample_tokens': 8})
   args = ['bench/recipes.py', '--rows', 'gpt2-muon,llama-adamw', '--seeds', '1', '--budget', '4',
           '--workdir', str(tmp_path), *[f'--set={k}={v}' for k, v in sets.items()]]
-  out = bench(*args)
+  out = bench(*args, timeout=900)     # two runs: two subprocesses that compile their steps
   assert '2 runs, 0 done before, 2 to train' in out, out
   results = [json.loads(l) for l in (tmp_path / 'results.jsonl').read_text().splitlines()]
   assert sorted(r['row'] for r in results) == ['gpt2-muon', 'llama-adamw']
