@@ -213,12 +213,12 @@ def table(results: list[dict], names: list[str]) -> str:
     spec, overrides = ROWS[name]
     bpc = [r['bpc'] for r in rs]
     sd = statistics.stdev(bpc) if len(bpc) > 1 else 0.0
-    over = ' '.join(f'{k}={v}' for k, v in overrides.items())
+    over = ''.join(f' {k}={v}' for k, v in overrides.items())
     train_s = [r['train_s'] for r in rs if r['train_s']]
     longest = [r['longest'] for r in rs if r['longest'] is not None]
     lines.append(
-        f'| {name} | `{spec}` {over} | {len(rs)} | {statistics.mean(bpc):.3f} ± {sd:.3f} | '
-        f'{max(longest) if longest else "-"} | {rs[0]["steps"]} | {rs[0]["tokens"]:,} | '
+        f'| {name} | `{spec}`{over} | {len(rs)} | {statistics.mean(bpc):.3f} ± {sd:.3f} | '
+        f'{int(max(longest)) if longest else "-"} | {rs[0]["steps"]} | {rs[0]["tokens"]:,} | '
         f'{rs[0]["flops"] / 1e12:.3g} | {statistics.median(train_s) if train_s else 0:.0f} | '
         f'{statistics.mean(r["load"] for r in rs):.1f} |')
   return '\n'.join(lines)
@@ -237,7 +237,7 @@ def main(argv=None) -> None:
   p.add_argument('--data_root', default='')
   p.add_argument('--set', dest='sets', action='append', default=[], metavar='KEY=VALUE',
                  help='a config override for every row (e.g. data.corpus=DIR), repeatable')
-  p.add_argument('--dry_run', action='store_true', help='print the plan, train nothing')
+  p.add_argument('--dry_run', action='store_true', help='print the plan and the finished runs\' table, train nothing')
   args = p.parse_args(argv)
   args.sets = parse_sets(args.sets)
   signal.signal(signal.SIGTERM, _stop)
@@ -261,7 +261,8 @@ def main(argv=None) -> None:
         else prepare(args, ref_config)
   ref_flops, _ = flops_per_step(ref_config, vocabs[ref_config.tokenizer.vocab_size])
   budget = args.budget * ref_flops
-  print(f'budget: {budget / 1e12:.3g} TFLOP per run ({args.budget:g} steps of {REFERENCE}'
+  print(f'budget: {budget / 1e12:.3g} TFLOP ({budget:.0f} FLOPs) per run ({args.budget:g} steps '
+        f'of {REFERENCE}'
         + ''.join(f' {k}={v}' for k, v in args.sets.items()) + ')')
 
   results_path = os.path.join(args.workdir, 'results.jsonl')
@@ -278,7 +279,8 @@ def main(argv=None) -> None:
   print(f'{len(runs)} runs, {len(runs) - len(todo)} done before, {len(todo)} to train')
   for r in todo if args.dry_run else ():
     print(f'  {r["row"]} seed {r["seed"]}: {r["steps"]} steps, {r["tokens"]:,} tokens')
-  if args.dry_run:
+  if args.dry_run:   # and the table of what is finished so far
+    print(table([done[r['key']] for r in runs if r['key'] in done], names))
     return
 
   def one(run):
