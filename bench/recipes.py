@@ -179,15 +179,19 @@ def train(args, run: dict) -> dict:
   cmd = [sys.executable, 'main.py', '--config', run['config'], '--workdir', workdir]
   cmd += [f'--config.{k}={v}' for k, v in run['flags'].items()]
   load0, t0 = os.getloadavg()[0], time.time()
-  with subprocess.Popen(cmd, cwd=ROOT, env=_env(args), stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE, text=True) as proc:
+  os.makedirs(os.path.dirname(workdir), exist_ok=True)
+  # The run's output goes to a file, not a pipe: a run outlives a bench killed with -9.
+  with open(workdir + '.log', 'w', encoding='utf-8') as log, \
+      subprocess.Popen(cmd, cwd=ROOT, env=_env(args), stdout=log, stderr=subprocess.STDOUT) as proc:
     CHILDREN.add(proc)
-    stdout, stderr = proc.communicate()
+    proc.wait()
     CHILDREN.discard(proc)
   wall = time.time() - t0
+  with open(workdir + '.log', encoding='utf-8', errors='replace') as f:
+    stdout = f.read()
   if proc.returncode:
-    raise RuntimeError(f'{run["row"]} seed {run["seed"]} failed (exit {proc.returncode}):\n'
-                       f'{stderr[-3000:]}')
+    raise RuntimeError(f'{run["row"]} seed {run["seed"]} failed (exit {proc.returncode}), '
+                       f'{workdir}.log:\n{stdout[-3000:]}')
   done = re.search(r'done: (\d+) steps in (\d+)s', stdout)
   records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8')]
   val = [r for r in records if r['split'] == 'val' and r['step'] == run['steps']]
@@ -237,7 +241,8 @@ def main(argv=None) -> None:
   p.add_argument('--data_root', default='')
   p.add_argument('--set', dest='sets', action='append', default=[], metavar='KEY=VALUE',
                  help='a config override for every row (e.g. data.corpus=DIR), repeatable')
-  p.add_argument('--dry_run', action='store_true', help='print the plan and the finished runs\' table, train nothing')
+  p.add_argument('--dry_run', action='store_true',
+                 help="print the plan and the finished runs' table; train nothing")
   args = p.parse_args(argv)
   args.sets = parse_sets(args.sets)
   signal.signal(signal.SIGTERM, _stop)
