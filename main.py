@@ -75,6 +75,8 @@ def _raised_in(e: BaseException, config_path: str | None) -> str | None:
       lines, err = [err.lineno], SyntaxError(err.msg)
     if lines:
       text = ' '.join(str(err).split())
+      if type(err).__name__ == 'UserError':   # worded for the user already (zhgpt_jax's own)
+        return f'--config {config_path}: {text}'
       return (f'--config {config_path}: line {lines[-1]}: {type(err).__name__}'
               + (f': {text}' if text else ''))
   return None
