@@ -64,7 +64,7 @@ def test_sources_and_weights(tmp_path):
   assert sources.without_weights(spec) == f'{news}/*.jsonl,{web}/'
   with pytest.raises(UserError, match='every source a weight'):
     corpus.parse_sources(f'{news}:2,{web}')
-  with pytest.raises(UserError, match='must be > 0'):
+  with pytest.raises(UserError, match='must be a number > 0'):
     corpus.parse_sources(f'{news}:0')
   assert formats.resolve_paths(f'{news},{web}') == [p for s in plain for p in s.paths]
 

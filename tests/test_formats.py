@@ -386,3 +386,19 @@ def test_readme_source_table_lines_read_files_of_that_shape(tmp_path, hub_cache)
   c = data_config(f'{data}/MNBVC/', '段落.内容')
   c.data.peek = 1   # MNBVC's paragraphs joined by newlines: one document a file
   assert f'document 1: {texts[0]}\\n{texts[1]}' in peek.peek(c)
+
+
+def test_plain_string_columns_reach_workers_as_buffers_with_nulls_counted(tmp_path):
+  texts = sentences(30)
+  for kind in (pa.string(), pa.large_string()):
+    cells = [None if i % 7 == 3 else t for i, t in enumerate(texts)]
+    path = str(tmp_path / f'{kind}.parquet')
+    pq.write_table(pa.table({'text': pa.array(cells, kind), 'url': [f'u{i}' for i in range(30)]}),
+                   path, row_group_size=8)
+    data = data_config(path, 'text').data
+    parts = list(corpus.file_parts(path, data, block_bytes=200))
+    assert len(parts) > 3 and all(isinstance(p.payload, tuple) for p in parts)   # no pyarrow
+    stats = corpus.CorpusStats(text_field='text')
+    docs = list(corpus.iter_documents(data, 'all', stats))
+    assert docs == [t for t in cells if t is not None]
+    assert stats.files[path].skipped == {'null': cells.count(None)}

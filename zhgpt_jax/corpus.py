@@ -266,9 +266,20 @@ def part_texts(part: formats.Part, data_cfg, stats: CorpusStats) -> Iterator[str
   return read_records(formats.part_items(part), part.path, data_cfg.text_field, stats)
 
 
+def text_columns(field: str, key: str = 'config.data.text_field'):
+  """columns(path, names) for a corpus: the column of `field` (or of its first dotted part)."""
+  def columns(path: str, names: list[str]) -> list[str]:
+    for name in (field, field.split('.')[0]):
+      if name in names:
+        return [name]
+    raise UserError(f"{path} has no column {field.split('.')[0]!r} ({key}={field!r}); "
+                    f'its columns: {", ".join(names)}')
+  return columns
+
+
 def file_parts(path: str, data_cfg, block_bytes: int = 1 << 20) -> Iterator[formats.Part]:
   """The Parts of one corpus file (`formats.file_parts` with the text field's column)."""
-  return formats.file_parts(path, formats.column_picker(data_cfg.text_field),
+  return formats.file_parts(path, text_columns(data_cfg.text_field),
                             data_cfg.txt_mode == 'paragraph', block_bytes)
 
 

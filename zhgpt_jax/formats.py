@@ -29,7 +29,8 @@ becomes Parts of about `block_bytes` of input each:
     sliding window: one element in memory at a time, never the whole file), sent as records;
   * parquet: record batches of the named columns only, of about `block_bytes` of decoded
     data each (`ParquetFile.iter_batches`, the column chunks read 1 MiB at a time): decoded
-    (decompressed, C++) in the main process, turned into Python records in the workers.
+    (decompressed, C++) in the main process, turned into Python records in the workers (plain
+    string columns sent as their Arrow buffers, so those workers never import pyarrow).
     Not a row group a Part: writers make row groups of anything from 100 rows to 1 GB, and
     a Part must stay small for memory to stay flat and every core busy.
 A damaged file (a truncated .gz/.zst/.parquet, broken JSON inside an array) is a UserError
@@ -65,7 +66,8 @@ _READ = 1 << 18   # compressed bytes read at a time
 class Part:
   """A piece of one file that a worker turns into items: `kind` 'lines' (payload: bytes of
   whole lines), 'records' (a list of decoded JSON values) or 'parquet' (a pyarrow
-  RecordBatch of the columns read). `size`: the file bytes it stands for (progress)."""
+  RecordBatch of the columns read, or plain string columns' buffers, `string_rows`).
+  `size`: the file bytes it stands for (progress)."""
   path: str
   kind: str
   payload: object
@@ -92,17 +94,6 @@ def kind_of(path: str) -> str:
   """'parquet', 'txt' or 'json' (JSON lines or a JSON array)."""
   base = strip_compression(path)
   return 'parquet' if base.endswith('.parquet') else 'txt' if base.endswith('.txt') else 'json'
-
-
-def describe(path: str) -> str:
-  """The format in words, e.g. 'JSON lines, zstd' (a .json is looked into)."""
-  kind = kind_of(path)
-  if kind == 'parquet':
-    return 'parquet'
-  name = 'text lines' if kind == 'txt' else (
-      'a JSON array' if json_shape(path) == 'array' else 'JSON lines')
-  comp = {'.gz': 'gzip', '.zst': 'zstd', '.zstd': 'zstd'}.get(path[len(strip_compression(path)):])
-  return f'{name}, {comp}' if comp else name
 
 
 # ----------------------------------------------------------------------------- which files
@@ -142,9 +133,6 @@ def hub_snapshot(entry: str, key: str) -> str:
     import huggingface_hub  # pylint: disable=import-outside-toplevel
     root = huggingface_hub.snapshot_download(
         repo, repo_type='dataset', allow_patterns=[f'{sub}/**'] if sub else None)
-  except ImportError:
-    raise UserError(f'{key}: {entry} needs huggingface_hub: pip install huggingface_hub'
-                    ) from None
   except Exception as e:  # pylint: disable=broad-except  (offline, unknown repo, auth, ...)
     raise UserError(f'{key}: cannot get dataset {repo} from the Hugging Face hub or its cache '
                     f'({type(e).__name__}: {" ".join(str(e).split())[:300]})') from None
@@ -431,27 +419,53 @@ def parquet_blocks(path: str, columns: list[str], block_bytes: int) -> Iterator[
     for batch in pf.iter_batches(batch_size=rows, columns=columns, use_threads=False):
       seen += batch.num_rows
       now = size * seen // meta.num_rows
-      yield batch, now - done
+      yield _plain_strings(batch) or batch, now - done
       done = now
   except Exception as e:  # pylint: disable=broad-except  (a damaged page or column chunk)
     raise UserError(f'cannot read {path} (after row {seen:,}): {" ".join(str(e).split())}'
                     ) from None
 
 
-def column_picker(field: str, key: str = 'config.data.text_field') -> Callable:
-  """columns(path, names) for a corpus: the column of `field` (or of its first dotted part)."""
-  def columns(path: str, names: list[str]) -> list[str]:
-    for name in (field, field.split('.')[0]):
-      if name in names:
-        return [name]
-    raise UserError(f"{path} has no column {field.split('.')[0]!r} ({key}={field!r}); "
-                    f'its columns: {", ".join(names)}')
-  return columns
+def _plain_strings(batch) -> tuple | None:
+  """A batch whose columns are all plain strings as (name, validity, offsets, data, wide)
+  byte buffers a column, which a worker reads without pyarrow (`string_rows`): pyarrow
+  costs ~35 MB of memory in each process that imports it. None for other batches."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  out = []
+  for name, arr in zip(batch.schema.names, batch.columns):
+    wide = pa.types.is_large_string(arr.type)
+    if not (wide or pa.types.is_string(arr.type)) or arr.offset:
+      return None
+    valid, offsets, data = arr.buffers()
+    out.append((name, len(arr), valid.to_pybytes() if arr.null_count else None,
+                offsets.to_pybytes(), data.to_pybytes() if data is not None else b'', wide))
+  return tuple(out)
+
+
+def string_rows(columns: tuple) -> Iterator:
+  """The rows (dicts) of `_plain_strings` buffers; a `Bad` for a cell that is not UTF-8."""
+  values = []
+  for _, n, valid, offsets, data, wide in columns:
+    off = memoryview(offsets).cast('q' if wide else 'i')
+    cells = []
+    for i in range(n):
+      if valid is not None and not valid[i >> 3] >> (i & 7) & 1:
+        cells.append(None)
+        continue
+      try:
+        cells.append(data[off[i]:off[i + 1]].decode('utf-8'))
+      except UnicodeDecodeError:
+        cells.append(Bad('invalid_utf8'))
+    values.append(cells)
+  names = [c[0] for c in columns]
+  for row in zip(*values):
+    bad = next((v for v in row if isinstance(v, Bad)), None)
+    yield bad if bad is not None else dict(zip(names, row))
 
 
 # ----------------------------------------------------------------------------- parts
 
-def file_parts(path: str, columns: Callable | None, paragraph: bool = False,
+def file_parts(path: str, columns: Callable, paragraph: bool = False,
                block_bytes: int = 1 << 20) -> Iterator[Part]:
   """The Parts of one file in order (see the module docstring); `columns(path, names)` picks
   a parquet file's columns (UserError when it lacks them)."""
@@ -476,4 +490,6 @@ def part_items(part: Part) -> Iterator:
     return json_lines(block_lines(part.payload))
   if part.kind == 'records':
     return iter(part.payload)
+  if isinstance(part.payload, tuple):
+    return string_rows(part.payload)
   return iter(part.payload.to_pylist())

@@ -25,8 +25,20 @@ def _short(text: str) -> str:
   return text.replace('\n', '\\n')
 
 
+def describe(path: str) -> str:
+  """The format in words, e.g. 'JSON lines, zstd' (a .json is looked into)."""
+  kind = formats.kind_of(path)
+  if kind == 'parquet':
+    return 'parquet'
+  name = 'text lines' if kind == 'txt' else (
+      'a JSON array' if formats.json_shape(path) == 'array' else 'JSON lines')
+  suffix = path[len(formats.strip_compression(path)):]
+  comp = {'.gz': 'gzip', '.zst': 'zstd', '.zstd': 'zstd'}.get(suffix)
+  return f'{name}, {comp}' if comp else name
+
+
 def _file_line(path: str, columns) -> str:
-  fmt = formats.describe(path)
+  fmt = describe(path)
   if fmt != 'parquet':
     return f'{path}: {fmt}'
   pf = formats.parquet_file(path)
@@ -63,7 +75,7 @@ def corpus_lines(config, n: int) -> list[str]:
     size = sum(os.path.getsize(p) for p in paths)
     lines.append(f'source {i}: {name}: {len(paths):,} files, {size / 1e6:,.1f} MB')
     path = paths[0]
-    lines.append('  ' + _file_line(path, formats.column_picker(data.text_field)))
+    lines.append('  ' + _file_line(path, corpus.text_columns(data.text_field)))
     part = _first_part(corpus.file_parts(path, data))
     stats = corpus.CorpusStats(text_field=data.text_field)
     docs = list(corpus.kept(path, corpus.part_texts(part, data, stats), stats,
