@@ -84,7 +84,7 @@ def grouped_matmuls(experts: list[int], rows: int, width: int, rounds: int) -> N
 
 def train_steps(config, experts: list[int], steps: int, rounds: int) -> None:
   base = model_lib.model_config(config.model, config.tokenizer.vocab_size)
-  hidden = base.moe_hidden
+  hidden = base.moe.expert_hidden
   t = config.train
   devices = jax.local_device_count()
   tokens_per_step = devices * t.grad_accum * t.per_device_batch * base.seq_len
@@ -109,9 +109,9 @@ def train_steps(config, experts: list[int], steps: int, rounds: int) -> None:
                                compile_s=time.perf_counter() - t0)
   print(f'\n2. Train steps: {base.n_layer} layers, d_model {base.d_model}, '
         f'{len(base.moe_layers())} MoE layers, top-2, expert width {hidden}, '
-        f'{base.moe_shared} shared; {tokens_per_step:,} tokens/step; optimizer '
-        f'{config.optim.name}; grouped={moe.grouped_impl(base.moe_grouped)} on '
-        f'{jax.default_backend()} (capacity factor {base.moe_capacity}); '
+        f'{base.moe.n_shared} shared; {tokens_per_step:,} tokens/step; optimizer '
+        f'{config.optim.name}; grouped={moe.grouped_impl(base.moe.grouped)} on '
+        f'{jax.default_backend()} (capacity factor {base.moe.capacity_factor}); '
         f'{steps} steps x {rounds} rounds, median\n')
   for _ in range(rounds):
     for run in runs.values():

@@ -184,7 +184,7 @@ def test_variant_matches_hf_and_round_trips(variant, tmp_path):
 
 
 @pytest.mark.parametrize('overrides, fields', [
-    (dict(ROPE, mlp='moe', moe=dict(n_routed=4, gate='sigmoid')), ['moe_gate']),
+    (dict(ROPE, mlp='moe', moe=dict(n_routed=4, gate='sigmoid')), ['moe.gate']),
     (dict(position='rope'), ['position']),                          # rope + gelu
     (dict(mlp='swiglu', norm='rmsnorm', bias=False), ['position']),  # learned + swiglu
     (dict(position='rope', mlp='swiglu', bias=True), ['norm']),     # LayerNorm with biases
@@ -200,7 +200,8 @@ def test_unmapped_variants_refused(overrides, fields, tmp_path):
 
 def test_bias_balanced_moe_refused_in_one_line(tmp_path):
   cfg = tiny_cfg(**ROPE, mlp='moe', moe=dict(n_routed=4, balance='bias'))
-  with pytest.raises(UserError, match='balance=bias: Qwen2MoeForCausalLM has no per-expert') as e:
+  with pytest.raises(UserError, match="moe.balance='bias'.*Qwen2MoeForCausalLM, needs "
+                     "moe.balance='aux' .Qwen2-MoE has no per-expert routing bias") as e:
     E.export_hf(cfg, None, str(tmp_path / 'hf'))
   assert '\n' not in str(e.value) and os.listdir(tmp_path) == []
 

@@ -188,7 +188,7 @@ def test_moe_gates_and_load(gate):
   assert float(aux['load'].sum()) == pytest.approx(1.0, abs=1e-6)
   logits_ = x @ params['router']['kernel']
   scores = jax.nn.softmax(logits_, -1) if gate == 'softmax' else jax.nn.sigmoid(logits_)
-  top = jax.lax.top_k(scores, cfg.moe_top_k)[0].sum(-1)
+  top = jax.lax.top_k(scores, cfg.moe.top_k)[0].sum(-1)
   if gate == 'sigmoid':   # renormalised over the chosen experts
     np.testing.assert_allclose(top / top, 1.0)
   else:                   # softmax over all experts: chosen gates sum to at most one
@@ -200,7 +200,7 @@ def test_moe_output_is_gate_weighted_sum_of_experts():
   y, _ = layer.apply({'params': params}, x)
   tok = x[0, 3]
   scores = jax.nn.softmax(tok @ params['router']['kernel'])
-  top_vals, top_idx = jax.lax.top_k(scores, cfg.moe_top_k)
+  top_vals, top_idx = jax.lax.top_k(scores, cfg.moe.top_k)
   expected = 0.0
   for g, e in zip(top_vals, top_idx):
     h = jax.nn.silu(tok @ params['w_gate'][e]) * (tok @ params['w_up'][e])
@@ -236,5 +236,5 @@ def test_flops_per_token_formula():
       M.flops_per_token(cfg, params)
   moe = tiny_cfg(**VARIANTS['moe'])
   p = M.init_params(moe, jax.random.PRNGKey(0))
-  per_expert = 3 * moe.d_model * moe.moe_hidden
+  per_expert = 3 * moe.d_model * moe.moe.expert_hidden
   assert M.active_params(moe, p) == M.count_params(p) - 2 * 2 * per_expert

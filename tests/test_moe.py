@@ -114,7 +114,7 @@ def test_first_dense_layers_and_active_counts():
   assert cfg.moe_layers() == [1, 2]
   params = M.init_params(cfg, jax.random.PRNGKey(0))
   assert 'mlp' in params['h_0'] and params['h_1']['moe']['expert_bias'].shape == (8,)
-  per_expert = 3 * cfg.d_model * cfg.moe_hidden
+  per_expert = 3 * cfg.d_model * cfg.moe.expert_hidden
   assert M.active_params(cfg, params) == M.count_params(params) - 2 * (6 * per_expert + 8)
   assert M.routed_flops_per_token(cfg) == 6 * 2 * 2 * per_expert
 
@@ -176,7 +176,7 @@ EP_SCRIPT = textwrap.dedent(r'''
     blocks = {(m[0], 'transpose(' in m[1]) for m in re.findall(
         r'= f32\[([\d,]+)\]\S* dot\(.*op_name="([^"]*/moe/ecd,edf->ecf/dot_general)"', hlo)}
     forward = {b for b, backward in blocks if not backward}
-    assert forward == {f'{E // EXPERT},{16 * 16 // 2},{cfg.moe_hidden}'}, blocks
+    assert forward == {f'{E // EXPERT},{16 * 16 // 2},{cfg.moe.expert_hidden}'}, blocks
     assert re.search(r' all-to-all\(.*op_name="[^"]*/moe/', hlo), 'no all-to-all in the MoE layer'
     # Saved at step 2 and restored in this layout, bit for bit; step 3 from there.
     with tempfile.TemporaryDirectory() as d:
@@ -272,5 +272,5 @@ def test_a_run_saved_before_the_moe_keys_resumes_only_as_their_defaults():
   ckpt_lib.check_compatible(gpt(saved), gpt(default_config()), 'h', 'h')
   config = default_config()
   config.model.moe.balance = 'bias'
-  with pytest.raises(UserError, match="model.moe_balance: 'aux' -> 'bias'"):
+  with pytest.raises(UserError, match="model.moe.balance: 'aux' -> 'bias'"):
     ckpt_lib.check_compatible(gpt(saved), gpt(config), 'h', 'h')

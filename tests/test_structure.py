@@ -97,13 +97,64 @@ def test_imports_follow_the_code_map():
     assert not below, f'{name} imports {sorted(below)}, listed below it in README\'s Code map'
 
 
+CONFIGS = ['tiny', 'base', 'base:medium', 'modern', 'modern:tiny', 'moe', 'moe:deepseek', 'sft']
+
+
+def _config_file(spec: str):
+  import importlib.util
+  name, _, arg = spec.partition(':')
+  loader = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(loader)
+  loader.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+@pytest.mark.parametrize('spec', CONFIGS)
+def test_every_model_key_is_a_model_field(spec):
+  """Every key under config.model (of each config file) is the GPTConfig field of the same
+  path (gpt_config.py declares both): no key the model never sees, none renamed on the way."""
+  from zhgpt_jax import gpt_config
+  keys = set(gpt_config.flatten(_config_file(spec).model))
+  fields = {p for p, f in gpt_config.fields() if f.metadata['config']}
+  assert keys == fields, (sorted(keys - fields), sorted(fields - keys))
+
+
+def test_every_model_key_reaches_the_model():
+  """Changing any config.model key changes the GPTConfig that `model.model_config` builds, at
+  the same path: a knob cannot be silently ignored. (attention: on CPU 'cudnn' runs xla.)"""
+  from zhgpt_jax import gpt_config, model
+  from zhgpt_jax.config import default_config
+  c = default_config('tiny')
+  base = model.model_config(c.model, 300)
+  for path, value in gpt_config.flatten(c.model).items():
+    f = dict(gpt_config.fields())[path]
+    if f.metadata['choices']:
+      new = next(v for v in f.metadata['choices'] if v != value)
+    elif isinstance(value, bool):
+      new = not value
+    else:
+      new = type(value)(value * 2 + 1000)   # vocab_size: more rows than the tokenizer
+    changed = node = c.model.copy_and_resolve_references()
+    *head, last = path.split('.')
+    for part in head:
+      node = node[part]
+    node[last] = new
+    got = model.model_config(changed, 300)
+    if path != 'attention':
+      assert gpt_config.get(got, path) != gpt_config.get(base, path), path
+
+
 def test_one_list_of_parameter_fields():
   """What init_from=hf:DIR writes into config.model is every parameter field but the two it
-  fits (seq_len, real_vocab_size): GPTConfig.param_fields stays the one list."""
-  from zhgpt_jax import model, pretrained
-  written = set(pretrained.SHAPE) | set(pretrained.MOE_SHAPE)
-  assert written | {'seq_len', 'real_vocab_size'} == set(model.GPTConfig.param_fields())
-  assert not written & set(model.RUNTIME_FIELDS)
+  fits: gpt_config's kinds stay the one list."""
+  from zhgpt_jax import gpt_config, model, pretrained
+  moe = model.model_config(_config_file('moe').model, 300)
+  written = set(pretrained.shape_paths(moe))
+  assert written | set(pretrained.FITTED) == set(gpt_config.param_paths())
+  kinds = {p: f.metadata['kind'] for p, f in gpt_config.fields()}
+  assert {kinds[p] for p in written} == {gpt_config.PARAM}
+  dense = model.model_config(_config_file('tiny').model, 300)
+  assert set(pretrained.shape_paths(dense)) == {p for p in written if not p.startswith('moe.')}
 
 
 @pytest.mark.parametrize('name', sorted(modules()))

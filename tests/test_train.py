@@ -296,7 +296,7 @@ def test_chunked_cross_entropy_equals_full_logits(tie):
   # 48 tokens in chunks of 20: the last chunk is padded.
   full = jax.value_and_grad(loss_lib.loss_fn, has_aux=True)(params, model, batch, None, False)
   chunked = jax.value_and_grad(loss_lib.loss_fn, has_aux=True)(params, model, batch, None, False,
-                                                             None, 20)
+                                                             20)
   (loss_f, _), grads_f = full
   (loss_c, _), grads_c = chunked
   assert 5.0 < float(loss_f) < 6.5                # ~ln(384) at init

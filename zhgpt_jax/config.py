@@ -15,6 +15,8 @@ import re
 
 import ml_collections
 
+from zhgpt_jax import gpt_config
+
 
 class UserError(Exception):
   """A mistake in the user's input (config, files, flags): printed as one line, exit 2."""
@@ -113,56 +115,9 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
   ))
 
   n_layer, n_head, d_model = PRESETS[preset]
-  c.model = ml_collections.ConfigDict(dict(
-      n_layer=n_layer,
-      n_head=n_head,
-      d_model=d_model,
-      n_kv_head=0,               # 0 = n_head (grouped-query attention when smaller)
-      seq_len=1024,              # context length the model is built for
-      vocab_multiple=128,        # pad the tokenizer's vocab up to this multiple (1 = exact)
-      vocab_size=0,              # embedding rows; 0 = the tokenizer's vocab padded as above
-      dropout=0.0,
-      bias=True,
-      qkv_bias=False,            # q/k/v projections have biases even when bias=False (Qwen2)
-      position='learned',        # 'learned' | 'rope'
-      rope_theta=10000.0,
-      mlp='gelu',                # 'gelu' | 'relu2' (ReLU squared, Primer) | 'swiglu' | 'moe'
-      mlp_ratio=4.0,             # hidden = ratio * d_model (swiglu: 2/3 of that, rounded up to 64)
-      mlp_hidden=0,              # the MLP's hidden width; 0 = from mlp_ratio
-      norm='layernorm',          # 'layernorm' | 'rmsnorm'
-      norm_eps=1e-5,
-      tie_embeddings=True,
-      attention='xla',           # 'xla' | 'cudnn' (jax.nn.dot_product_attention implementation)
-      dtype='float32',           # compute dtype: 'float32' | 'bfloat16' (params stay float32)
-      remat='none',              # 'none' | 'block'
-      # Init std of the residual output projections, as a multiple of GPT-2's
-      # 0.02/sqrt(2·n_layer); 0 starts each block as the identity.
-      residual_init=1.0,
-      moe=ml_collections.ConfigDict(dict(
-          n_routed=8,            # fine-grained routed experts
-          n_shared=1,            # always-on shared experts
-          top_k=2,
-          gate='softmax',        # 'softmax' | 'sigmoid'
-          expert_hidden=0,       # 0 = mlp hidden / top_k
-          every=1,               # every k-th layer is MoE (others dense)
-          shared_gate=False,     # scale the shared experts by sigmoid(x · w) (Qwen2-MoE)
-          first_dense=0,         # the first k layers keep a dense MLP (DeepSeekMoE: 1)
-          # 'sparse': each expert runs on its own tokens (FLOPs follow top_k); 'dense': every
-          # expert on every token (the exact reference; cost grows with n_routed).
-          dispatch='sparse',
-          # How sparse runs its expert groups: 'capacity' ([E, C, d] blocks; drops past C),
-          # 'ragged_dot' (jax.lax.ragged_dot; never drops), 'auto' (capacity on CPU, else
-          # ragged_dot; bench/moe.py measures both). Expert parallelism uses capacity.
-          grouped='auto',
-          capacity_factor=2.0,   # rows per expert = factor x tokens·top_k/n_routed (0: never drop)
-          # 'aux': the balance loss (aux_weight); 'bias': DeepSeek-V3's auxiliary-loss-free
-          # per-expert routing bias, moved by ±bias_rate toward equal load after every step.
-          balance='aux',
-          bias_rate=0.001,
-          aux_weight=0.01,       # load-balancing loss weight (balance='aux')
-          z_weight=0.001,        # router z-loss weight
-      )),
-  ))
+  # The model's fields, defaults and allowed values are declared once, in gpt_config.py.
+  c.model = ml_collections.ConfigDict(gpt_config.config_defaults(
+      n_layer=n_layer, n_head=n_head, d_model=d_model))
 
   c.optim = ml_collections.ConfigDict(dict(
       name='adamw',              # adamw | muon (Muon: block matrices; Adam at lr, no decay: rest)
@@ -258,22 +213,13 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
 _CHOICES = {
     'task': ('pretrain', 'sft'),
     'data.split': ('train', 'validation', 'test'),
-    'model.position': ('learned', 'rope'),
-    'model.mlp': ('gelu', 'relu2', 'swiglu', 'moe'),
     'optim.schedule': ('cosine', 'wsd'),
-    'model.norm': ('layernorm', 'rmsnorm'),
-    'model.attention': ('xla', 'cudnn'),
-    'model.dtype': ('float32', 'bfloat16'),
-    'model.remat': ('none', 'block'),
-    'model.moe.gate': ('softmax', 'sigmoid'),
-    'model.moe.dispatch': ('sparse', 'dense'),
-    'model.moe.grouped': ('auto', 'capacity', 'ragged_dot'),
-    'model.moe.balance': ('aux', 'bias'),
     'data.txt_mode': ('line', 'paragraph'),
     'data.dedup': ('none', 'exact', 'near'),
     'sft.long_policy': ('truncate', 'drop'),
     'optim.name': ('adamw', 'muon'),
     'parallel.strategy': ('pmap', 'fsdp'),
+    **gpt_config.CHOICES,
 }
 
 _NON_NEGATIVE = ('tokenizer.min_frequency', 'data.tokenize_workers', 'data.loader_workers',
@@ -282,14 +228,16 @@ _NON_NEGATIVE = ('tokenizer.min_frequency', 'data.tokenize_workers', 'data.loade
                  'train.short_seq_steps', 'sft.heldout', 'sft.eval_examples', 'seed',
                  'sample.seed')
 
-_POSITIVE = ('model.n_layer', 'model.n_head', 'model.d_model', 'model.seq_len',
-             'model.vocab_multiple', 'tokenizer.vocab_size', 'tokenizer.max_train_chars',
+_POSITIVE = ('tokenizer.vocab_size', 'tokenizer.max_train_chars',
              'train.steps', 'train.per_device_batch', 'train.grad_accum', 'train.log_every',
              'train.eval_every', 'train.eval_batch', 'train.ckpt_every', 'train.keep',
              'train.max_nonfinite', 'data.shard_tokens', 'data.max_doc_chars',
-             'sample.max_new_tokens', 'data.near_ngram', 'model.moe.n_routed', 'model.moe.top_k',
-             'model.moe.every', 'optim.muon_lr', 'serve.slots', 'serve.chunk',
-             'serve.max_request_bytes')
+             'sample.max_new_tokens', 'data.near_ngram', 'optim.muon_lr', 'serve.slots',
+             'serve.chunk', 'serve.max_request_bytes')
+
+# A bound of gpt_config's -> the check and the message.
+_BOUND_CHECKS = {'>0': (lambda v: v > 0, 'must be > 0'), '>=0': (lambda v: v >= 0, 'must be >= 0'),
+                 '[0,1)': (lambda v: 0.0 <= v < 1.0, 'must be in [0, 1)')}
 
 
 def _get(config, dotted):
@@ -313,36 +261,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in _NON_NEGATIVE:
     if key.split('.')[0] in config and _get(config, key) < 0:
       fail(key, 'must be >= 0')
+  for key, bound in gpt_config.BOUNDS.items():
+    ok, msg = _BOUND_CHECKS[bound]
+    if not ok(_get(config, key)):
+      fail(key, msg)
+  for key, msg in gpt_config.problems(config.model):
+    fail(key, msg)
   m = config.model
-  if m.d_model % m.n_head:
-    fail('model.d_model', f'must be divisible by model.n_head={m.n_head}')
-  n_kv = m.n_kv_head or m.n_head
-  if m.n_head % n_kv:
-    fail('model.n_kv_head', f'must divide model.n_head={m.n_head}')
-  if m.position == 'rope' and (m.d_model // m.n_head) % 2:
-    fail('model.d_model', 'rope needs an even head dimension')
-  for key in ('vocab_size', 'mlp_hidden'):
-    if m.get(key, 0) < 0:
-      fail(f'model.{key}', 'must be >= 0 (0 = derived)')
-  if m.residual_init < 0:
-    fail('model.residual_init', 'must be >= 0')
-  if not 0.0 <= m.dropout < 1.0:
-    fail('model.dropout', 'must be in [0, 1)')
-  if m.mlp == 'moe' and m.moe.top_k > m.moe.n_routed:
-    fail('model.moe.top_k', f'must be <= model.moe.n_routed={m.moe.n_routed}')
-  if m.mlp == 'moe' and not 0 <= m.moe.first_dense < m.n_layer:
-    fail('model.moe.first_dense', f'must be in [0, model.n_layer={m.n_layer})')
-  for key in ('capacity_factor', 'bias_rate', 'aux_weight', 'z_weight'):
-    if m.moe[key] < 0:
-      fail(f'model.moe.{key}', 'must be >= 0')
   if config.tokenizer.vocab_size < 256 + len(SPECIAL_TOKENS):
     fail('tokenizer.vocab_size', f'must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials)')
   if not 0.0 <= config.data.val_fraction < 1.0:
     fail('data.val_fraction', 'must be in [0, 1)')
   if not 0.0 < config.data.near_threshold <= 1.0:
     fail('data.near_threshold', 'must be in (0, 1]')
-  if m.attention == 'cudnn' and m.dtype != 'bfloat16':
-    fail('model.attention', 'cudnn attention needs model.dtype=bfloat16')
   o = config.optim
   if o.lr <= 0:
     fail('optim.lr', 'must be > 0')

@@ -52,7 +52,8 @@ def _row_call(cfg, params, tok, position, row_cache):
   """sample.model_call for one slot: its last token at its position, its own cache index."""
   if cfg.mlp == 'moe':
     # ragged_dot has no vmap rule; for one token a row, fixed blocks never drop (capacity 0).
-    cfg = dataclasses.replace(cfg, moe_grouped='capacity', moe_capacity=0.0)
+    cfg = dataclasses.replace(
+        cfg, moe=dataclasses.replace(cfg.moe, grouped='capacity', capacity_factor=0.0))
   cache = [dict(k=c['k'][None], v=c['v'][None], index=c['index']) for c in row_cache]
   size = row_cache[0]['k'].shape[0]
   logits_1x1xV, cache = sample.model_call(

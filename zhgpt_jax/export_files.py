@@ -94,8 +94,8 @@ def _shape(cfg: GPTConfig) -> str:
            f'MLP {cfg.mlp} {cfg.mlp_hidden}', f'{cfg.norm}', f'positions {cfg.position}',
            f'context {cfg.seq_len}', 'tied embeddings' if cfg.tie_embeddings else 'untied head']
   if cfg.mlp == 'moe':
-    parts.append(f'{cfg.moe_routed} routed experts (top {cfg.moe_top_k}) of width '
-                 f'{cfg.moe_hidden}, {cfg.moe_shared} shared, every {cfg.moe_every} layer(s)')
+    parts.append(f'{cfg.moe.n_routed} routed experts (top {cfg.moe.top_k}) of width '
+                 f'{cfg.moe.expert_hidden}, {cfg.moe.n_shared} shared, every {cfg.moe.every} layer(s)')
   return ', '.join(parts)
 
 

@@ -95,8 +95,7 @@ def token_cross_entropy(model: model_lib.GPT, params, batch: dict, rng, train: b
   return ce_T.reshape(b, l), aux
 
 
-def loss_fn(params, model: model_lib.GPT, batch: dict, rng, train: bool, moe_cfg=None,
-            chunk: int = 0):
+def loss_fn(params, model: model_lib.GPT, batch: dict, rng, train: bool, chunk: int = 0):
   """Mean token cross-entropy (float32) plus MoE auxiliary losses; returns (total, metrics)."""
   ce_BxL, aux = token_cross_entropy(model, params, batch, rng, train, chunk)
   weights_BxL = batch.get('weights')
@@ -107,6 +106,7 @@ def loss_fn(params, model: model_lib.GPT, batch: dict, rng, train: bool, moe_cfg
   metrics = {'loss': ce}
   total = ce
   if 'moe_balance' in aux:
+    moe_cfg = model.cfg.moe
     aux_weight = moe_cfg.aux_weight if moe_cfg.balance == 'aux' else 0.0
     total = total + aux_weight * aux['moe_balance'] + moe_cfg.z_weight * aux['moe_z']
     metrics.update({k: aux[k] for k in ('moe_balance', 'moe_z', 'moe_load', 'moe_dropped')})

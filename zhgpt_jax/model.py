@@ -20,78 +20,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zhgpt_jax.config import UserError
+from zhgpt_jax import gpt_config
 from zhgpt_jax import moe as moe_lib
-
-
-@dataclasses.dataclass(frozen=True)
-class GPTConfig:
-  """Everything the model needs; built from `config.model` and the tokenizer by `model_config`."""
-  vocab_size: int               # padded; ids >= real_vocab_size never occur in data
-  real_vocab_size: int
-  n_layer: int
-  n_head: int
-  n_kv_head: int
-  d_model: int
-  seq_len: int
-  dropout: float = 0.0
-  bias: bool = True
-  qkv_bias: bool = False        # q/k/v biases even when bias=False (Qwen2)
-  position: str = 'learned'
-  rope_theta: float = 10000.0
-  mlp: str = 'gelu'              # 'gelu' | 'relu2' | 'swiglu' | 'moe'
-  mlp_hidden: int = 0
-  norm: str = 'layernorm'
-  norm_eps: float = 1e-5
-  tie_embeddings: bool = True
-  attention: str = 'xla'
-  dtype: str = 'float32'
-  remat: str = 'none'
-  residual_init: float = 1.0    # x GPT-2's 0.02/sqrt(2·n_layer) for output projections (0 = zeros)
-  moe_routed: int = 8
-  moe_shared: int = 1
-  moe_top_k: int = 2
-  moe_gate: str = 'softmax'
-  moe_hidden: int = 0
-  moe_every: int = 1
-  moe_shared_gate: bool = False  # shared experts scaled by sigmoid(x · w) (Qwen2-MoE)
-  moe_first_dense: int = 0      # the first k layers keep a dense MLP (DeepSeekMoE: 1)
-  moe_dispatch: str = 'sparse'  # 'sparse' | 'dense' (moe.py)
-  moe_grouped: str = 'auto'     # 'auto' | 'capacity' | 'ragged_dot'
-  moe_capacity: float = 2.0     # capacity factor of grouped='capacity' (0: never drop)
-  moe_balance: str = 'aux'      # 'aux' (balance loss) | 'bias' (DeepSeek-V3 expert bias)
-
-  @classmethod
-  def param_fields(cls) -> tuple[str, ...]:
-    """The fields that decide what the parameters are: their shapes and their meaning.
-
-    A checkpoint's params fit another model only where these agree (resume, init_from, an
-    imported HF model); the other fields (RUNTIME_FIELDS) change how a step computes.
-    """
-    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in RUNTIME_FIELDS)
-
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.n_head
-
-  def is_moe_layer(self, i: int) -> bool:
-    return (self.mlp == 'moe' and i >= self.moe_first_dense
-            and (i + 1 - self.moe_first_dense) % self.moe_every == 0)
-
-  def moe_layers(self) -> list[int]:
-    return [i for i in range(self.n_layer) if self.is_moe_layer(i)]
-
-
-# GPTConfig fields that a checkpoint does not fix: dropout, kernels, precision, memory, init,
-# how MoE tokens reach their experts.
-RUNTIME_FIELDS = ('dropout', 'attention', 'dtype', 'remat', 'residual_init', 'moe_dispatch',
-                  'moe_grouped', 'moe_capacity')
+from zhgpt_jax.config import UserError
+from zhgpt_jax.gpt_config import GPTConfig
 
 
 def param_diffs(old: GPTConfig, new: GPTConfig) -> list[str]:
-  """'model.<field>: old -> new' for every parameter field (GPTConfig.param_fields) that differs."""
-  return [f'model.{k}: {getattr(old, k)!r} -> {getattr(new, k)!r}'
-          for k in GPTConfig.param_fields() if getattr(old, k) != getattr(new, k)]
+  """'model.<field>: old -> new' for every parameter field (gpt_config.param_paths) that differs."""
+  get = gpt_config.get
+  return [f'model.{p}: {get(old, p)!r} -> {get(new, p)!r}' for p in gpt_config.param_paths()
+          if get(old, p) != get(new, p)]
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -104,40 +43,28 @@ def effective_attention(requested: str) -> str:
 
 
 def model_config(model_cfg, vocab_size: int) -> GPTConfig:
-  """Builds a GPTConfig from `config.model` and the tokenizer's vocab size (never typed by hand).
+  """The GPTConfig of `config.model` (every key copied by name; keys an older saved config
+  lacks keep their defaults) and the tokenizer's vocab size, its zeros derived.
 
   model.vocab_size and model.mlp_hidden, when set (e.g. from init_from=hf:DIR), are taken
   as they are; 0 derives them from the tokenizer and mlp_ratio. Raises UserError when the
   tokenizer has more tokens than model.vocab_size rows. The attention is the one this
   backend runs (`effective_attention`).
   """
-  hidden = model_cfg.get('mlp_hidden', 0) or int(model_cfg.mlp_ratio * model_cfg.d_model)
-  if model_cfg.mlp in ('swiglu', 'moe') and not model_cfg.get('mlp_hidden', 0):
+  cfg = gpt_config.from_flat(gpt_config.flatten(model_cfg))
+  hidden = cfg.mlp_hidden or int(cfg.mlp_ratio * cfg.d_model)
+  if cfg.mlp in ('swiglu', 'moe') and not cfg.mlp_hidden:
     # Two input matrices instead of one: 2/3 of the width keeps the parameter count (Llama).
     hidden = _round_up(int(2 * hidden / 3), 64)
-  rows = model_cfg.get('vocab_size', 0) or _round_up(vocab_size, model_cfg.vocab_multiple)
+  rows = cfg.vocab_size or _round_up(vocab_size, cfg.vocab_multiple)
   if rows < vocab_size:
     raise UserError(f'config.model.vocab_size={rows} is smaller than the tokenizer '
                      f'({vocab_size} tokens)')
-  moe = model_cfg.moe
-  return GPTConfig(
-      vocab_size=rows,
-      real_vocab_size=vocab_size,
-      qkv_bias=model_cfg.get('qkv_bias', False),
-      moe_shared_gate=moe.get('shared_gate', False),
-      n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
-      n_kv_head=model_cfg.n_kv_head or model_cfg.n_head, d_model=model_cfg.d_model,
-      seq_len=model_cfg.seq_len, dropout=model_cfg.dropout, bias=model_cfg.bias,
-      position=model_cfg.position, rope_theta=model_cfg.rope_theta, mlp=model_cfg.mlp,
-      mlp_hidden=hidden, norm=model_cfg.norm, norm_eps=model_cfg.norm_eps,
-      tie_embeddings=model_cfg.tie_embeddings,
-      attention=effective_attention(model_cfg.attention),
-      dtype=model_cfg.dtype, remat=model_cfg.remat, residual_init=model_cfg.residual_init,
-      moe_routed=moe.n_routed, moe_shared=moe.n_shared, moe_top_k=moe.top_k, moe_gate=moe.gate,
-      moe_hidden=moe.expert_hidden or max(64, _round_up(hidden // moe.top_k, 64)),
-      moe_every=moe.every, moe_first_dense=moe.get('first_dense', 0),
-      moe_dispatch=moe.get('dispatch', 'sparse'), moe_grouped=moe.get('grouped', 'auto'),
-      moe_capacity=moe.get('capacity_factor', 2.0), moe_balance=moe.get('balance', 'aux'))
+  moe = dataclasses.replace(
+      cfg.moe, expert_hidden=cfg.moe.expert_hidden or max(64, _round_up(hidden // cfg.moe.top_k, 64)))
+  return dataclasses.replace(
+      cfg, vocab_size=rows, real_vocab_size=vocab_size, n_kv_head=cfg.n_kv_head or cfg.n_head,
+      mlp_hidden=hidden, attention=effective_attention(cfg.attention), moe=moe)
 
 
 def _init(std: float):
@@ -251,27 +178,27 @@ class MoE(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD):
     cfg = self.cfg
-    e, f, d = cfg.moe_routed, cfg.moe_hidden, cfg.d_model
+    e, f, d = cfg.moe.n_routed, cfg.moe.expert_hidden, cfg.d_model
     b, l, _ = x_BxLxD.shape
     logits_NxE = _dense(cfg, e, 'router', bias=False)(x_BxLxD).reshape(b * l, e)
     bias_E = None
-    if cfg.moe_balance == 'bias':
+    if cfg.moe.balance == 'bias':
       bias_E = self.param('expert_bias', nn.initializers.zeros, (e,), jnp.float32)
-    gate_Nxk, idx_Nxk, scores_NxE = moe_lib.route(logits_NxE, bias_E, cfg.moe_top_k, cfg.moe_gate)
+    gate_Nxk, idx_Nxk, scores_NxE = moe_lib.route(logits_NxE, bias_E, cfg.moe.top_k, cfg.moe.gate)
 
     weights = (self.param('w_gate', _init(0.02), (e, d, f), jnp.float32),
                self.param('w_up', _init(0.02), (e, d, f), jnp.float32),
                self.param('w_down', _init(_residual_std(cfg)), (e, f, d), jnp.float32))
     y_NxD, dropped = moe_lib.routed_experts(
         x_BxLxD.astype(cfg.dtype).reshape(b * l, d), gate_Nxk, idx_Nxk,
-        [w.astype(cfg.dtype) for w in weights], cfg.moe_dispatch, cfg.moe_grouped,
-        cfg.moe_capacity)
+        [w.astype(cfg.dtype) for w in weights], cfg.moe.dispatch, cfg.moe.grouped,
+        cfg.moe.capacity_factor)
     y_BxLxD = y_NxD.reshape(b, l, d)
-    if cfg.moe_shared:
+    if cfg.moe.n_shared:
       # n_shared experts of width f are one SwiGLU of width n_shared·f.
-      shared_BxLxD = MLP(dataclasses.replace(cfg, mlp='swiglu'), cfg.moe_shared * f,
+      shared_BxLxD = MLP(dataclasses.replace(cfg, mlp='swiglu'), cfg.moe.n_shared * f,
                          bias=False, name='shared')(x_BxLxD)
-      if cfg.moe_shared_gate:
+      if cfg.moe.shared_gate:
         shared_BxLxD = shared_BxLxD * nn.sigmoid(
             _dense(cfg, 1, 'shared_gate', bias=False)(x_BxLxD))
       y_BxLxD = y_BxLxD + shared_BxLxD
@@ -392,16 +319,16 @@ def count_params(params) -> int:
 def active_params(cfg: GPTConfig, params) -> int:
   """Parameters one token uses: all, less the routed experts it is not sent to."""
   n = count_params(params)
-  per_expert = 3 * cfg.d_model * cfg.moe_hidden
+  per_expert = 3 * cfg.d_model * cfg.moe.expert_hidden
   n_moe_layers = len(cfg.moe_layers())
   # The expert bias (balance='bias') is a routing offset, not a weight a token multiplies.
-  n -= n_moe_layers * cfg.moe_routed * (cfg.moe_balance == 'bias')
-  return n - n_moe_layers * (cfg.moe_routed - cfg.moe_top_k) * per_expert
+  n -= n_moe_layers * cfg.moe.n_routed * (cfg.moe.balance == 'bias')
+  return n - n_moe_layers * (cfg.moe.n_routed - cfg.moe.top_k) * per_expert
 
 
 def routed_flops_per_token(cfg: GPTConfig) -> float:
   """Training FLOPs per token in the routed experts (6 × the top-k experts' weights)."""
-  return 6.0 * len(cfg.moe_layers()) * cfg.moe_top_k * 3 * cfg.d_model * cfg.moe_hidden
+  return 6.0 * len(cfg.moe_layers()) * cfg.moe.top_k * 3 * cfg.d_model * cfg.moe.expert_hidden
 
 
 def flops_per_token(cfg: GPTConfig, params) -> float:

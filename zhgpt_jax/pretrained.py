@@ -1,7 +1,7 @@
 """Starting from a pretrained model: `init_from=hf:DIR` (or a workdir of ours).
 
 `resolve(config, explicit)` makes the run's config describe the model it starts from:
-config.model's shape fields (`SHAPE`) come from DIR's config.json, config.tokenizer.path
+config.model's shape fields (`shape_paths`) come from DIR's config.json, config.tokenizer.path
 points at DIR's tokenizer (so `prepare` cuts the shards with it, never with a freshly
 trained one), model.seq_len may stay shorter than DIR's context, and an SFT run whose
 tokenizer lacks the ChatML tokens gets room for them. Fields that only change compute
@@ -15,7 +15,6 @@ the mean row of the pretrained ones.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pickle
@@ -23,23 +22,20 @@ import pickle
 import ml_collections
 import numpy as np
 
+from zhgpt_jax import gpt_config
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.config import UserError
-from zhgpt_jax.model import RUNTIME_FIELDS, GPTConfig
+from zhgpt_jax.gpt_config import GPTConfig
 
-# GPTConfig field -> config.model key: the fields that shape a pretrained model's params.
-SHAPE = {
-    'n_layer': 'n_layer', 'n_head': 'n_head', 'n_kv_head': 'n_kv_head', 'd_model': 'd_model',
-    'vocab_size': 'vocab_size', 'mlp_hidden': 'mlp_hidden', 'position': 'position',
-    'mlp': 'mlp', 'norm': 'norm', 'norm_eps': 'norm_eps', 'bias': 'bias',
-    'qkv_bias': 'qkv_bias', 'rope_theta': 'rope_theta', 'tie_embeddings': 'tie_embeddings',
-}
-MOE_SHAPE = {
-    'moe_routed': 'moe.n_routed', 'moe_shared': 'moe.n_shared', 'moe_top_k': 'moe.top_k',
-    'moe_gate': 'moe.gate', 'moe_hidden': 'moe.expert_hidden', 'moe_every': 'moe.every',
-    'moe_shared_gate': 'moe.shared_gate', 'moe_first_dense': 'moe.first_dense',
-    'moe_balance': 'moe.balance',
-}
+# Parameter fields a run fits to itself rather than taking from DIR (`fit_params`).
+FITTED = ('seq_len', 'real_vocab_size')
+
+
+def shape_paths(cfg: GPTConfig) -> tuple[str, ...]:
+  """The config.model keys init_from=hf:DIR takes from DIR (model `cfg`): every parameter
+  field (gpt_config.param_paths) but the fitted ones and those of groups `cfg` does not use."""
+  skip = set(FITTED) | set(gpt_config.inactive_paths(cfg))
+  return tuple(p for p in gpt_config.param_paths() if p not in skip)
 
 
 def hf_dir(config) -> str | None:
@@ -55,12 +51,6 @@ def init_tokenizer_dir(config) -> str:
   if config.init_from:
     return os.path.join(config.init_from, 'tokenizer')
   return ''
-
-
-def _get(config, dotted):
-  for part in dotted.split('.'):
-    config = config[part]
-  return config
 
 
 def _set(config, dotted, value):
@@ -107,31 +97,6 @@ def hf_model_config(directory: str, what: str) -> GPTConfig:
     raise UserError(f'{what}: {path} has a field of the wrong type ({e})') from None
 
 
-def _hf_shapes(cfg: GPTConfig, arch: str) -> dict[str, tuple[int, ...]]:
-  """The shape of every tensor an HF directory of model `cfg` holds, by name (per-expert and
-  fused expert layouts both), from export's mapping, without building any array."""
-  import jax
-  from flax import traverse_util
-  from zhgpt_jax import export
-  from zhgpt_jax.model import init_params
-  ours = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(jax.eval_shape(
-      lambda: init_params(cfg, jax.random.PRNGKey(0))), sep='/').items()}
-  out = {hf: ours[us] if to is export._same else ours[us][::-1]   # the rest are transposes
-         for hf, us, to, _ in export._rows(cfg, arch)}   # pylint: disable=protected-access
-  for i in range(cfg.n_layer):
-    if arch == 'GPT2LMHeadModel':
-      width = sum(ours[f'h_{i}/attn/{x}/kernel'][1] for x in 'qkv')
-      out[f'transformer.h.{i}.attn.c_attn.weight'] = (cfg.d_model, width)
-      out[f'transformer.h.{i}.attn.c_attn.bias'] = (width,)
-    elif arch == 'Qwen2MoeForCausalLM' and cfg.is_moe_layer(i):
-      hf, m = f'model.layers.{i}.mlp.experts.', f'h_{i}/moe/'
-      e, d, f = ours[m + 'w_gate']
-      out.update({hf + 'gate_up_proj': (e, 2 * f, d), hf + 'down_proj': (e, d, f)})
-      out.update({f'{hf}{j}.{x}_proj.weight': ours[f'{m}w_{x}'][1:][::-1]
-                  for j in range(e) for x in ('gate', 'up', 'down')})
-  return out
-
-
 def _bin_shapes(path: str) -> dict[str, tuple[int, ...]]:
   """The tensor shapes of a pytorch_model.bin, memory-mapped (nothing read but the index);
   {} without torch (import_hf then says torch is needed)."""
@@ -172,8 +137,8 @@ def check_hf_dir(directory: str, what: str) -> GPTConfig:
                     f'{" ".join(str(e).split())[:200]}); is the download complete?') from None
   if not got:
     return cfg
-  got = export._with_prefix(got, arch)   # pylint: disable=protected-access
-  want = _hf_shapes(cfg, arch)
+  got = export.with_prefix(got, arch)
+  want = export.hf_shapes(cfg, arch)
   implied = (f'{os.path.join(directory, "config.json")} implies {{}} (d_model={cfg.d_model}, '
              f'n_layer={cfg.n_layer}, vocab_size={cfg.vocab_size}): the weights and their '
              'config.json disagree')
@@ -181,8 +146,7 @@ def check_hf_dir(directory: str, what: str) -> GPTConfig:
     if name in want and shape != want[name]:
       raise UserError(f'{what}: tensor {name} has shape {list(shape)}, but '
                       + implied.format(list(want[name])))
-  rows = export._rows(cfg, arch)   # pylint: disable=protected-access
-  missing = [hf for hf, *_ in rows if hf not in got]
+  missing = [hf for hf in export.row_names(cfg, arch) if hf not in got]
   if missing:
     raise UserError(f'{what}: the weights lack tensor {missing[0]}, but ' + implied.format(
         f'it ({len(missing)} tensors missing)'))
@@ -210,8 +174,7 @@ def pretrained_shape(directory: str, task: str = 'pretrain') -> tuple[GPTConfig,
   The vocab_size value leaves room for the ChatML tokens when an SFT run will add them.
   """
   cfg = check_hf_dir(directory, f'init_from=hf:{directory}')
-  fields = dict(SHAPE, **(MOE_SHAPE if cfg.mlp == 'moe' else {}))
-  shape = {key: getattr(cfg, name) for name, key in fields.items()}
+  shape = {key: gpt_config.get(cfg, key) for key in shape_paths(cfg)}
   tok = tok_lib.load_tokenizer(directory)
   if tok.get_vocab_size() > cfg.vocab_size:
     raise UserError(f'init_from=hf:{directory}: its tokenizer has {tok.get_vocab_size()} tokens '
@@ -240,11 +203,11 @@ def resolve(config, explicit=()) -> ml_collections.ConfigDict:
   _, shape, context = pretrained_shape(directory, c.task)
   for key, value in shape.items():
     key = f'model.{key}'
-    current = _get(c, key)
+    current = gpt_config.get(c, key)
     if key == 'model.n_kv_head' and current == 0:
-      current = _get(c, 'model.n_head')   # 0 means n_head
+      current = gpt_config.get(c, 'model.n_head')   # 0 means n_head
     if key in explicit and current != value:
-      raise UserError(f'--config.{key}={_get(c, key)!r} contradicts {what}, whose '
+      raise UserError(f'--config.{key}={gpt_config.get(c, key)!r} contradicts {what}, whose '
                       f'config.json gives {key[6:]}={value!r}; drop the override (the '
                       'shape comes from the pretrained model)')
     _set(c, key, value)
@@ -263,7 +226,7 @@ def _check_derived(resolved, config, explicit, what: str) -> None:
   from zhgpt_jax.model import model_config
   vocab = tok_lib.load_tokenizer(resolved.tokenizer.path).get_vocab_size()
   have = model_config(resolved.model, vocab)
-  for key, field in (('mlp_ratio', 'mlp_hidden'), ('vocab_multiple', 'vocab_size')):
+  for key, field in gpt_config.DERIVES.items():
     if f'model.{key}' in explicit:
       m = resolved.model.copy_and_resolve_references()
       m[key], m[field] = config.model[key], 0
@@ -330,16 +293,13 @@ def fit_params(params: dict, src: GPTConfig, cfg: GPTConfig, src_tokens: int) ->
 
 
 def compatible(src: GPTConfig, cfg: GPTConfig) -> list[str]:
-  """The fields in which pretrained model `src` differs from the run's `cfg` beyond what
-  `fit_params` absorbs and what only changes compute."""
-  absorbed = {f: getattr(cfg, f) for f in RUNTIME_FIELDS}   # compute only, not parameters
-  absorbed['real_vocab_size'] = cfg.real_vocab_size
+  """The parameter fields in which pretrained model `src` differs from the run's `cfg` beyond
+  what `fit_params` absorbs (and the fields of groups a dense `src` does not use)."""
+  absorbed = {'real_vocab_size', *gpt_config.inactive_paths(src)}
   if cfg.seq_len <= src.seq_len:
-    absorbed['seq_len'] = cfg.seq_len
+    absorbed.add('seq_len')
   if cfg.vocab_size >= src.vocab_size:
-    absorbed['vocab_size'] = cfg.vocab_size
-  if src.mlp != 'moe':   # the MoE fields shape nothing in a dense model
-    absorbed.update({f: getattr(cfg, f) for f in MOE_SHAPE})
-  src = dataclasses.replace(src, **absorbed)
-  return [f'{f.name}: {getattr(src, f.name)!r} vs {getattr(cfg, f.name)!r}'
-          for f in dataclasses.fields(src) if getattr(src, f.name) != getattr(cfg, f.name)]
+    absorbed.add('vocab_size')
+  get = gpt_config.get
+  return [f'{p}: {get(src, p)!r} vs {get(cfg, p)!r}' for p in gpt_config.param_paths()
+          if p not in absorbed and get(src, p) != get(cfg, p)]

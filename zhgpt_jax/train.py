@@ -48,7 +48,7 @@ def make_train_step(config, cfg: model_lib.GPTConfig, strategy: parallel.Strateg
   model = model_lib.GPT(cfg)
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
   lr_schedule = optim.schedule(config.optim, config.train.steps)
-  moe_cfg, loss_chunk = config.model.moe, config.train.loss_chunk
+  loss_chunk = config.train.loss_chunk
 
   def step(state, batch):
     rng = jax.random.fold_in(jax.random.fold_in(state['rng'], state['step']),
@@ -58,7 +58,7 @@ def make_train_step(config, cfg: model_lib.GPTConfig, strategy: parallel.Strateg
 
     def micro(grads, xs):
       i, mb = xs
-      g, m = grad_fn(state['params'], model, mb, jax.random.fold_in(rng, i), True, moe_cfg,
+      g, m = grad_fn(state['params'], model, mb, jax.random.fold_in(rng, i), True,
                      loss_chunk)
       return jax.tree.map(jnp.add, grads, g), m
 
@@ -70,9 +70,9 @@ def make_train_step(config, cfg: model_lib.GPTConfig, strategy: parallel.Strateg
     ok = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    if model.cfg.moe_balance == 'bias' and 'moe_load' in metrics:
-      params = moe_lib.balance_params(params, model.cfg.moe_layers(), metrics['moe_load'],
-                                      moe_cfg.bias_rate)
+    if cfg.moe.balance == 'bias' and 'moe_load' in metrics:
+      params = moe_lib.balance_params(params, cfg.moe_layers(), metrics['moe_load'],
+                                      cfg.moe.bias_rate)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     metrics.update(grad_norm=grad_norm, lr=lr_schedule(state['step']), skipped=1.0 - ok)
     new_state = dict(step=state['step'] + 1, rng=state['rng'],
