@@ -155,7 +155,7 @@ def test_every_readme_command_is_exercised():
     (['--config', 'configs/tiny.py', '--config.model.dropout=1.5'],
      'config.model.dropout=1.5: must be in [0, 1)'),
     (['--config', 'configs/tiny.py', '--config.model.mlp=relu'],
-     "config.model.mlp='relu': must be one of gelu, swiglu, moe"),
+     "config.model.mlp='relu': must be one of gelu, relu2, swiglu, moe"),
     (['--config', 'configs/tiny.py', '--config.optim.name=sgd'],
      "config.optim.name='sgd': must be one of adamw, muon"),
     (['prepare', '--config', 'configs/tiny.py', '--config.data.corpus=/no/such/file.jsonl'],
