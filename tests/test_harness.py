@@ -261,3 +261,17 @@ def test_the_sentiment_tasks_are_the_builtin_heldout_reviews():
   assert doc['chat'].startswith('<|im_start|>user\n') and doc['review'] in doc['chat']
   assert doc['chat'].endswith('<|im_end|>\n<|im_start|>assistant\n')
   assert not {d['review'] for d in data['dev']} & {d['review'] for d in data['eval']}
+
+
+def test_moe_rows_score_the_same_alone_and_batched():
+  """score.exact: capacity blocks that never drop, so a batch's padding rows and other rows
+  cannot push a row's tokens out of their experts."""
+  from helpers import tiny_cfg
+  cfg = tiny_cfg(mlp='moe')
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  rows = [list(range(1, 40)), [7, 8], [3] * 20]
+  batched = score.score_rows(cfg, params, rows, top_n=2)
+  for row, s in zip(rows, batched):
+    alone = score.score_rows(cfg, params, [row], top_n=2)[0]
+    np.testing.assert_allclose(s.logprobs[1:], alone.logprobs[1:], atol=1e-6)
+    np.testing.assert_array_equal(s.top_ids, alone.top_ids)

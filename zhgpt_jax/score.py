@@ -35,7 +35,7 @@ def exact(cfg: model_lib.GPTConfig) -> model_lib.GPTConfig:
   """`cfg` for scoring: MoE capacity blocks that never drop a token (the padding rows of a
   batch must not change a real row's experts)."""
   if cfg.mlp == 'moe':
-    return dataclasses.replace(cfg, moe_capacity=0.0)
+    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, capacity_factor=0.0))
   return cfg
 
 
