@@ -6,11 +6,11 @@ The same model code as GPT-2 with its switches flipped; exports as LlamaForCausa
 rest (BENCHMARKS.md "Recipes"), bfloat16, cuDNN attention.
 """
 
-from configs import base, tiny
+from zhgpt_jax.config import load_preset
 
 
 def get_config(size='small'):
-  c = tiny.get_config() if size == 'tiny' else base.get_config(size)
+  c = load_preset('tiny') if size == 'tiny' else load_preset('base', size)
   c.model.update(position='rope', rope_theta=10000.0, mlp='swiglu', norm='rmsnorm',
                  norm_eps=1e-6, bias=False, tie_embeddings=False)
   return c

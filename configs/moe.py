@@ -14,11 +14,11 @@ about what tiny's dense step does (bench/moe.py). The bias has no Qwen2-MoE coun
 this model does not export; `--config.model.moe.balance=aux` trains with the balance loss.
 """
 
-from configs import modern
+from zhgpt_jax.config import load_preset
 
 
 def get_config(variant='small'):
-  c = modern.get_config('tiny')
+  c = load_preset('modern', 'tiny')
   c.model.mlp = 'moe'
   if variant == 'deepseek':
     c.model.moe.update(n_routed=64, n_shared=2, top_k=6, expert_hidden=64, first_dense=1,

@@ -7,11 +7,11 @@ Chat with the result: `python main.py chat --workdir runs/sft`. Your own chat da
 --config.sft.data=PATH.
 """
 
-from configs import tiny
+from zhgpt_jax.config import load_preset
 
 
 def get_config():
-  c = tiny.get_config()
+  c = load_preset('tiny')
   c.task = 'sft'
   c.init_from = 'runs/tiny'
   c.sft.eval_examples = 0        # all 1,000 held-out reviews: a few seconds of greedy decoding

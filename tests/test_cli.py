@@ -34,11 +34,19 @@ MULTIHOST = 'test_multihost.py; test_cli.py::test_user_mistakes_are_one_line_exi
 # cannot run here (a GPU, real hosts, hours of training), the test runs it as far as it can.
 README_COMMANDS = {
     # train (the main job): configs/tiny.py from the command line, on the tiny corpus
-    'pip install -r requirements.txt && python main.py --config configs/tiny.py':
+    'pip install -e . && python main.py --config configs/tiny.py':
         'test_cli.py::test_train_with_readme_overrides',
     'python main.py --config configs/tiny.py': 'test_cli.py::test_train_with_readme_overrides',
     # .ci/run is this command
-    'pip install -r requirements-dev.txt && python -m pytest -q tests': '.ci/run',
+    'pip install -e . -r requirements-dev.txt && python -m pytest -q tests': '.ci/run',
+    # the package in a fresh venv, its `zhgpt` command from another directory (up to validation)
+    'pip install . && cd /tmp && zhgpt --config configs/tiny.py --config.train.steps=20 '
+    '--config.optim.warmup_steps=5': 'test_package.py::test_pip_install_then_zhgpt_from_another_directory',
+    # GGUF for llama.cpp and Ollama (no ollama here: the Modelfile is checked)
+    'python main.py export --workdir runs/tiny --out runs/tiny.gguf --format gguf --gguf_type q8_0':
+        'test_train.py::test_cli_eval_sample_and_export',
+    'ollama create zhgpt-tiny -f runs/tiny.Modelfile': 'test_gguf_export.py::test_modelfile_for_ollama',
+    'ollama run zhgpt-tiny 村民们都很高兴': 'test_gguf_export.py::test_modelfile_for_ollama',
     'python main.py --config configs/tiny.py --config.train.steps=500 --config.optim.lr=1e-3':
         'test_cli.py::test_train_with_readme_overrides',
     'python main.py --config configs/tiny.py --workdir runs/exp1 --config.model.position=rope '

@@ -141,6 +141,9 @@ def test_gpt2_import_round_trip_is_exact(gpt2):
   cfg2, params2 = E.import_hf(out)
   assert cfg2 == cfg
   assert_params_equal(params2, params)
+  with open(os.path.join(out, 'config.json')) as f:   # llama.cpp's converter reads n_ctx
+    c = json.load(f)
+  assert c['n_ctx'] == c['n_positions'] == cfg.seq_len
 
 
 def test_tokenizer_and_special_ids_exported(gpt2, tok_dir):

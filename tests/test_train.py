@@ -273,6 +273,21 @@ def test_cli_eval_sample_and_export(reference, tmp_path):
   proc = run_cli(['export', '--workdir', workdir, '--out', hf_dir])
   out = proc.communicate(timeout=300)[0]
   assert proc.returncode == 2 and 'overwrite' in out, out[-2000:]
+  # GGUF (the README's command): a q8_0 file and its Ollama Modelfile; read back by gguf.
+  gguf_path = str(tmp_path / 'tiny.gguf')
+  proc = run_cli(['export', '--workdir', workdir, '--out', gguf_path, '--format', 'gguf',
+                  '--gguf_type', 'q8_0'])
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0 and 'gguf: gpt2, q8_0' in out, out[-2000:]
+  import gguf
+  fields = gguf.GGUFReader(gguf_path).fields
+  assert fields['general.architecture'].contents() == 'gpt2'
+  assert fields['general.file_type'].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+  with open(str(tmp_path / 'tiny.Modelfile'), encoding='utf-8') as f:
+    assert f.readline() == 'FROM ./tiny.gguf\n'
+  proc = run_cli(['export', '--workdir', workdir, '--out', gguf_path])
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 2 and 'pass --format gguf' in out, out[-2000:]
   empty = str(tmp_path / 'empty')
   os.makedirs(empty)
   proc = run_cli(['export', '--config', os.path.join(ROOT, 'configs', 'tiny.py'), '--workdir',

@@ -388,3 +388,27 @@ def _merge(config: ml_collections.ConfigDict, saved: dict, prefix: str) -> None:
     else:
       with config.unlocked():
         config[key] = value
+
+
+def configs_dir() -> str:
+  """The directory of the config files (tiny.py, ...): zhgpt_jax/configs in an installed
+  package (pyproject.toml puts the repository's configs/ there), else the checkout's configs/
+  beside zhgpt_jax/ (a checkout, or `pip install -e .`)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  for d in (os.path.join(here, 'configs'), os.path.join(os.path.dirname(here), 'configs')):
+    if os.path.isfile(os.path.join(d, 'tiny.py')):
+      return d
+  raise UserError(f'no configs/ directory beside {here}: reinstall zhgpt-jax')
+
+
+def load_preset(name: str, *args) -> ml_collections.ConfigDict:
+  """`get_config(*args)` of the config file `name`.py in `configs_dir()`: how one config file
+  builds on another (configs/modern.py starts from tiny), from any working directory."""
+  import importlib.util
+  path = os.path.join(configs_dir(), f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'zhgpt_configs_{name}', path)
+  if spec is None or not os.path.isfile(path):
+    raise UserError(f'no config {name!r}: {path} does not exist')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)

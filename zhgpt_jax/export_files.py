@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 
+from zhgpt_jax import __version__
 from zhgpt_jax import tokenizer as tokenizer_lib
 from zhgpt_jax.config import UserError
 from zhgpt_jax.model import GPTConfig
@@ -66,20 +67,27 @@ def _read(path: str) -> str | None:
     return None
 
 
+def chat_template(tokenizer_dir: str) -> str | None:
+  """The chat template of a tokenizer directory (chat_template.jinja, else tokenizer_config.json's),
+  or ours when the tokenizer has the ChatML tokens and no template of its own; None otherwise."""
+  config = json.loads(_read(os.path.join(tokenizer_dir, 'tokenizer_config.json')) or '{}')
+  template = _read(os.path.join(tokenizer_dir, 'chat_template.jinja')) or config.get('chat_template')
+  if template is None and tokenizer_lib.has_chatml(tokenizer_lib.load_tokenizer(tokenizer_dir)):
+    template = tokenizer_lib.CHAT_TEMPLATE
+  return template
+
+
 def copy_tokenizer_files(tokenizer_dir: str, out_dir: str) -> None:
   """The tokenizer files, with the chat template in tokenizer_config.json and in
-  chat_template.jinja (transformers 4 reads the one, 5 the other). A tokenizer with the
-  ChatML tokens and no template of its own gets ours."""
+  chat_template.jinja (transformers 4 reads the one, 5 the other)."""
   for name in tokenizer_lib.TOKENIZER_FILES:
     if os.path.isfile(os.path.join(tokenizer_dir, name)):
       shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
-  config_path = os.path.join(out_dir, 'tokenizer_config.json')
-  config = json.loads(_read(config_path) or '{}')
-  template = _read(os.path.join(out_dir, 'chat_template.jinja')) or config.get('chat_template')
-  if template is None and tokenizer_lib.has_chatml(tokenizer_lib.load_tokenizer(tokenizer_dir)):
-    template = tokenizer_lib.CHAT_TEMPLATE
+  template = chat_template(tokenizer_dir)
   if template is None:
     return
+  config_path = os.path.join(out_dir, 'tokenizer_config.json')
+  config = json.loads(_read(config_path) or '{}')
   config['chat_template'] = template
   with open(config_path, 'w', encoding='utf-8') as f:
     json.dump(config, f, ensure_ascii=False, indent=2)
@@ -87,7 +95,8 @@ def copy_tokenizer_files(tokenizer_dir: str, out_dir: str) -> None:
     f.write(template)
 
 
-def _shape(cfg: GPTConfig) -> str:
+def shape_text(cfg: GPTConfig) -> str:
+  """The model's shape in one line (layers, widths, heads, MLP, norm, positions, ...)."""
   parts = [f'{cfg.n_layer} layers', f'd_model {cfg.d_model}',
            f'{cfg.n_head} heads' + (f' ({cfg.n_kv_head} key/value)' if cfg.n_kv_head != cfg.n_head
                                     else ''),
@@ -104,8 +113,8 @@ def model_card(cfg: GPTConfig, arch: str, n_params: int, tokenizer_dir: str | No
   """README.md of an export. `run` (from export_workdir): config, step, val metrics."""
   lines = ['---', 'library_name: transformers', 'pipeline_tag: text-generation',
            'tags: [zhgpt-jax]', '---', '', '# zhgpt-jax export', '',
-           f'A `{arch}` exported by zhgpt-jax: {n_params:,} parameters, float32.', '',
-           f'- Architecture: {_shape(cfg)}.']
+           f'A `{arch}` exported by zhgpt-jax {__version__}: {n_params:,} parameters, float32.', '',
+           f'- Architecture: {shape_text(cfg)}.']
   if tokenizer_dir is not None:
     tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
     s = tokenizer_lib.special_ids(tok)

@@ -113,7 +113,8 @@ def _t(w):
 
 def _gpt2_config(cfg: GPTConfig) -> dict:
   return dict(model_type='gpt2', n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
-              n_inner=cfg.mlp_hidden, n_positions=cfg.seq_len, activation_function='gelu_new',
+              n_inner=cfg.mlp_hidden, n_positions=cfg.seq_len, n_ctx=cfg.seq_len,
+              activation_function='gelu_new',
               layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
               attn_pdrop=0.0, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
               reorder_and_upcast_attn=False)
