@@ -64,8 +64,11 @@ def worker(job_path: str) -> None:
     job = json.load(f)
   out = {}
   for path in job['files']:
+    # float32 KV cache (llama.cpp's default is float16) and no flash attention: the reference
+    # computation, so the f32 row measures the export, not llama.cpp's speed settings
     llm = llama_cpp.Llama(model_path=path, n_ctx=job['n_ctx'], logits_all=True, n_threads=2,
-                          n_batch=job['n_ctx'], verbose=False)
+                          n_batch=job['n_ctx'], type_k=0, type_v=0, flash_attn=False,
+                          verbose=False)
     toks = [llm.tokenize(s.encode('utf-8'), add_bos=False, special=True) for s in job['strings']]
     greedy, logits = [], []
     for prompt, ours in zip(job['prompts'], job['continuations']):
