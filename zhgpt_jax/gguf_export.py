@@ -36,7 +36,7 @@ from zhgpt_jax import __version__
 from zhgpt_jax import export_files
 from zhgpt_jax import tokenizer as tokenizer_lib
 from zhgpt_jax.config import UserError
-from zhgpt_jax.model import GPTConfig
+from zhgpt_jax.gpt_config import GPTConfig
 
 TYPES = ('f32', 'f16', 'bf16', 'q8_0')
 
