@@ -187,6 +187,18 @@ def test_user_mistakes_are_one_line_exit_2(args, message):
   assert 'Traceback' not in out.stdout + out.stderr
 
 
+def test_a_typo_in_a_config_file_names_the_key(tmp_path):
+  """default_config() is locked: a key the file sets that does not exist is an error."""
+  path = tmp_path / 'typo.py'
+  path.write_text('from configs.tiny import get_config as tiny\n\n\ndef get_config():\n'
+                  '  c = tiny()\n  c.train.stepz = 5\n  return c\n')
+  out = run('prepare', '--config', str(path), '--workdir', str(tmp_path / 'run'))
+  assert (out.returncode, out.stderr) == (2, f"main.py: error: --config {path}: line 6: unknown "
+                                          'config key \'stepz\' (Did you mean "steps" instead '
+                                          'of "stepz"?)\n')
+  assert not os.path.exists(tmp_path / 'run')
+
+
 @pytest.mark.parametrize('config', ['configs/tiny.py', 'configs/base.py', 'configs/base.py:medium',
                                     'configs/base.py:xl', 'configs/modern.py',
                                     'configs/modern.py:tiny', 'configs/moe.py',

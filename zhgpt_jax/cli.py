@@ -17,6 +17,7 @@ Any other exception is a bug in zhgpt-jax or a library and keeps its traceback (
 """
 
 import os
+import re
 import sys
 import traceback
 
@@ -90,6 +91,12 @@ def _raised_in(e: BaseException, config_path: str | None) -> str | None:
       lines, err = [err.lineno], SyntaxError(err.msg)
     if lines:
       text = ' '.join(str(err).split())
+      locked = re.search(r'Key "(\w+)" does not exist and cannot be added since the config is '
+                         r'locked', text)
+      if locked:   # a typo in the config file: default_config() is locked
+        hint = re.search(r'Did you mean "\w+" instead of "\w+"\?', text)
+        return (f'--config {config_path}: line {lines[-1]}: unknown config key '
+                f'{locked[1]!r}' + (f' ({hint[0]})' if hint else ''))
       if type(err).__name__ == 'UserError':   # worded for the user already (zhgpt_jax's own)
         return f'--config {config_path}: {text}'
       return (f'--config {config_path}: line {lines[-1]}: {type(err).__name__}'
@@ -204,7 +211,8 @@ def dispatch(command, config, workdir, explicit=()):
     if command in ('train', 'prepare'):
       from zhgpt_jax import pretrained   # init_from's model shape and tokenizer
       config = pretrained.resolve(config, explicit)
-    validate(config)
+    if command != 'train':   # train.build validates the config it runs (once, before any work)
+      validate(config)
   except (KeyError, AttributeError, TypeError) as e:  # a config file without the usual fields
     raise UserError(f'the config lacks a field or has one of the wrong type ({e}); start it '
                     'from zhgpt_jax.config.default_config()') from None

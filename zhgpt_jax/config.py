@@ -207,6 +207,9 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
       long_policy='truncate',    # 'truncate' (at a turn boundary) | 'drop'
       eval_examples=200,         # held-out examples scored at each eval (0 = all)
   ))
+  # Locked: a config file or an override that names a key not here (a typo) is an error
+  # naming the key, never a new key nothing reads.
+  c.lock()
   return c
 
 
@@ -366,8 +369,7 @@ def load_config_json(path: str) -> ml_collections.ConfigDict:
                     'a new --workdir') from None
   if not isinstance(saved, dict) or not isinstance(saved.get('model'), dict):
     raise UserError(f'{path} is not a zhgpt-jax config (no "model" section)')
-  config = default_config(saved['model'].get('preset', 'small')
-                          if saved['model'].get('preset') in PRESETS else 'small')
+  config = default_config()
   try:
     _merge(config, saved, '')
   except (TypeError, ValueError) as e:

@@ -34,7 +34,7 @@ from tokenizers import Tokenizer
 
 from zhgpt_jax import corpus, encode, scan, sources
 from zhgpt_jax import tokenizer as tokenizer_lib
-from zhgpt_jax.config import UserError, check_paths, disk_errors, validate
+from zhgpt_jax.config import UserError, check_paths, disk_errors
 
 CODE_VERSION = 4   # bump when a change to corpus/tokenizer/shards changes what is written
 SPLITS = ('train', 'val')
@@ -365,10 +365,10 @@ def _prepare(config, root: str, progress: bool):
 def prepare(config, workdir: str, progress: bool = True) -> PrepareSummary:
   """Builds (or reuses) the tokenizer and the train/val shards for `config`.
 
-  Returns a PrepareSummary (also printed). Raises UserError for a bad corpus or tokenizer path.
+  `config` is validated by the caller (main.py, train.build). Returns a PrepareSummary (also
+  printed). Raises UserError for a bad corpus or tokenizer path.
   """
   t0 = time.time()
-  validate(config)
   check_paths(config, workdir, training=False)
   root = data_dir(config, workdir)
   with disk_errors('prepare', f'prepare stopped. What was finished in {root} is kept and '
