@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,26 +26,11 @@ import numpy as np  # pylint: disable=wrong-import-position
 import torch  # pylint: disable=wrong-import-position
 import transformers  # pylint: disable=wrong-import-position
 
+import timing  # pylint: disable=import-error,wrong-import-position  (bench/ is on sys.path)
 from zhgpt_jax import export  # pylint: disable=wrong-import-position
 from zhgpt_jax import model as model_lib  # pylint: disable=wrong-import-position
 from zhgpt_jax import sample  # pylint: disable=wrong-import-position
 from zhgpt_jax.config import default_config  # pylint: disable=wrong-import-position
-
-
-def _best_seconds(fns, repeats: int) -> list[float]:
-  """Best wall time of each of `fns` over `repeats` rounds, after one untimed warm-up each.
-
-  The rounds interleave the functions so that on a shared machine both see the same load.
-  """
-  for fn in fns:
-    fn()   # warm-up: compilation and first-touch allocations stay out of the timing
-  best = [float('inf')] * len(fns)
-  for _ in range(repeats):
-    for i, fn in enumerate(fns):
-      t0 = time.perf_counter()
-      fn()
-      best[i] = min(best[i], time.perf_counter() - t0)
-  return best
 
 
 def main() -> None:
@@ -95,7 +79,7 @@ def main() -> None:
         out['hf'] = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
                                 eos_token_id=None, use_cache=True)
 
-    t_ours, t_hf = _best_seconds([ours, theirs], args.repeats)
+    t_ours, t_hf = map(min, timing.interleaved([ours, theirs], args.repeats))
     new_hf = out['hf'][:, args.prompt_len:].tolist()
     same = np.mean([a[-n:] == h for a, h in zip(out['ours'], new_hf)])
     rows.append((b, b * n / t_ours, b * n / t_hf, same))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,6 +32,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
+import timing  # pylint: disable=import-error,wrong-import-position  (bench/ is on sys.path)
 from zhgpt_jax import model as model_lib  # pylint: disable=wrong-import-position
 from zhgpt_jax import moe, parallel, train  # pylint: disable=wrong-import-position
 from zhgpt_jax.config import validate  # pylint: disable=wrong-import-position
@@ -47,15 +47,11 @@ _WIDTH = flags.DEFINE_integer('width', 256, 'd_model and expert width of the gro
 
 
 def _median_ms(fn, args, rounds: int, calls: int = 2) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
+  def run():
     for _ in range(calls):
       out = fn(*args)
     jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / calls)
-  return 1e3 * statistics.median(times)
+  return 1e3 * statistics.median(timing.interleaved([run], rounds)[0]) / calls
 
 
 def grouped_matmuls(experts: list[int], rows: int, width: int, rounds: int) -> None:
@@ -102,11 +98,11 @@ def train_steps(config, experts: list[int], steps: int, rounds: int) -> None:
       strategy = parallel.make(c.get('parallel'))
       optimizer, step_fn = train.make_train_step(c, cfg, strategy)
       state = strategy.put_state(train.new_state(optimizer, params, config.seed))
-      t0 = time.perf_counter()
-      state, metrics = step_fn(state, batch)
-      jax.block_until_ready(metrics)
+      with timing.Timer() as compile_t:
+        state, metrics = step_fn(state, batch)
+        jax.block_until_ready(metrics)
       runs[e, dispatch] = dict(step=step_fn, state=state, times=[], params=params, cfg=cfg,
-                               compile_s=time.perf_counter() - t0)
+                               compile_s=compile_t.seconds)
   print(f'\n2. Train steps: {base.n_layer} layers, d_model {base.d_model}, '
         f'{len(base.moe_layers())} MoE layers, top-2, expert width {hidden}, '
         f'{base.moe.n_shared} shared; {tokens_per_step:,} tokens/step; optimizer '
@@ -115,11 +111,11 @@ def train_steps(config, experts: list[int], steps: int, rounds: int) -> None:
         f'{steps} steps x {rounds} rounds, median\n')
   for _ in range(rounds):
     for run in runs.values():
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        run['state'], metrics = run['step'](run['state'], batch)
-      jax.block_until_ready(run['state'])
-      run['times'].append((time.perf_counter() - t0) / steps)
+      with timing.Timer() as t:
+        for _ in range(steps):
+          run['state'], metrics = run['step'](run['state'], batch)
+        jax.block_until_ready(run['state'])
+      run['times'].append(t.seconds / steps)
       run['dropped'] = float(np.asarray(metrics['moe_dropped'])[0])
   print('| routed experts | params | active | sparse ms/step | x sparse@first | dropped | '
         'dense ms/step | x dense@first | dense / sparse |')

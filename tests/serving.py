@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import urllib.request
 import jax
 import numpy as np
 
+from helpers import free_port
 from zhgpt_jax import checkpoint
 from zhgpt_jax import model as model_lib
 from zhgpt_jax import tokenizer as tok_lib
@@ -48,12 +48,6 @@ def random_workdir(config, tokenizer_dir: str, workdir: str, seq_len: int = 128,
   finally:
     ckpt.close()
   return workdir
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def get(url: str, key: str | None = None, timeout: float = 5) -> tuple[int, bytes]:

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end: runs, servers, kill trials (minutes); CI runs them
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

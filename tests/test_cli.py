@@ -241,6 +241,7 @@ def records(workdir: str, split: str) -> list[dict]:
           if r['split'] == split]
 
 
+@pytest.mark.slow
 def test_train_with_readme_overrides(tiny_run):
   workdir, stdout = tiny_run
   with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
@@ -256,6 +257,7 @@ def test_train_with_readme_overrides(tiny_run):
   assert 'wpe' not in params and 'gate' in params['h_0']['mlp']        # rope, swiglu
 
 
+@pytest.mark.slow
 def test_eval_at_a_step(tiny_run, xla_cache):
   workdir, _ = tiny_run
   out = run('eval', '--workdir', workdir, '--step', '4', env=xla_cache)
@@ -275,6 +277,7 @@ def test_eval_at_a_step(tiny_run, xla_cache):
   assert abs(loss - logged[TINY_STEPS]) > 1e-3
 
 
+@pytest.mark.slow
 def test_sample_prompt_file_with_overrides(tiny_run, xla_cache, tmp_path):
   workdir, _ = tiny_run
   prompt_file = tmp_path / 'prompts.txt'
@@ -314,6 +317,7 @@ def sft_run(tiny_run, xla_cache, tmp_path_factory):
   return workdir, out.stdout
 
 
+@pytest.mark.slow
 def test_sft_config_fine_tunes_a_run(sft_run, tiny_run):
   workdir, stdout = sft_run
   with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
@@ -330,6 +334,7 @@ def test_sft_config_fine_tunes_a_run(sft_run, tiny_run):
   assert 0 < max(jax.tree.leaves(moved)) < 0.01, moved
 
 
+@pytest.mark.slow
 def test_chat_over_stdin(sft_run, xla_cache):
   workdir, _ = sft_run
   out = run('chat', '--workdir', workdir, '--config.sample.temperature=0', env=xla_cache,
@@ -346,6 +351,7 @@ def test_chat_over_stdin(sft_run, xla_cache):
   assert reset == '(history cleared)\n' and again == first and exit_ == ''
 
 
+@pytest.mark.slow
 def test_prepare_base_config_with_a_corpus_list(tmp_path):
   """configs/base.py (GPT-2 small, cuDNN attention) validated, its corpus read and prepared."""
   news = [f'第{i}条新闻：人民群众生活水平不断提高，各地经济稳步发展。' for i in range(60)]

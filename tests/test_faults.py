@@ -36,6 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import main  # pylint: disable=wrong-import-position
 
+pytestmark = pytest.mark.slow  # end-to-end: runs, servers, kill trials (minutes); CI runs them
+
 STEPS = 8
 FLAGS = flags.FLAGS
 

@@ -24,8 +24,11 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import devices_env, free_port
 from zhgpt_jax import checkpoint, export, metrics, model as M, parallel, sample, train
 from zhgpt_jax.config import UserError, default_config, validate
+
+pytestmark = pytest.mark.multiprocess  # subprocesses on simulated devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, SAVED = 8, 3    # the runs below: 8 steps, resumed from the checkpoint at step 3
@@ -189,9 +192,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_fsdp_matches_one_device_and_splits_the_state():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', SCRIPT], env=env, capture_output=True, text=True,
+  out = subprocess.run([sys.executable, '-c', SCRIPT], env=devices_env(8), capture_output=True, text=True,
                        timeout=600)
   print(out.stdout)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -216,10 +217,8 @@ def launch(tiny_data, shared, workdir, devices, overrides, dist=None):
   for i, extra in enumerate(dist or [[]]):
     args = ['--config', os.path.join(ROOT, 'configs', 'tiny.py'), '--workdir', workdir,
             *[f'--config.{k}={v}' for k, v in flat.items()], *extra]
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-               JAX_COMPILATION_CACHE_DIR=str(shared / 'xla_cache'),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+    env = devices_env(devices, JAX_COMPILATION_CACHE_DIR=str(shared / 'xla_cache'),
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
     log = open(f'{workdir}-{i}.log', 'w')
     yield subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *args], env=env,
                            stdout=log, stderr=subprocess.STDOUT)
@@ -253,7 +252,7 @@ def resumable_copy(src, dst):
 def runs(tiny_data, tmp_path_factory):
   shared = tmp_path_factory.mktemp('fsdp')
   ref, mh = str(shared / 'fsdp8'), str(shared / 'mh')
-  port = _free_port()
+  port = free_port()
   dist = [[f'--config.dist.coordinator=127.0.0.1:{port}', '--config.dist.num_processes=2',
            f'--config.dist.process_id={i}'] for i in range(2)]
   # The uninterrupted fsdp=8 run (with eval-time samples) and the 2 x 4 run, side by side.
@@ -270,13 +269,6 @@ def runs(tiny_data, tmp_path_factory):
     procs[name] = list(launch(tiny_data, shared, resumed[name], devices, overrides))
   out['resumed_logs'] = {n: wait(p, resumed[n]) for n, p in procs.items()}
   return dict(out, ref=ref, mh=mh, resumed=resumed)
-
-
-def _free_port() -> int:
-  import socket
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def losses(workdir):

@@ -28,6 +28,8 @@ from zhgpt_jax import checkpoint, eval_tasks, export, harness, score, shards
 from zhgpt_jax import model as model_lib
 from zhgpt_jax.config import UserError
 
+pytestmark = pytest.mark.slow  # end-to-end: runs, servers, kill trials (minutes); CI runs them
+
 WORDS = ('经济', '发展', '人民', '生活', '城市', '学生', '中国', '今天', '我们', '新的', '工作', '问题')
 TASKS = 'zh_mc,zt_gen,zt_ppl'
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import tiny_cfg
+from helpers import devices_env, tiny_cfg
 
 from zhgpt_jax import checkpoint as ckpt_lib
 from zhgpt_jax import model as M
@@ -199,16 +199,15 @@ EP_SCRIPT = textwrap.dedent(r'''
 ''')
 
 
+@pytest.mark.multiprocess
 def test_expert_parallel_training_equals_one_device():
   """The train step under parallel.strategy=fsdp with data=2 x expert=4 (8 simulated devices),
   a bias-balanced sigmoid MoE under Muon: 3 steps, resumed from a checkpoint of step 2, give
   the 1-device losses, params and expert bias; each device holds 2 of the 8 experts of every
   expert stack (params and momentum); the MoE layer exchanges rows by all-to-all."""
   # Backend optimisations off (both runs alike): the compiles take a third less time.
-  flags = ('--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 '
-           '--xla_llvm_disable_expensive_passes=true')
-  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, 'tests')]))
+  env = devices_env(8, '--xla_backend_optimization_level=0 '
+                    '--xla_llvm_disable_expensive_passes=true')
   out = subprocess.run([sys.executable, '-c', EP_SCRIPT], env=env, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0 and 'OK' in out.stdout, out.stdout + out.stderr[-3000:]

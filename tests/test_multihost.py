@@ -16,7 +16,6 @@ core of a 2-core machine through the whole scenario; if the 2 × 2 run went furt
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,8 +23,11 @@ import time
 
 import pytest
 
+from helpers import devices_env, free_port
 from zhgpt_jax import corpus, metrics
 from zhgpt_jax.config import default_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # processes training together
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL_STEP = 8         # the resumed run evaluates here; SIGTERM follows
@@ -61,19 +63,11 @@ def cli_args(shared, workdir: str, **overrides) -> list[str]:
 
 
 def launch(shared, args: list[str], devices: int, log: str) -> subprocess.Popen:
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_COMPILATION_CACHE_DIR=str(shared / 'xla_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  env = devices_env(devices, JAX_COMPILATION_CACHE_DIR=str(shared / 'xla_cache'),
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   with open(log, 'w') as f:
     return subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *args], env=env,
                             stdout=f, stderr=subprocess.STDOUT)
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def launch_pair(shared, workdir: str, tag: str, **overrides) -> list[subprocess.Popen]:

@@ -8,8 +8,11 @@ import textwrap
 
 import pytest
 
+from helpers import devices_env
 from zhgpt_jax import parallel
 from zhgpt_jax.config import UserError, default_config
+
+pytestmark = pytest.mark.multiprocess  # subprocesses on simulated devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,8 +59,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
 def test_four_devices_match_one_device(optimizer):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  env = devices_env(4)
   script = SCRIPT.replace('OPTIMIZER', repr(optimizer))
   out = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
                        timeout=300)

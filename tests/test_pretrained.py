@@ -27,6 +27,8 @@ from zhgpt_jax import model as M
 from zhgpt_jax import tokenizer as T
 from zhgpt_jax.config import UserError
 
+pytestmark = pytest.mark.slow  # end-to-end: runs, servers, kill trials (minutes); CI runs them
+
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 

@@ -24,6 +24,8 @@ from serving import API_KEY, ROOT, Served, get, random_workdir
 from zhgpt_jax import chat_format, checkpoint, engine, sample, serve
 from zhgpt_jax import tokenizer as tok_lib
 
+pytestmark = pytest.mark.slow  # end-to-end: runs, servers, kill trials (minutes); CI runs them
+
 MAX_BODY = 20_000
 PROMPTS = [f'{a}{b}' for a in ('村民们', '今天', '人民', '我们的', '经济', '中国', '学生', '城市')
            for b in ('都很高兴', '发展', '说', '的生活', '正在', '和', '新的', '开始')]   # 64
@@ -330,6 +332,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
 
 # ---------------------------------------------------------------- the chat page, in a browser
 
+@pytest.mark.browser
 def test_chat_page_in_chromium(server, client, tmp_path):
   """Two turns typed into the page in headless chromium: each reply streams in and equals the
   API's greedy reply to the conversation so far; the page keeps the history."""

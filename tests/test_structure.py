@@ -157,6 +157,23 @@ def test_one_list_of_parameter_fields():
   assert set(pretrained.shape_paths(dense)) == {p for p in written if not p.startswith('moe.')}
 
 
+# `main.py prepare` and the pool workers of prepare and of the SFT rows import these.
+PREPARE_PATH = ('shards', 'scan', 'encode', 'peek', 'chat_format', 'chat_shards', 'pretrained')
+
+
+def test_the_prepare_path_never_imports_jax():
+  """Importing the prepare path (and so every module it imports) loads no JAX: a pool worker
+  that did would take seconds and hundreds of MB more to start."""
+  import subprocess
+  import sys
+  code = ('import sys\n' + ''.join(f'import zhgpt_jax.{m}\n' for m in PREPARE_PATH) +
+          'print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "flax")))')
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == '[]', out.stdout
+
+
 @pytest.mark.parametrize('name', sorted(modules()))
 def test_module_is_at_most_500_lines(name):
   with open(modules()[name], encoding='utf-8') as f:
