@@ -30,12 +30,12 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import time
 
 import numpy as np
 import tqdm
 
+from zhgpt_jax import files
 from zhgpt_jax import chat_format, formats, scan
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.chat_format import ChatEncoder, SftStats
@@ -177,26 +177,10 @@ def _build(config, tokenizer, tmp: str, progress: bool) -> dict:
               splits=list(counts))
 
 
-def _remove_stale(parent: str) -> None:
-  """Removes the temporary directories in `parent` left by dead processes of this host (a
-  killed build, of any key)."""
-  host = socket.gethostname()
-  for name in os.listdir(parent) if os.path.isdir(parent) else ():
-    _, sep, owner = name.partition('.tmp-')
-    pid = owner[len(host) + 1:] if owner.startswith(f'{host}-') else ''
-    if sep and pid.isdigit():
-      try:
-        os.kill(int(pid), 0)
-      except ProcessLookupError:
-        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-      except PermissionError:   # alive, another user's
-        pass
-
-
 def build(config, tokenizer, directory: str, key: str, progress: bool = False) -> None:
   """Writes config.sft.data's packed rows and meta.json to `directory`, atomically."""
-  _remove_stale(os.path.dirname(directory))
-  tmp = f'{directory}.tmp-{socket.gethostname()}-{os.getpid()}'
+  files.sweep(os.path.dirname(directory))   # a killed build's, of any key
+  tmp = files.temp_path(directory)
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   try:

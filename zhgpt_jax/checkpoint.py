@@ -16,7 +16,6 @@ permission) raises `SaveError` naming the step, the cause and the last good chec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from zhgpt_jax import files
 from zhgpt_jax.config import UserError, load_config_json
 
 MANIFEST = 'manifest.zhgpt.json'
@@ -39,18 +39,11 @@ _CAUSES = ('No space left on device', 'Disk quota exceeded', 'Permission denied'
            'Read-only file system', 'File too large', 'Input/output error')
 
 
-def write_atomic(path: str, text: str) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def save_run_files(workdir: str, config, tokenizer_dir: str) -> None:
   """Writes config.json and a copy of the tokenizer's files into the workdir (process 0 only)."""
   from zhgpt_jax import tokenizer as tok_lib
   os.makedirs(workdir, exist_ok=True)
-  write_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+  files.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   dst = os.path.join(workdir, 'tokenizer')
   if os.path.abspath(tokenizer_dir) != os.path.abspath(dst):
     tok_lib.copy_tokenizer(tokenizer_dir, dst)
@@ -152,19 +145,11 @@ def _files(step_dir: str) -> list[str]:
                 for d, _, fs in os.walk(step_dir) for f in fs if f != MANIFEST)
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      h.update(block)
-  return h.hexdigest()
-
-
 def seal(step_dir: str) -> None:
   """Writes the manifest (size and sha256 of every file) of a finished step."""
   manifest = {rel: [os.path.getsize(os.path.join(step_dir, rel)),
-                    _sha256(os.path.join(step_dir, rel))] for rel in _files(step_dir)}
-  write_atomic(os.path.join(step_dir, MANIFEST), json.dumps(manifest, indent=0))
+                    files.sha256(os.path.join(step_dir, rel))] for rel in _files(step_dir)}
+  files.write_text(os.path.join(step_dir, MANIFEST), json.dumps(manifest, indent=0))
 
 
 def damage(step_dir: str, hashes: bool = True) -> str | None:
@@ -191,7 +176,7 @@ def damage(step_dir: str, hashes: bool = True) -> str | None:
     have = os.path.getsize(full)
     if have != size:
       return f'{rel} has {have:,} bytes, {size:,} expected'
-    if hashes and _sha256(full) != digest:
+    if hashes and files.sha256(full) != digest:
       return f'{rel} does not match its checksum'
   return None
 

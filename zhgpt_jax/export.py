@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
 from flax import traverse_util
@@ -23,6 +22,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from zhgpt_jax import files
 from zhgpt_jax import export_files
 from zhgpt_jax import gpt_config
 from zhgpt_jax.config import UserError
@@ -135,11 +135,6 @@ def _flat_params(cfg: GPTConfig, params) -> dict[str, np.ndarray]:
   return {k: np.asarray(v, np.float32) for k, v in flat.items()}
 
 
-def _write_json(path: str, obj: dict) -> None:
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, ensure_ascii=False, indent=2)
-
-
 def _check_out_dir(out_dir: str, overwrite: bool, workdir: str | None = None) -> None:
   from zhgpt_jax import checkpoint   # a run (or a directory holding one) is never replaced
   checkpoint.refuse_run_target(out_dir, workdir, walk=overwrite)
@@ -147,19 +142,6 @@ def _check_out_dir(out_dir: str, overwrite: bool, workdir: str | None = None) ->
     raise UserError(f'export target {out_dir} exists and is not a directory')
   if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
     raise UserError(f'export target {out_dir} exists and is not empty (pass --overwrite)')
-
-
-def _replace_dir(tmp: str, out_dir: str) -> None:
-  """Moves the finished `tmp` to `out_dir`; an old `out_dir` is renamed away, then deleted."""
-  old = None
-  if os.path.isdir(out_dir) and os.listdir(out_dir):
-    old = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix='.old-')
-    os.rename(out_dir, os.path.join(old, 'x'))
-  elif os.path.isdir(out_dir):
-    os.rmdir(out_dir)
-  os.rename(tmp, out_dir)
-  if old:
-    shutil.rmtree(old)
 
 
 def export_hf(cfg: GPTConfig, params, out_dir: str, tokenizer_dir: str | None = None,
@@ -181,13 +163,15 @@ def export_hf(cfg: GPTConfig, params, out_dir: str, tokenizer_dir: str | None = 
   flat = _flat_params(cfg, params)
   ids, stop = export_files.special_ids(tokenizer_dir, cfg)
   os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir),
-                         prefix=f'.{os.path.basename(out_dir)}.tmp-')
+  files.sweep(os.path.dirname(out_dir))   # a killed export's
+  tmp = files.temp_path(out_dir)
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
   try:
     save_file(_to_hf_tensors(cfg, arch, flat), os.path.join(tmp, 'model.safetensors'),
               metadata={'format': 'pt'})
-    _write_json(os.path.join(tmp, 'config.json'), _hf_config(cfg, arch, ids))
-    _write_json(os.path.join(tmp, 'generation_config.json'),
+    files.write_json(os.path.join(tmp, 'config.json'), _hf_config(cfg, arch, ids))
+    files.write_json(os.path.join(tmp, 'generation_config.json'),
                 export_files.generation_config(cfg, ids, stop, sample_cfg))
     if tokenizer_dir:
       export_files.copy_tokenizer_files(tokenizer_dir, tmp)
@@ -195,7 +179,7 @@ def export_hf(cfg: GPTConfig, params, out_dir: str, tokenizer_dir: str | None = 
       f.write(export_files.model_card(cfg, arch, sum(v.size for v in flat.values()),
                                       tokenizer_dir, run))
     export_files.ordinary_permissions(tmp)
-    _replace_dir(tmp, out_dir)
+    files.replace_dir(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

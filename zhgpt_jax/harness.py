@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from zhgpt_jax import checkpoint, eval_tasks, sample, score, serve
+from zhgpt_jax import files
+from zhgpt_jax import eval_tasks, sample, score, serve
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.config import UserError
 
@@ -228,4 +229,4 @@ def write_results(out_dir: str, model_id: str, results: dict, samples: dict) -> 
   for name, rows in samples.items():
     files[f'samples_{name}_{stamp}.jsonl'] = ''.join(dump(r) + '\n' for r in rows)
   for name, text in files.items():
-    checkpoint.write_atomic(os.path.join(out_dir, name), text)
+    files.write_text(os.path.join(out_dir, name), text)

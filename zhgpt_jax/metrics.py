@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from zhgpt_jax import files
+
 
 class MetricsWriter:
   """Appends {'step', 'split', ...scalars} records; `close` also draws loss_curve.png."""
@@ -79,10 +81,7 @@ def drop_after(path: str, step: int) -> None:
     except (ValueError, KeyError, TypeError):
       continue   # a line torn by a kill: it was never a whole record
   if len(kept) != len(lines):
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    files.write_text(path, ''.join(kept))
 
 
 def read_metrics(path: str) -> list[dict]:

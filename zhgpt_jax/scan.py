@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 import numpy as np
 import tqdm
 
+from zhgpt_jax import files
 from zhgpt_jax import corpus, dedup, sources
 from zhgpt_jax.config import UserError
 
@@ -226,10 +227,7 @@ def read_progress(directory: str) -> dict | None:
 
 def write_progress(directory: str, state: dict) -> None:
   """Writes directory/progress.json atomically (a temporary file renamed over it)."""
-  tmp = os.path.join(directory, f'progress.json.tmp-{os.getpid()}')
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(state, f)
-  os.replace(tmp, os.path.join(directory, 'progress.json'))
+  files.write_json(os.path.join(directory, 'progress.json'), state, indent=None)
 
 
 def _resume_state(work_dir: str, ident: dict) -> dict | None:
@@ -353,7 +351,8 @@ def scan(config, n_heldout: int, want_sample: bool, progress: bool, work_dir: st
 
 def save(result: Scan, directory: str, key: str) -> None:
   """Writes what the second pass needs (block_docs, removed, counts) to `directory`."""
-  tmp = f'{directory}.tmp-{os.getpid()}'
+  files.sweep(os.path.dirname(os.path.abspath(directory)))
+  tmp = files.temp_path(directory)
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   np.save(os.path.join(tmp, 'removed.npy'), result.removed)
@@ -362,8 +361,7 @@ def save(result: Scan, directory: str, key: str) -> None:
   np.save(os.path.join(tmp, 'val.npy'), result.val)
   with open(os.path.join(tmp, 'scan.json'), 'w', encoding='utf-8') as f:
     json.dump(dict(key=key, block_docs=result.block_docs), f)   # last: seals the scan
-  shutil.rmtree(directory, ignore_errors=True)
-  os.rename(tmp, directory)
+  files.replace_dir(tmp, directory)
 
 
 def load(directory: str, key: str) -> Scan | None:

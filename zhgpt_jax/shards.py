@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 import numpy as np
 from tokenizers import Tokenizer
 
+from zhgpt_jax import files
 from zhgpt_jax import corpus, encode, scan, sources
 from zhgpt_jax import tokenizer as tokenizer_lib
 from zhgpt_jax.config import UserError, check_paths, disk_errors
@@ -102,13 +103,6 @@ def _read_json(path: str) -> dict | None:
       return json.load(f)
   except (OSError, ValueError):
     return None
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, ensure_ascii=False, indent=2)
-  os.replace(tmp, path)
 
 
 def _n_heldout(config) -> int:
@@ -193,7 +187,7 @@ def _train(config, tok_dir: str, key: str, found: scan.Scan, source_names: list[
   print(f'tokenizer: vocab {tok.get_vocab_size():,} trained on {sum(map(len, sample)):,} '
         f'characters in {time.time() - t0:.1f} s; {cpt}; '
         f'{" | ".join(tokenizer_lib.token_pieces(tok, example))}', flush=True)
-  _write_json(os.path.join(tok_dir, 'prepare.json'),
+  files.write_json(os.path.join(tok_dir, 'prepare.json'),
               dict(key=key, hash=tokenizer_lib.tokenizer_hash(tok_dir), example=example))
 
 
@@ -249,7 +243,7 @@ def _tokenizer(config, tok_dir: str, text_inputs: dict, sampled: Callable[[], sc
     if t.path:
       # The very files, so tokenizer_hash is the same for the copy and config.tokenizer.path.
       tokenizer_lib.copy_tokenizer(t.path, tok_dir)
-      _write_json(os.path.join(tok_dir, 'prepare.json'),
+      files.write_json(os.path.join(tok_dir, 'prepare.json'),
                   dict(key=key, hash=tokenizer_lib.tokenizer_hash(tok_dir),
                        example=config.train.prompt))
       print(f'tokenizer: copied from {t.path}', flush=True)
@@ -301,13 +295,9 @@ def _seal(config, tok: Tokenizer, tok_hash: str, root: str, build_dir: str, key:
         split_rule=dict(val_fraction=config.data.val_fraction, hash=corpus.HASH_METHOD,
                         builtin_val="People's Daily documents only; reviews are all train"),
         key=key, code_version=CODE_VERSION)
-    _write_json(os.path.join(build_dir, split, 'meta.json'), metas[split])  # seals the split
+    files.write_json(os.path.join(build_dir, split, 'meta.json'), metas[split])  # seals the split
   for split in states:
-    final, old = os.path.join(root, split), os.path.join(root, f'.old-{split}-{os.getpid()}')
-    if os.path.exists(final):
-      os.rename(final, old)
-    os.rename(os.path.join(build_dir, split), final)
-    shutil.rmtree(old, ignore_errors=True)
+    files.replace_dir(os.path.join(build_dir, split), os.path.join(root, split))
   shutil.rmtree(build_dir, ignore_errors=True)
   return metas
 
@@ -316,7 +306,8 @@ def _prepare(config, root: str, progress: bool):
   """prepare's work in `root`: (metas, tokenizer dir, tokenizer, reused it, reused splits)."""
   os.makedirs(root, exist_ok=True)
   with _locked(root):
-    for name in os.listdir(root):  # left by a killed run
+    files.sweep(root, all_ours=True)   # what a killed run left (we hold the lock) ...
+    for name in os.listdir(root):      # ... and what earlier versions' killed runs left
       if name.startswith(('.tmp-', '.old-')):
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     inputs = _text_inputs(config)

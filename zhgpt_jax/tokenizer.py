@@ -27,6 +27,7 @@ from typing import Iterable, Iterator
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 import tqdm
 
+from zhgpt_jax import files
 from zhgpt_jax.config import SPECIAL_TOKENS, UserError
 
 EOT, IM_START, IM_END, PAD = SPECIAL_TOKENS
@@ -106,13 +107,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
   return tok
 
 
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def save_tokenizer(tok: Tokenizer, directory: str, model_max_length: int = 1024) -> None:
   """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json to `directory`.
 
@@ -125,11 +119,11 @@ def save_tokenizer(tok: Tokenizer, directory: str, model_max_length: int = 1024)
       tokenizer_class='PreTrainedTokenizerFast', model_max_length=model_max_length,
       add_bos_token=False, add_eos_token=False, clean_up_tokenization_spaces=False,
       chat_template=CHAT_TEMPLATE, **specials)
-  _write_atomic(os.path.join(directory, 'special_tokens_map.json'),
+  files.write_text(os.path.join(directory, 'special_tokens_map.json'),
                 json.dumps(specials, ensure_ascii=False, indent=2))
-  _write_atomic(os.path.join(directory, 'tokenizer_config.json'),
+  files.write_text(os.path.join(directory, 'tokenizer_config.json'),
                 json.dumps(config, ensure_ascii=False, indent=2))
-  _write_atomic(os.path.join(directory, 'tokenizer.json'), tok.to_str(pretty=True))
+  files.write_text(os.path.join(directory, 'tokenizer.json'), tok.to_str(pretty=True))
 
 
 def json_path(directory: str) -> str:
@@ -251,7 +245,8 @@ def copy_tokenizer(src: str, dst: str) -> None:
   """
   tok = load_tokenizer(src)
   src_dir = src if not src.endswith('.json') else os.path.dirname(src)
-  tmp = f'{dst}.tmp-{os.getpid()}'
+  files.sweep(os.path.dirname(os.path.abspath(dst)))
+  tmp = files.temp_path(dst)
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   shutil.copyfile(json_path(src), os.path.join(tmp, 'tokenizer.json'))
@@ -264,11 +259,9 @@ def copy_tokenizer(src: str, dst: str) -> None:
     if getattr(ids, role) is not None and not config.get(f'{role}_token'):
       config[f'{role}_token'] = tok.id_to_token(getattr(ids, role))
   config.setdefault('tokenizer_class', 'PreTrainedTokenizerFast')
-  _write_atomic(os.path.join(tmp, 'tokenizer_config.json'),
+  files.write_text(os.path.join(tmp, 'tokenizer_config.json'),
                 json.dumps(config, ensure_ascii=False, indent=2))
-  if os.path.isdir(dst):
-    shutil.rmtree(dst)
-  os.replace(tmp, dst)
+  files.replace_dir(tmp, dst)
 
 
 def add_chatml(directory: str) -> bool:
@@ -284,9 +277,9 @@ def add_chatml(directory: str) -> bool:
   extra = config.get('additional_special_tokens') or []
   config['additional_special_tokens'] = extra + [t for t in missing if t not in extra]
   config['chat_template'] = CHAT_TEMPLATE
-  _write_atomic(os.path.join(directory, 'chat_template.jinja'), CHAT_TEMPLATE)
-  _write_atomic(config_path, json.dumps(config, ensure_ascii=False, indent=2))
-  _write_atomic(os.path.join(directory, 'tokenizer.json'), tok.to_str(pretty=True))
+  files.write_text(os.path.join(directory, 'chat_template.jinja'), CHAT_TEMPLATE)
+  files.write_text(config_path, json.dumps(config, ensure_ascii=False, indent=2))
+  files.write_text(os.path.join(directory, 'tokenizer.json'), tok.to_str(pretty=True))
   return True
 
 
