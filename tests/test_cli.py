@@ -88,6 +88,10 @@ README_COMMANDS = {
     # after training
     'python main.py eval --workdir runs/tiny': 'test_train.py::test_cli_eval_sample_and_export',
     'python main.py eval --workdir runs/tiny --step 500': 'test_cli.py::test_eval_at_a_step',
+    'python main.py eval --workdir runs/tiny --tasks zh_mc --task_data /data/ceval-exam '
+    '--num_fewshot 5': 'test_harness.py::test_main_py_eval_tasks_equals_lm_eval_hf',
+    'python main.py eval --workdir runs/sft --tasks zh_sentiment,zh_sentiment_chat --limit 200':
+        'test_harness.py::test_the_sentiment_tasks_run_on_the_model',
     'python main.py sample --workdir runs/tiny --prompt "村民们都很高兴"':
         'test_train.py::test_cli_eval_sample_and_export',
     'python main.py sample --workdir runs/tiny --prompt_file prompts.txt '

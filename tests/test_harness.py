@@ -256,6 +256,17 @@ def test_zh_mc_reads_the_ceval_cmmlu_and_jsonl_layouts(tmp_path):
                       f'A-D in {flat / "mine.jsonl"}'
 
 
+def test_the_sentiment_tasks_run_on_the_model(model, tmp_path):
+  out = harness.evaluate_tasks(model[0], 'zh_sentiment,zh_sentiment_chat', limit=6,
+                               out_dir=str(tmp_path))
+  for task, prompt in (('zh_sentiment', '评论：'), ('zh_sentiment_chat', '<|im_start|>user\n')):
+    assert 0 <= out['results'][task]['acc,none'] <= 1
+    rows = out['samples'][task]
+    (ctx, neg), (_, pos) = rows[0]['arguments']   # in-process: (context, continuation) a choice
+    assert len(rows) == 6 and ctx.startswith(prompt) and (neg, pos) == ('负面', '正面')
+  assert read_results(str(tmp_path))['zh_sentiment']['alias'] == 'zh_sentiment'
+
+
 def test_the_sentiment_tasks_are_the_builtin_heldout_reviews():
   data = eval_tasks.load_sentiment()
   assert len(data['eval']) == 1000 and [d['label'] for d in data['eval']][:4] == [1, 0, 1, 0]
