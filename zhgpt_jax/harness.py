@@ -225,8 +225,8 @@ def write_results(out_dir: str, model_id: str, results: dict, samples: dict) -> 
   os.makedirs(out_dir, exist_ok=True)
   stamp = datetime.datetime.now().isoformat().replace(':', '-')
   dump = functools.partial(json.dumps, default=handle_non_serializable, ensure_ascii=False)
-  files = {f'results_{stamp}.json': dump(dict(results, model_name=model_id), indent=2)}
+  texts = {f'results_{stamp}.json': dump(dict(results, model_name=model_id), indent=2)}
   for name, rows in samples.items():
-    files[f'samples_{name}_{stamp}.jsonl'] = ''.join(dump(r) + '\n' for r in rows)
-  for name, text in files.items():
+    texts[f'samples_{name}_{stamp}.jsonl'] = ''.join(dump(r) + '\n' for r in rows)
+  for name, text in texts.items():
     files.write_text(os.path.join(out_dir, name), text)
