@@ -16,14 +16,15 @@ VOCAB = 300   # the tokenizer size tiny_cfg assumes; padded to 384 (vocab_multip
 def tiny_cfg(vocab: int = VOCAB, **overrides) -> M.GPTConfig:
   """The GPTConfig of a 2-layer, 4-head, d=64 model with context 64, for `vocab` tokens.
 
-  `overrides` update config.model (e.g. position='rope'); `moe=dict(...)` updates
-  config.model.moe.
+  `overrides` update config.model (e.g. position='rope'); `moe=dict(...)` and `mla=dict(...)`
+  update config.model.moe and config.model.mla.
   """
   c = default_config('tiny')
   c.model.update(n_layer=2, n_head=4, d_model=64, seq_len=64)
-  moe = overrides.pop('moe', {})
+  moe, mla = overrides.pop('moe', {}), overrides.pop('mla', {})
   c.model.update(overrides)
   c.model.moe.update(moe)
+  c.model.mla.update(mla)
   return M.model_config(c.model, vocab)
 
 

@@ -7,17 +7,26 @@ import optax
 import pytest
 
 from helpers import VOCAB, tiny_cfg
+from zhgpt_jax import attention as A
 from zhgpt_jax import model as M
 from zhgpt_jax import parallel, train
 from zhgpt_jax.config import default_config
 
 
+MLA = dict(q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+           v_head_dim=24)
 VARIANTS = {
     'gpt2': dict(),
     'modern': dict(position='rope', mlp='swiglu', norm='rmsnorm', bias=False,
                    tie_embeddings=False, n_kv_head=2),
     'moe': dict(position='rope', mlp='moe', norm='rmsnorm', bias=False,
                 moe=dict(n_routed=4, top_k=2, n_shared=1)),
+    # DeepSeek-V3's architecture: MLA with a query latent, sigmoid-gated MoE with the routing
+    # bias, renormalised and scaled gates and group-limited routing.
+    'deepseek': dict(position='rope', mlp='moe', norm='rmsnorm', bias=False,
+                     attention_kind='mla', mla=MLA,
+                     moe=dict(n_routed=8, top_k=2, n_shared=1, gate='sigmoid', balance='bias',
+                              routed_scale=2.5, n_group=4, topk_group=2, first_dense=1)),
 }
 
 
@@ -66,6 +75,7 @@ SWITCHES = {
     'bias=False': dict(bias=False),
     'tie_embeddings=False': dict(tie_embeddings=False),
     'n_kv_head=2': dict(n_kv_head=2),
+    'attention_kind=mla': dict(position='rope', attention_kind='mla', mla=MLA),  # needs rope
     'remat=block': dict(remat='block'),
     'dtype=bfloat16': dict(dtype='bfloat16'),
     'dropout=0.1': dict(dropout=0.1),
@@ -128,15 +138,15 @@ def test_rope_scores_depend_only_on_offset():
   k = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 1, 16))
 
   def score(pq, pk):
-    rq = M.rope(q, jnp.array([[pq]]), 10000.0)
-    rk = M.rope(k, jnp.array([[pk]]), 10000.0)
+    rq = A.rope(q, jnp.array([[pq]]), 10000.0)
+    rk = A.rope(k, jnp.array([[pk]]), 10000.0)
     return float(jnp.sum(rq * rk))
 
   assert score(5, 2) == pytest.approx(score(103, 100), abs=1e-4)
   assert score(7, 7) == pytest.approx(score(0, 0), abs=1e-4)
   assert score(5, 2) != pytest.approx(score(5, 4), abs=1e-3)
   # Rotation preserves the vector's norm.
-  assert float(jnp.linalg.norm(M.rope(q, jnp.array([[9]]), 1e4))) == pytest.approx(
+  assert float(jnp.linalg.norm(A.rope(q, jnp.array([[9]]), 1e4))) == pytest.approx(
       float(jnp.linalg.norm(q)), rel=1e-5)
 
 

@@ -3,6 +3,7 @@ auxiliary-loss-free bias steers the choice only, expert-parallel training (paral
 fsdp with parallel.expert=4) equals one device, and a bias-balanced run resumes bitwise."""
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -109,6 +110,46 @@ def test_grouped_auto_picks_per_backend():
   assert moe.grouped_impl('capacity', 'gpu') == 'capacity'
 
 
+def test_deepseek_preset_sparse_equals_dense():
+  """configs/moe.py:deepseek (MLA, 64 experts in 8 groups, scaled gates, the routing bias):
+  sparse dispatch with a capacity that never drops gives dense dispatch's logits and
+  gradients (1e-5, relative)."""
+  from configs import moe as moe_configs
+  c = moe_configs.get_config('deepseek')
+  c.model.update(seq_len=16, vocab_size=0, vocab_multiple=64)
+  c.model.moe.capacity_factor = 0
+  sparse = M.model_config(c.model, 300)
+  assert sparse.attention_kind == 'mla' and sparse.moe_n_group == 8
+  dense = dataclasses.replace(sparse, moe_dispatch='dense')
+  params = M.init_params(sparse, jax.random.PRNGKey(1))
+  rng = np.random.default_rng(0)
+  for i in sparse.moe_layers():   # a bias that changes the choice
+    params[f'h_{i}']['moe']['expert_bias'] = jnp.asarray(rng.normal(0, 0.05, 64), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, 300, (2, 9)), jnp.int32)
+  got, _ = logits_and_grads(sparse, params, tokens)
+  want, _ = logits_and_grads(dense, params, tokens)
+  assert_rel_close(got, want)
+
+
+def test_group_limited_routing_chooses_in_the_best_groups_only():
+  """n_group=4, topk_group=2: a token's experts come from the two groups whose best two
+  (biased) scores sum highest; the gates are the unbiased scores, renormalised, x scale."""
+  rng = np.random.default_rng(0)
+  logits_NxE = jnp.asarray(rng.normal(0, 2, (64, 16)), jnp.float32)
+  bias_E = jnp.asarray(rng.normal(0, 0.3, 16), jnp.float32)
+  gate, idx, scores = moe.route(logits_NxE, bias_E, 3, 'sigmoid', norm_topk=True, scale=2.5,
+                                n_group=4, topk_group=2)
+  choice = np.asarray(scores) + np.asarray(bias_E)
+  for n in range(64):
+    group_score = np.sort(choice[n].reshape(4, 4), axis=1)[:, -2:].sum(1)
+    kept = np.argsort(-group_score)[:2]
+    allowed = np.concatenate([np.arange(4 * g, 4 * g + 4) for g in kept])
+    want = allowed[np.argsort(-choice[n, allowed])[:3]]
+    assert sorted(np.asarray(idx[n]).tolist()) == sorted(want.tolist())
+    w = np.asarray(scores)[n, np.asarray(idx[n])]
+    np.testing.assert_allclose(np.asarray(gate[n]), 2.5 * w / w.sum(), rtol=1e-6)
+
+
 def test_first_dense_layers_and_active_counts():
   cfg = tiny_cfg(**MOE, n_layer=3, moe=dict(n_routed=8, top_k=2, first_dense=1, balance='bias'))
   assert cfg.moe_layers() == [1, 2]
@@ -130,11 +171,16 @@ EP_SCRIPT = textwrap.dedent(r'''
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 300, (16, 17)).astype(np.int32) for _ in range(3)]
 
-    # A 2-layer model, its second layer a bias-balanced sigmoid MoE; Muon, as configs/moe.py.
+    # A 2-layer DeepSeek-V3 in miniature (configs/moe.py:deepseek's pieces): multi-head
+    # latent attention, the second layer a bias-balanced sigmoid MoE with scaled gates and
+    # group-limited routing; Muon, as configs/moe.py.
     c = default_config('tiny')
-    c.model.update(T.MOE, n_layer=2, n_head=4, d_model=64, seq_len=16)
+    c.model.update(T.MOE, n_layer=2, n_head=4, d_model=64, seq_len=16, attention_kind='mla')
+    c.model.mla.update(q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                       v_head_dim=16)
     c.model.moe.update(n_routed=E, top_k=2, gate='sigmoid', balance='bias', bias_rate=0.01,
-                       capacity_factor=0, first_dense=1)
+                       capacity_factor=0, first_dense=1, routed_scale=2.5, n_group=2,
+                       topk_group=1)
     c.optim.update(name='muon', lr=1e-2, warmup_steps=1)
     c.train.update(steps=10, loss_chunk=0)
     cfg = M.model_config(c.model, 300)
@@ -202,7 +248,7 @@ EP_SCRIPT = textwrap.dedent(r'''
 @pytest.mark.multiprocess
 def test_expert_parallel_training_equals_one_device():
   """The train step under parallel.strategy=fsdp with data=2 x expert=4 (8 simulated devices),
-  a bias-balanced sigmoid MoE under Muon: 3 steps, resumed from a checkpoint of step 2, give
+  MLA and a bias-balanced sigmoid MoE (DeepSeek-V3's router) under Muon: 3 steps, resumed from a checkpoint of step 2, give
   the 1-device losses, params and expert bias; each device holds 2 of the 8 experts of every
   expert stack (params and momentum); the MoE layer exchanges rows by all-to-all."""
   # Backend optimisations off (both runs alike): the compiles take a third less time.
@@ -216,8 +262,9 @@ def test_expert_parallel_training_equals_one_device():
 def test_bias_balanced_resume_is_bitwise(tiny_data, tmp_path):
   config = copy.deepcopy(tiny_data.config)
   config.data.cache_dir = tiny_data.data_dir
-  config.model.update(MOE, mlp='moe')
-  config.model.moe.update(n_routed=8, top_k=2, balance='bias', bias_rate=0.01, first_dense=1)
+  config.model.update(MOE, mlp='moe', attention_kind='mla')   # DeepSeek-V3's pieces
+  config.model.moe.update(n_routed=8, top_k=2, balance='bias', bias_rate=0.01, first_dense=1,
+                          gate='sigmoid', routed_scale=2.5, n_group=2, topk_group=1)
   config.train.update(steps=6, ckpt_every=3, eval_every=100, sample_tokens=0, log_every=1)
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
   result = train.train_and_evaluate(config, straight)

@@ -54,11 +54,22 @@ def _row_call(cfg, params, tok, position, row_cache):
     # ragged_dot has no vmap rule; for one token a row, fixed blocks never drop (capacity 0).
     cfg = dataclasses.replace(
         cfg, moe=dataclasses.replace(cfg.moe, grouped='capacity', capacity_factor=0.0))
-  cache = [dict(k=c['k'][None], v=c['v'][None], index=c['index']) for c in row_cache]
-  size = row_cache[0]['k'].shape[0]
+  cache = [_rows(c, lambda x: x[None]) for c in row_cache]
+  size = _cache_size(row_cache, 0)
   logits_1x1xV, cache = sample.model_call(
       cfg, params, tok[None, None], position[None, None], cache, jnp.ones((1, size), bool))
-  return logits_1x1xV[0, 0], [dict(k=c['k'][0], v=c['v'][0], index=c['index']) for c in cache]
+  return logits_1x1xV[0, 0], [_rows(c, lambda x: x[0]) for c in cache]
+
+
+def _rows(layer_cache: dict, fn) -> dict:
+  """A layer's cache with `fn` applied to each of its arrays (whatever the attention kind
+  keeps: k/v, or MLA's latent and rotary key); its 'index' as it is."""
+  return {name: x if name == 'index' else fn(x) for name, x in layer_cache.items()}
+
+
+def _cache_size(cache: list[dict], axis: int) -> int:
+  """Cache slots a row (`axis`: the slot axis of the arrays)."""
+  return next(x.shape[axis] for name, x in cache[0].items() if name != 'index')
 
 
 def _choose(cfg, logits_BxV, rows: dict):
@@ -102,10 +113,9 @@ def _prefill(cfg, params, state: dict, slot, prompt_P, length, options: dict, st
   ([1, 2]). Returns (state, the token, whether it was emitted, the slot's finish code).
   """
   p = prompt_P.shape[0]
-  cache = [dict(k=jax.lax.dynamic_index_in_dim(c['k'], slot, keepdims=True),
-                v=jax.lax.dynamic_index_in_dim(c['v'], slot, keepdims=True),
+  cache = [dict(_rows(c, lambda x: jax.lax.dynamic_index_in_dim(x, slot, keepdims=True)),
                 index=jnp.int32(0)) for c in state['cache']]
-  size = cache[0]['k'].shape[1]
+  size = _cache_size(cache, 1)
   # The pad after the prompt is causally invisible to it; decoding overwrites its slots.
   logits_1xPxV, cache = sample.model_call(cfg, params, prompt_P[None], jnp.arange(p)[None],
                                           cache, jnp.ones((1, size), bool))
@@ -117,9 +127,8 @@ def _prefill(cfg, params, state: dict, slot, prompt_P, length, options: dict, st
   row, emit_1 = _commit(row, _choose(cfg, logits_1xV, row), stops)
   rows = {k: jax.lax.dynamic_update_index_in_dim(v, row[k].astype(v.dtype), slot, 0)
           for k, v in state['rows'].items()}
-  full = [dict(k=jax.lax.dynamic_update_index_in_dim(f['k'], c['k'][0], slot, 0),
-               v=jax.lax.dynamic_update_index_in_dim(f['v'], c['v'][0], slot, 0),
-               index=f['index'].at[slot].set(length))
+  full = [{name: f['index'].at[slot].set(length) if name == 'index' else
+           jax.lax.dynamic_update_index_in_dim(f[name], c[name][0], slot, 0) for name in f}
           for f, c in zip(state['cache'], cache)]
   return dict(cache=full, rows=rows), row['last'][0], emit_1[0], row['finish'][0]
 

@@ -73,6 +73,24 @@ class MoEConfig:
   bias_rate: float = knob(0.001, COMPUTE, bound='>=0')
   aux_weight: float = knob(0.01, COMPUTE, bound='>=0')   # load-balancing loss weight (balance='aux')
   z_weight: float = knob(0.001, COMPUTE, bound='>=0')    # router z-loss weight
+  # DeepSeek-V3's router: the chosen k sigmoid gates renormalised to sum 1 (norm_topk_prob),
+  # the routed experts' gates scaled (routed_scaling_factor), and a token's k chosen among the
+  # experts of its topk_group best of n_group groups only (a group scores its best two).
+  norm_topk: bool = knob(True)                   # gate='sigmoid' only
+  routed_scale: float = knob(1.0, bound='>0')
+  n_group: int = knob(1, bound='>0')
+  topk_group: int = knob(1, bound='>0')
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+  """DeepSeek-V2/V3's multi-head latent attention (attention_kind='mla'; attention.py). The KV
+  cache holds kv_lora_rank + qk_rope_head_dim numbers a token a layer."""
+  q_lora_rank: int = knob(0, bound='>=0')        # the query's own latent width (0 = from x directly)
+  kv_lora_rank: int = knob(64, bound='>0')       # the key/value latent width (what the cache holds)
+  qk_nope_head_dim: int = knob(32, bound='>=0')  # a head's query/key width without position
+  qk_rope_head_dim: int = knob(16, bound='>0')   # rotary query/key width (one rotary key for all heads)
+  v_head_dim: int = knob(32, bound='>0')         # a head's value width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +125,10 @@ class GPTConfig:
   # 0.02/sqrt(2·n_layer); 0 starts each block as the identity.
   residual_init: float = knob(1.0, COMPUTE, bound='>=0')
   moe: MoEConfig = group(MoEConfig, active=lambda cfg: cfg.mlp == 'moe')
+  # 'mha': multi-head attention (grouped-query when n_kv_head < n_head); 'mla': DeepSeek's
+  # multi-head latent attention, shaped by `mla`.
+  attention_kind: str = knob('mha', choices=('mha', 'mla'))
+  mla: MLAConfig = group(MLAConfig, active=lambda cfg: cfg.attention_kind == 'mla')
   # The tokenizer's tokens (ids >= this never occur in data): set from the tokenizer.
   real_vocab_size: int = knob(0, config=False)
 
@@ -216,3 +238,19 @@ def problems(m) -> Iterator[tuple[str, str]]:
     yield 'model.moe.first_dense', f'must be in [0, model.n_layer={m.n_layer})'
   if m.attention == 'cudnn' and m.dtype != 'bfloat16':
     yield 'model.attention', 'cudnn attention needs model.dtype=bfloat16'
+  e, groups = m.moe.n_routed, m.moe.n_group
+  if m.mlp == 'moe' and e % groups:
+    yield 'model.moe.n_group', f'must divide model.moe.n_routed={e}'
+  elif m.mlp == 'moe' and groups > 1 and e // groups < 2:
+    yield 'model.moe.n_group', 'needs at least 2 experts a group (a group scores its best two)'
+  elif m.mlp == 'moe' and m.moe.topk_group > groups:
+    yield 'model.moe.topk_group', f'must be <= model.moe.n_group={groups}'
+  elif m.mlp == 'moe' and m.moe.top_k > m.moe.topk_group * (e // groups):
+    yield 'model.moe.top_k', 'must be <= the experts of topk_group groups'
+  if m.attention_kind == 'mla':
+    if m.mla.qk_rope_head_dim % 2:
+      yield 'model.mla.qk_rope_head_dim', 'rope needs an even width'
+    if m.position != 'rope':
+      yield 'model.position', "MLA's decoupled keys are rotary: needs model.position=rope"
+    if m.n_kv_head not in (0, m.n_head):
+      yield 'model.n_kv_head', 'MLA has no key/value head groups: leave it 0 (= n_head)'

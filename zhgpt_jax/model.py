@@ -13,15 +13,17 @@ to HuggingFace stays a table, not a puzzle.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from zhgpt_jax import attention
 from zhgpt_jax import gpt_config
 from zhgpt_jax import moe as moe_lib
+from zhgpt_jax.attention import dense as _dense, init as _init, norm as _norm
+from zhgpt_jax.attention import residual_std as _residual_std
 from zhgpt_jax.config import UserError
 from zhgpt_jax.gpt_config import GPTConfig
 
@@ -65,79 +67,6 @@ def model_config(model_cfg, vocab_size: int) -> GPTConfig:
   return dataclasses.replace(
       cfg, vocab_size=rows, real_vocab_size=vocab_size, n_kv_head=cfg.n_kv_head or cfg.n_head,
       mlp_hidden=hidden, attention=effective_attention(cfg.attention), moe=moe)
-
-
-def _init(std: float):
-  return nn.initializers.normal(stddev=std)
-
-
-def _residual_std(cfg: GPTConfig) -> float:
-  # GPT-2: each block adds two residual branches; scaling their output projections by
-  # 1/sqrt(2·n_layer) keeps the residual stream's variance flat with depth. residual_init=0
-  # starts every block as the identity, so the untrained model is a bigram model.
-  return cfg.residual_init * 0.02 / math.sqrt(2 * cfg.n_layer)
-
-
-def _dense(cfg: GPTConfig, features: int, name: str, std: float = 0.02, bias: bool | None = None):
-  return nn.Dense(features, use_bias=cfg.bias if bias is None else bias, dtype=cfg.dtype,
-                  param_dtype=jnp.float32, kernel_init=_init(std), name=name)
-
-
-def _norm(cfg: GPTConfig, name: str):
-  if cfg.norm == 'rmsnorm':
-    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=jnp.float32, name=name)
-  return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.bias, dtype=cfg.dtype,
-                      param_dtype=jnp.float32, name=name)
-
-
-def rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding, rotate-half layout (HF Llama's convention)."""
-  h = x_BxLxNxH.shape[-1]
-  inv_freq_H2 = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
-  angle_BxLxH2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_H2
-  cos_BxLx1xH = jnp.cos(jnp.concatenate([angle_BxLxH2] * 2, -1))[:, :, None, :]
-  sin_BxLx1xH = jnp.sin(jnp.concatenate([angle_BxLxH2] * 2, -1))[:, :, None, :]
-  x = x_BxLxNxH.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x * cos_BxLx1xH + rotated * sin_BxLx1xH).astype(x_BxLxNxH.dtype)
-
-
-class Attention(nn.Module):
-  cfg: GPTConfig
-  train: bool = False
-
-  @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxS, cache):
-    cfg = self.cfg
-    n, k, h = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    b, l, _ = x_BxLxD.shape
-    qkv_bias = cfg.bias or cfg.qkv_bias
-    q_BxLxNxH = _dense(cfg, n * h, 'q', bias=qkv_bias)(x_BxLxD).reshape(b, l, n, h)
-    k_BxLxKxH = _dense(cfg, k * h, 'k', bias=qkv_bias)(x_BxLxD).reshape(b, l, k, h)
-    v_BxLxKxH = _dense(cfg, k * h, 'v', bias=qkv_bias)(x_BxLxD).reshape(b, l, k, h)
-    if cfg.position == 'rope':
-      q_BxLxNxH = rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
-      k_BxLxKxH = rope(k_BxLxKxH, positions_BxL, cfg.rope_theta)
-    new_cache = None
-    if cache is not None:
-      # Decoding: write this step's keys/values at cache['index'] and attend over the buffer.
-      idx = cache['index']
-      k_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BxLxKxH.astype(cache['k'].dtype), idx, 1)
-      v_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_BxLxKxH.astype(cache['v'].dtype), idx, 1)
-      new_cache = dict(k=k_BxSxKxH, v=v_BxSxKxH, index=idx + l)
-      k_BxLxKxH, v_BxLxKxH = k_BxSxKxH, v_BxSxKxH
-    if mask_Bx1xLxS is None:
-      y_BxLxNxH = jax.nn.dot_product_attention(
-          q_BxLxNxH, k_BxLxKxH.astype(q_BxLxNxH.dtype), v_BxLxKxH.astype(q_BxLxNxH.dtype),
-          is_causal=True, implementation=cfg.attention)
-    else:
-      # Packed segments and cached decoding need an explicit mask: XLA's implementation.
-      y_BxLxNxH = jax.nn.dot_product_attention(
-          q_BxLxNxH, k_BxLxKxH.astype(q_BxLxNxH.dtype), v_BxLxKxH.astype(q_BxLxNxH.dtype),
-          mask=mask_Bx1xLxS, implementation='xla')
-    y_BxLxD = _dense(cfg, cfg.d_model, 'o', std=_residual_std(cfg))(y_BxLxNxH.reshape(b, l, n * h))
-    return nn.Dropout(cfg.dropout, deterministic=not self.train)(y_BxLxD), new_cache
 
 
 class MLP(nn.Module):
@@ -184,7 +113,9 @@ class MoE(nn.Module):
     bias_E = None
     if cfg.moe.balance == 'bias':
       bias_E = self.param('expert_bias', nn.initializers.zeros, (e,), jnp.float32)
-    gate_Nxk, idx_Nxk, scores_NxE = moe_lib.route(logits_NxE, bias_E, cfg.moe.top_k, cfg.moe.gate)
+    gate_Nxk, idx_Nxk, scores_NxE = moe_lib.route(
+        logits_NxE, bias_E, cfg.moe.top_k, cfg.moe.gate, norm_topk=cfg.moe.norm_topk,
+        scale=cfg.moe.routed_scale, n_group=cfg.moe.n_group, topk_group=cfg.moe.topk_group)
 
     weights = (self.param('w_gate', _init(0.02), (e, d, f), jnp.float32),
                self.param('w_up', _init(0.02), (e, d, f), jnp.float32),
@@ -221,7 +152,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxS, cache):
     cfg = self.cfg
-    y_BxLxD, new_cache = Attention(cfg, self.train, name='attn')(
+    y_BxLxD, new_cache = attention.layer(cfg, self.train, 'attn')(
         _norm(cfg, 'ln_1')(x_BxLxD), positions_BxL, mask_Bx1xLxS, cache)
     x_BxLxD = x_BxLxD + y_BxLxD
     h_BxLxD = _norm(cfg, 'ln_2')(x_BxLxD)
@@ -300,10 +231,9 @@ class GPT(nn.Module):
 
 
 def init_cache(cfg: GPTConfig, batch: int, size: int, dtype=jnp.float32) -> list[dict]:
-  """An empty key/value cache of `size` slots per layer."""
-  shape = (batch, size, cfg.n_kv_head, cfg.head_dim)
-  return [dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), index=jnp.int32(0))
-          for _ in range(cfg.n_layer)]
+  """An empty KV cache of `size` slots per layer (attention.init_cache: its entries follow
+  cfg.attention_kind)."""
+  return attention.init_cache(cfg, batch, size, dtype)
 
 
 def init_params(cfg: GPTConfig, rng: jax.Array) -> Any:

@@ -35,24 +35,37 @@ EXPERT_AXIS = 'expert'
 MIN_CAPACITY = 32
 
 
-def route(logits_NxE, bias_E, top_k: int, gate: str):
+def route(logits_NxE, bias_E, top_k: int, gate: str, norm_topk: bool = True,
+          scale: float = 1.0, n_group: int = 1, topk_group: int = 1):
   """Gate values [N, k] and expert ids [N, k] of each token's top-k, and the scores [N, E].
 
   The bias (None = none) shifts only which experts are chosen; the gates are the
-  unbiased scores (sigmoid scores renormalised over the chosen k, as in DeepSeek-V3).
+  unbiased scores (sigmoid scores renormalised over the chosen k when `norm_topk`, as in
+  DeepSeek-V3), times `scale`. With n_group > 1 a token first keeps its topk_group best
+  groups (a group's score: the sum of its best two biased scores) and chooses its k among
+  their experts only: transformers' DeepseekV3TopkRouter, step for step.
   """
   logits_NxE = logits_NxE.astype(jnp.float32)
   if gate == 'softmax':
     scores_NxE = jax.nn.softmax(logits_NxE, axis=-1)
   else:
     scores_NxE = jax.nn.sigmoid(logits_NxE)
-  choice_NxE = scores_NxE
+  choice_NxE = jax.lax.stop_gradient(scores_NxE)
   if bias_E is not None:
-    choice_NxE = scores_NxE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
-  _, idx_Nxk = jax.lax.top_k(jax.lax.stop_gradient(choice_NxE), top_k)
+    choice_NxE = choice_NxE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
+  if n_group > 1:
+    n, e = choice_NxE.shape
+    choice_NxGxM = choice_NxE.reshape(n, n_group, e // n_group)
+    group_NxG = jnp.sum(jax.lax.top_k(choice_NxGxM, 2)[0], axis=-1)
+    _, keep_NxT = jax.lax.top_k(group_NxG, topk_group)
+    kept_NxG = jnp.any(jax.nn.one_hot(keep_NxT, n_group, dtype=bool), axis=1)
+    choice_NxE = jnp.where(kept_NxG[:, :, None], choice_NxGxM, -jnp.inf).reshape(n, e)
+  _, idx_Nxk = jax.lax.top_k(choice_NxE, top_k)
   gate_Nxk = jnp.take_along_axis(scores_NxE, idx_Nxk, axis=-1)
-  if gate == 'sigmoid':  # sigmoid scores are independent: renormalise the chosen k
+  if gate == 'sigmoid' and norm_topk:  # sigmoid scores are independent: renormalise the chosen k
     gate_Nxk = gate_Nxk / jnp.sum(gate_Nxk, axis=-1, keepdims=True)
+  if scale != 1.0:
+    gate_Nxk = gate_Nxk * scale
   return gate_Nxk, idx_Nxk, scores_NxE
 
 
