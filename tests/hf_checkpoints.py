@@ -56,11 +56,15 @@ def _randomize(model, seed):
         p.copy_(1 + 0.1 * torch.randn_like(p))
       else:
         p.copy_(0.3 * torch.randn_like(p))
+    for name, b in model.named_buffers():   # DeepSeek-V3's routing bias is a buffer
+      if name.endswith('e_score_correction_bias'):
+        b.copy_(0.1 * torch.randn_like(b))
   return model
 
 
 def build(kind: str, directory: str, texts: list[str]) -> str:
-  """Saves checkpoint `kind` (gpt2, gpt2_bert, llama, qwen2, qwen2_moe) to `directory`."""
+  """Saves checkpoint `kind` (gpt2, gpt2_bert, llama, qwen2, qwen2_moe, deepseek_v3,
+  deepseek_v3_q) to `directory`."""
   import transformers as T
   fast = T.PreTrainedTokenizerFast
   if kind == 'gpt2':          # tied, byte-level BPE with only <|endoftext|>
@@ -98,6 +102,21 @@ def build(kind: str, directory: str, texts: list[str]) -> str:
       model = T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
           shared_expert_intermediate_size=64, norm_topk_prob=False, **common))
+  elif kind in ('deepseek_v3', 'deepseek_v3_q'):   # MLA (with a query latent: _q), MoE
+    bos, eos = '<｜begin▁of▁sentence｜>', '<｜end▁of▁sentence｜>'   # DeepSeek's own names
+    tok = fast(tokenizer_object=_byte_bpe(texts, 500, [bos, eos]), bos_token=bos,
+               eos_token=eos)
+    # 3 layers, the first dense; 8 routed experts (top-2) + 1 shared; sigmoid router with
+    # the correction bias, renormalised gates x 2.5; groups 1/1, or 2/1 to test grouping.
+    model = T.DeepseekV3ForCausalLM(T.DeepseekV3Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True,
+        n_group=2 if kind == 'deepseek_v3' else 1, topk_group=1,
+        q_lora_rank=48 if kind == 'deepseek_v3_q' else None, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, max_position_embeddings=256,
+        rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1))
   else:
     raise ValueError(kind)
   _randomize(model, seed=len(kind)).save_pretrained(directory)

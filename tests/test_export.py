@@ -25,6 +25,10 @@ TEXTS = ['村民们都很高兴，今天的天气很好。',
          '小明喜欢在公园里跑步和读书。'] * 3
 
 ROPE = dict(position='rope', norm='rmsnorm', bias=False)
+MLA = dict(q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+           v_head_dim=24)
+DEEPSEEK_MOE = dict(n_routed=8, top_k=2, gate='sigmoid', balance='bias', routed_scale=2.5,
+                    n_group=2, topk_group=1, first_dense=1, capacity_factor=0)
 VARIANTS = {
     'gpt2_untied': (dict(tie_embeddings=False), 'GPT2LMHeadModel'),
     'llama_untied': (dict(ROPE, mlp='swiglu', n_kv_head=2, tie_embeddings=False),
@@ -46,6 +50,18 @@ VARIANTS = {
     'moe_shared0_first_dense': (dict(ROPE, mlp='moe', moe=dict(n_routed=4, top_k=2, n_shared=0,
                                                                first_dense=1)),
                                 'Qwen2MoeForCausalLM'),
+    # DeepSeek-V3: MLA with a query latent; 3 layers, the first dense; the sigmoid router with
+    # its bias, scaled gates and 2 groups (capacity 0: HF never drops a token either).
+    'deepseek_v3': (dict(ROPE, mlp='moe', n_layer=3, attention_kind='mla', mla=MLA,
+                         moe=dict(DEEPSEEK_MOE, n_shared=1)), 'DeepseekV3ForCausalLM'),
+    # MLA without a query latent over dense SwiGLU layers: first_k_dense_replace = n_layer.
+    'deepseek_v3_dense': (dict(ROPE, mlp='swiglu', attention_kind='mla',
+                               mla=dict(MLA, q_lora_rank=0)), 'DeepseekV3ForCausalLM'),
+    # The same router over GQA with q/k/v biases, balanced by the aux loss (zero bias),
+    # gates not renormalised, no shared expert: Glm4-MoE.
+    'glm4_moe': (dict(ROPE, mlp='moe', n_kv_head=2, qkv_bias=True, tie_embeddings=False,
+                      moe=dict(DEEPSEEK_MOE, balance='aux', norm_topk=False, n_shared=0)),
+                 'Glm4MoeForCausalLM'),
 }
 
 
@@ -176,7 +192,7 @@ def test_variant_matches_hf_and_round_trips(variant, tmp_path):
   cfg2, params2 = E.import_hf(out)
   assert cfg2 == cfg
   assert_params_equal(params2, params)
-  if arch == 'Qwen2MoeForCausalLM':
+  if cfg.mlp == 'moe':
     # What transformers itself writes imports too: per-expert tensors and the fused layout.
     for original in (True, False):
       again = str(tmp_path / f'saved_{original}')

@@ -111,12 +111,12 @@ def test_grouped_auto_picks_per_backend():
 
 
 def test_deepseek_preset_sparse_equals_dense():
-  """configs/moe.py:deepseek (MLA, 64 experts in 8 groups, scaled gates, the routing bias):
+  """configs/moe.py:deepseek's layers (MLA, 64 experts in 8 groups, scaled gates, the bias):
   sparse dispatch with a capacity that never drops gives dense dispatch's logits and
   gradients (1e-5, relative)."""
   from configs import moe as moe_configs
   c = moe_configs.get_config('deepseek')
-  c.model.update(seq_len=16, vocab_size=0, vocab_multiple=64)
+  c.model.update(seq_len=16, vocab_size=0, vocab_multiple=64, n_layer=2)   # 1 dense, 1 MoE
   c.model.moe.capacity_factor = 0
   sparse = M.model_config(c.model, 300)
   assert sparse.attention_kind == 'mla' and sparse.moe_n_group == 8

@@ -2,7 +2,8 @@
 
 Each checkpoint of hf_checkpoints.py (GPT-2 tied; GPT-2 with a BERT WordPiece tokenizer and
 a vocab not a multiple of 128; Llama GQA untied; Qwen2 q/k/v bias tied with a padded vocab;
-Qwen2-MoE) goes through what a user does: configs/tiny.py with init_from=hf:DIR and no model
+Qwen2-MoE; DeepSeek-V3 without and with a query latent, pretraining only) goes through what
+a user does: configs/tiny.py with init_from=hf:DIR and no model
 overrides trains 20 steps on the corpus cut by DIR's tokenizer, samples and exports; then
 configs/sft.py fine-tunes it 20 steps (adding the ChatML tokens where missing) and exports a
 chat model. Stock transformers loads both exports and must agree with us.
@@ -33,9 +34,14 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = ('gpt2', 'gpt2_bert', 'llama', 'qwen2', 'qwen2_moe')
+SFT_KINDS = ('gpt2', 'gpt2_bert', 'llama', 'qwen2', 'qwen2_moe')
+# DeepSeek-V3's architecture (MLA without and with a query latent, 3 layers, the first dense,
+# 8 routed + 1 shared experts, the sigmoid router with its correction bias): pretraining only.
+DEEPSEEK = ('deepseek_v3', 'deepseek_v3_q')
+KINDS = SFT_KINDS + DEEPSEEK
 ARCH = dict(gpt2='GPT2LMHeadModel', gpt2_bert='GPT2LMHeadModel', llama='LlamaForCausalLM',
-            qwen2='Qwen2ForCausalLM', qwen2_moe='Qwen2MoeForCausalLM')
+            qwen2='Qwen2ForCausalLM', qwen2_moe='Qwen2MoeForCausalLM',
+            deepseek_v3='DeepseekV3ForCausalLM', deepseek_v3_q='DeepseekV3ForCausalLM')
 TEXT = '村民们都很高兴，今天的天气很好。我们一起去北京看看长城吧！中国人民在春节的时候回家团聚。'
 REVIEW = '判断这条商品评论的情感（正面/负面）：物流很快，质量也不错，推荐购买。'
 # Not model fields: a small corpus, few steps and small batches, so five runs fit the CI.
@@ -94,6 +100,8 @@ def _our_logits(cfg, params, ids):
 def _pipeline(kind: str, root, corpus_dir: str, chat_path: str) -> dict:
   hf_dir = H.build(kind, str(root / 'hf'), H.corpus_texts(corpus_dir))
   values = dict(QUICK, **{'data.corpus': corpus_dir, 'init_from': f'hf:{hf_dir}'})
+  if kind in DEEPSEEK:   # a compute field: expert blocks that never drop a token, as in HF
+    values['model.moe.capacity_factor'] = 0.0
   config = _override(tiny.get_config(), values)
   out = dict(hf_dir=hf_dir, workdir=str(root / 'run'), sft_workdir=str(root / 'sft'))
 
@@ -103,7 +111,7 @@ def _pipeline(kind: str, root, corpus_dir: str, chat_path: str) -> dict:
   ids = run.tokenizer.encode(TEXT).ids[:run.cfg.seq_len]
   out['step0'] = (_our_logits(run.cfg, params, ids), H.hf_logits(hf_dir, np.array([ids]))[0])
 
-  if kind == 'gpt2':   # one run through the command line exactly as a user types it
+  if kind in ('gpt2', 'deepseek_v3_q'):   # through the command line exactly as a user types it
     args = [f'--config.{k}={v}' for k, v in values.items()]
     done = subprocess.run([sys.executable, 'main.py', '--config', 'configs/tiny.py',
                            '--workdir', out['workdir'], *args], cwd=ROOT, capture_output=True,
@@ -112,6 +120,8 @@ def _pipeline(kind: str, root, corpus_dir: str, chat_path: str) -> dict:
   else:
     train.train_and_evaluate(config, out['workdir'])
   out['export'] = export.export_workdir(out['workdir'], str(root / 'export'))
+  if kind in DEEPSEEK:
+    return out
 
   chat = _override(sft_config.get_config(), dict(values, **SFT, **{'sft.data': chat_path}))
   out['sft_eval'] = train.train_and_evaluate(chat, out['sft_workdir'], sft.make_task)
@@ -147,7 +157,12 @@ def test_trains_on_the_checkpoints_own_tokenizer(runs, kind):
     hf = json.load(f)
   saved = checkpoint.load_config(r['workdir'])
   assert saved.model.d_model == hf.get('n_embd', hf.get('hidden_size')) == 64
-  assert saved.model.n_layer == 2 and saved.model.vocab_size == hf['vocab_size']
+  assert saved.model.n_layer == hf.get('n_layer', hf.get('num_hidden_layers')) != 4
+  assert saved.model.vocab_size == hf['vocab_size']
+  if kind in DEEPSEEK:
+    assert saved.model.attention_kind == 'mla' and saved.model.moe.gate == 'sigmoid'
+    assert saved.model.mla.q_lora_rank == (hf['q_lora_rank'] or 0)
+    assert saved.model.moe.routed_scale == 2.5 and saved.model.moe.balance == 'bias'
   # The workdir's copy of the tokenizer is tokenizer files only.
   assert set(os.listdir(os.path.join(r['workdir'], 'tokenizer'))) <= set(T.TOKENIZER_FILES)
   assert T.tokenizer_hash(os.path.join(r['workdir'], 'tokenizer')) == meta['tokenizer_hash']
@@ -192,7 +207,20 @@ def test_export_loads_in_transformers_with_equal_logits_and_greedy(runs, kind):
   assert ARCH[kind] in card and 'bpc' in card and '20 steps' in card
 
 
-@pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.parametrize('kind', DEEPSEEK)
+def test_deepseek_export_imports_exactly(runs, kind):
+  """The trained DeepSeek-V3 model, exported and imported: the same model, bit for bit
+  (the routing bias and the rotary columns' interleaved layout included)."""
+  r = runs(kind)
+  cfg, params, _, _, _ = checkpoint.load_model(r['workdir'])
+  cfg2, params2 = export.import_hf(r['export'])
+  assert cfg2 == cfg
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert jax.tree.structure(params) == jax.tree.structure(params2)
+
+
+@pytest.mark.parametrize('kind', SFT_KINDS)
 def test_sft_adds_chatml_and_the_chat_export_stops_at_im_end(runs, kind):
   r = runs(kind)
   src = T.load_tokenizer(r['hf_dir'])

@@ -270,6 +270,36 @@ def test_engine_serves_moe_with_ragged_dot_experts():
   assert got == want and got[0] != got[1]
 
 
+def test_deepseek_preset_serves_what_main_py_sample_writes(tiny_data, tmp_path):
+  """configs/moe.py:deepseek (MLA, whose cache rows are its latent and rotary key; the
+  sigmoid MoE with its routing bias) through `main.py serve`: greedy replies equal sample.py's
+  (what `main.py sample` prints), one request at a time and three at once."""
+  from configs import moe as moe_configs
+  config = moe_configs.get_config('deepseek')
+  config.data.cache_dir = tiny_data.data_dir
+  workdir = random_workdir(config, os.path.join(tiny_data.data_dir, 'tokenizer'),
+                           str(tmp_path / 'model'))
+  cfg, params, tokenizer, config, _ = checkpoint.load_model(workdir)
+  assert cfg.attention_kind == 'mla' and cfg.mlp == 'moe'
+  config.sample.update(temperature=0.0, max_new_tokens=12)
+  want = [sample.generate_text(cfg, params, tokenizer, [p], config.sample)[0] for p in PROMPTS[:3]]
+  assert len(set(want)) == 3 and all(len(w) > 3 for w in want)
+  server = Served(workdir)
+  try:
+    client = openai.OpenAI(base_url=f'{server.url}/v1', api_key='none', max_retries=0, timeout=60)
+    got = [complete(client, p, max_tokens=12).choices[0].text for p in PROMPTS[:3]]
+    together = [None] * 3
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(
+        i, complete(client, PROMPTS[i], max_tokens=12).choices[0].text)) for i in range(3)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join(120)
+  finally:
+    server.close()
+  assert got == want and together == want
+
+
 # ---------------------------------------------------------------- bad requests
 
 def post(server, path, body, key=API_KEY, content_type='application/json'):
