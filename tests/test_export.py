@@ -203,7 +203,10 @@ def test_variant_matches_hf_and_round_trips(variant, tmp_path):
 
 
 @pytest.mark.parametrize('overrides, fields', [
-    (dict(ROPE, mlp='moe', moe=dict(n_routed=4, gate='sigmoid')), ['moe.gate']),
+    (dict(ROPE, mlp='moe', moe=dict(n_routed=4, gate='sigmoid', balance='bias', every=2)),
+     ['moe.every']),                                                # Glm4-MoE: MoE every layer
+    (dict(ROPE, mlp='moe', attention_kind='mla', moe=dict(n_routed=4)), ['moe.gate']),
+    (dict(ROPE, mlp='gelu', attention_kind='mla'), ['mlp']),        # MLA + GELU
     (dict(position='rope'), ['position']),                          # rope + gelu
     (dict(mlp='swiglu', norm='rmsnorm', bias=False), ['position']),  # learned + swiglu
     (dict(position='rope', mlp='swiglu', bias=True), ['norm']),     # LayerNorm with biases

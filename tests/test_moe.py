@@ -119,8 +119,8 @@ def test_deepseek_preset_sparse_equals_dense():
   c.model.update(seq_len=16, vocab_size=0, vocab_multiple=64, n_layer=2)   # 1 dense, 1 MoE
   c.model.moe.capacity_factor = 0
   sparse = M.model_config(c.model, 300)
-  assert sparse.attention_kind == 'mla' and sparse.moe_n_group == 8
-  dense = dataclasses.replace(sparse, moe_dispatch='dense')
+  assert sparse.attention_kind == 'mla' and sparse.moe.n_group == 8
+  dense = dataclasses.replace(sparse, moe=dataclasses.replace(sparse.moe, dispatch='dense'))
   params = M.init_params(sparse, jax.random.PRNGKey(1))
   rng = np.random.default_rng(0)
   for i in sparse.moe_layers():   # a bias that changes the choice

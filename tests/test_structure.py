@@ -148,13 +148,14 @@ def test_one_list_of_parameter_fields():
   """What init_from=hf:DIR writes into config.model is every parameter field but the two it
   fits: gpt_config's kinds stay the one list."""
   from zhgpt_jax import gpt_config, model, pretrained
-  moe = model.model_config(_config_file('moe').model, 300)
-  written = set(pretrained.shape_paths(moe))
+  deepseek = model.model_config(_config_file('moe:deepseek').model, 300)   # every group used
+  written = set(pretrained.shape_paths(deepseek))
   assert written | set(pretrained.FITTED) == set(gpt_config.param_paths())
   kinds = {p: f.metadata['kind'] for p, f in gpt_config.fields()}
   assert {kinds[p] for p in written} == {gpt_config.PARAM}
   dense = model.model_config(_config_file('tiny').model, 300)
-  assert set(pretrained.shape_paths(dense)) == {p for p in written if not p.startswith('moe.')}
+  assert set(pretrained.shape_paths(dense)) == {
+      p for p in written if not p.startswith(('moe.', 'mla.'))}
 
 
 # `main.py prepare` and the pool workers of prepare and of the SFT rows import these.

@@ -25,6 +25,7 @@ from safetensors.numpy import load_file, save_file
 from zhgpt_jax import files
 from zhgpt_jax import export_files
 from zhgpt_jax import gpt_config
+from zhgpt_jax import hf_deepseek  # noqa: F401  (registers DeepseekV3 and Glm4-MoE)
 from zhgpt_jax.config import UserError
 from zhgpt_jax.hf_classes import CLASSES, Checkpoint, HFClass, _same, by_name
 from zhgpt_jax.model import GPTConfig, effective_attention, init_params
@@ -33,7 +34,9 @@ _EXTRA_KEY = 'zhgpt_jax'
 
 
 def _misses(entry: HFClass, cfg: GPTConfig) -> dict:
-  miss = {k: v for k, v in entry.needs.items() if gpt_config.get(cfg, k) != v}
+  # Latent attention is DeepSeek's: a class needs multi-head attention unless it says otherwise.
+  needs = {'attention_kind': 'mha', **entry.needs}
+  miss = {k: v for k, v in needs.items() if gpt_config.get(cfg, k) != v}
   return {**miss, **(entry.check(cfg) if entry.check else {})}
 
 
@@ -47,8 +50,10 @@ def hf_architecture(cfg: GPTConfig) -> str:
     misses[name] = _misses(entry, cfg)
     if not misses[name]:
       return name
-  # Nearest: fewest mismatches, and the MLP kind decides ties (an MoE is never a Llama).
-  arch, miss = min(misses.items(), key=lambda kv: (len(kv[1]), 'mlp' in kv[1]))
+  # Nearest: fewest mismatches; the MLP kind, then the attention kind, decides ties (an MoE
+  # is never a Llama, an MLA model never a Qwen2-MoE).
+  arch, miss = min(misses.items(), key=lambda kv: (len(kv[1]), 'mlp' in kv[1],
+                                                   'attention_kind' in kv[1]))
   have = ', '.join(f'{k}={gpt_config.get(cfg, k)!r}' for k in miss)
   need = ', '.join(f'{k}={v!r}' for k, v in miss.items())
   why = ''.join(f' ({CLASSES[arch].why[k]})' for k in miss if k in CLASSES[arch].why)
