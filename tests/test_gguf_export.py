@@ -231,6 +231,9 @@ def test_refusals_are_one_line(tok_dir, tmp_path):
       'every': (dict(MOE, moe=dict(every=2)), 'model.moe.every=2'),
       'gated_first_dense': (dict(MOE, moe=dict(shared_gate=True, first_dense=1)), 'first_dense'),
       'rope_gelu': (dict(position='rope', norm='rmsnorm', mlp='gelu'), 'position=rope'),
+      'mla': (dict(position='rope', norm='rmsnorm', mlp='swiglu', attention_kind='mla'),
+              'attention_kind=mla'),
+      'scaled_gates': (dict(MOE, moe=dict(gate='sigmoid', routed_scale=2.5)), 'routed_scale=2.5'),
   }
   for overrides, words in refused.values():
     cfg, flat = model(tok_dir, overrides)

@@ -56,6 +56,14 @@ def architecture(cfg: GPTConfig) -> str:
       raise UserError('GGUF: llama.cpp\'s gpt2 has no grouped-query attention '
                       f'(model.n_kv_head={cfg.n_kv_head} != n_head={cfg.n_head}); not exported')
     return 'gpt2'
+  if cfg.attention_kind == 'mla':
+    raise UserError('GGUF: multi-head latent attention (model.attention_kind=mla) is llama.cpp\'s '
+                    'deepseek2, not written here: export to HuggingFace (DeepseekV3ForCausalLM) '
+                    'and convert that; not exported')
+  if cfg.mlp == 'moe' and (cfg.moe.n_group > 1 or cfg.moe.routed_scale != 1.0):
+    raise UserError(f'GGUF: group-limited routing or scaled gates (model.moe.n_group='
+                    f'{cfg.moe.n_group}, routed_scale={cfg.moe.routed_scale}) are not written '
+                    'here; not exported')
   if cfg.position != 'rope' or cfg.norm != 'rmsnorm' or cfg.mlp not in ('swiglu', 'moe'):
     raise UserError(f'GGUF: no llama.cpp architecture computes position={cfg.position}, '
                     f'norm={cfg.norm}, mlp={cfg.mlp} (gpt2 is learned+layernorm+gelu, the '
@@ -259,7 +267,8 @@ def _metadata(writer, cfg: GPTConfig, arch: str, vocab: dict, gguf_type: str, ru
       writer.add_leading_dense_block_count(cfg.moe.first_dense)
       writer.add_expert_weights_scale(1.0)
     if arch == 'glm4moe':
-      writer.add_expert_weights_norm(cfg.moe.gate == 'sigmoid')   # ours renormalises sigmoid's k
+      # ours renormalises sigmoid's k (moe.norm_topk)
+      writer.add_expert_weights_norm(cfg.moe.gate == 'sigmoid' and cfg.moe.norm_topk)
       writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if cfg.moe.gate == 'sigmoid'
                                     else gguf.ExpertGatingFuncType.SOFTMAX)
     else:
