@@ -110,6 +110,7 @@ def test_grouped_auto_picks_per_backend():
   assert moe.grouped_impl('capacity', 'gpu') == 'capacity'
 
 
+@pytest.mark.slow   # compiles the preset's layers twice, with gradients
 def test_deepseek_preset_sparse_equals_dense():
   """configs/moe.py:deepseek's layers (MLA, 64 experts in 8 groups, scaled gates, the bias):
   sparse dispatch with a capacity that never drops gives dense dispatch's logits and
