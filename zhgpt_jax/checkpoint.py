@@ -17,7 +17,6 @@ permission) raises `SaveError` naming the step, the cause and the last good chec
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pathlib
 import shutil
@@ -57,29 +56,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return load_config_json(os.path.join(workdir, 'config.json'))
 
 
-def refuse_run_target(target: str, workdir: str | None = None, walk: bool = False) -> None:
-  """Raises UserError when writing over `target` could lose a run: it is, holds or is inside
-  `workdir`, or it or a directory above it holds checkpoints/ (with `walk`, also below it)."""
-  out = os.path.realpath(target)
-  if workdir is not None:
-    src = os.path.realpath(workdir)
-    if out == src or out.startswith(src + os.sep) or src.startswith(out.rstrip(os.sep) + os.sep):
-      raise UserError(f'export target {target} is, contains or is inside the workdir '
-                      f'{workdir}; choose a directory outside it')
-  path = out
-  while True:
-    if os.path.isdir(os.path.join(path, 'checkpoints')):
-      raise UserError(f'export target {target} is or is inside the workdir {path} (it holds '
-                      'checkpoints); choose a directory outside it')
-    if os.path.dirname(path) == path:
-      break
-    path = os.path.dirname(path)
-  for d, dirs, _ in os.walk(out) if walk else ():
-    if 'checkpoints' in dirs:
-      raise UserError(f'export target {target} holds a run ({os.path.join(d, "checkpoints")}); '
-                      'not replacing it')
-
-
 def check_compatible(saved_cfg, cfg, saved_tok_hash: str, tok_hash: str) -> None:
   """Raises UserError naming every difference a resume cannot absorb: a parameter field of
   the two models' GPTConfigs (`model.param_diffs`), or the tokenizer. A key a run saved
@@ -105,39 +81,6 @@ def one_line(e: BaseException) -> str:
       return cause
   text = ' '.join(text.split())
   return f'{type(e).__name__}: {text[:200]}' if text else type(e).__name__
-
-
-class _QuietOrbax(logging.Filter):
-  """Drops orbax's own log records: its failures come back to us as exceptions."""
-
-  def filter(self, record):
-    return '/orbax/' not in record.pathname.replace(os.sep, '/')
-
-
-def _without_closed_loop_errors(default, exc_of):
-  """`default` (sys.excepthook or sys.unraisablehook), silent on 'Event loop is closed': what
-  tensorstore's callbacks, still running after orbax gave up on a damaged file, print. The
-  failure itself reaches us as an exception already."""
-  def hook(*args):
-    exc = exc_of(*args)
-    if not (isinstance(exc, RuntimeError) and 'Event loop is closed' in str(exc)):
-      default(*args)
-  hook.quiet = True
-  return hook
-
-
-def _quiet_orbax():
-  if not getattr(sys.excepthook, 'quiet', False):
-    sys.excepthook = _without_closed_loop_errors(sys.excepthook, lambda kind, value, tb: value)
-  if not getattr(sys.unraisablehook, 'quiet', False):
-    sys.unraisablehook = _without_closed_loop_errors(sys.unraisablehook, lambda u: u.exc_value)
-  for name in ('absl', ''):
-    logger = logging.getLogger(name)
-    if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
-      logger.addFilter(_QuietOrbax())
-  for handler in logging.getLogger().handlers + logging.getLogger('absl').handlers:
-    if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
-      handler.addFilter(_QuietOrbax())
 
 
 def _files(step_dir: str) -> list[str]:
@@ -185,7 +128,6 @@ class Checkpointer:
   """Saves every `ckpt_every` steps; keeps the last `keep` and the best by val loss."""
 
   def __init__(self, workdir: str, keep: int, async_save: bool = True):
-    _quiet_orbax()
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, 'checkpoints')
     if os.path.exists(self.directory) and not os.path.isdir(self.directory):

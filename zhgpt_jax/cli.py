@@ -16,6 +16,7 @@ errors are turned into that line here.
 Any other exception is a bug in zhgpt-jax or a library and keeps its traceback (exit 1).
 """
 
+import logging as std_logging
 import os
 import re
 import sys
@@ -159,12 +160,49 @@ def _packaged_config(config_path: str) -> str | None:
   return found + sep + arg if os.path.isfile(found) else None
 
 
+class _QuietOrbax(std_logging.Filter):
+  """Drops orbax's own log records: its failures come back to us as exceptions."""
+
+  def filter(self, record):
+    return '/orbax/' not in record.pathname.replace(os.sep, '/')
+
+
+def _without_closed_loop_errors(default, exc_of):
+  """`default` (sys.excepthook or sys.unraisablehook), silent on 'Event loop is closed': what
+  tensorstore's callbacks, still running after orbax gave up on a damaged file, print. The
+  failure itself reaches us as an exception already."""
+  def hook(*args):
+    exc = exc_of(*args)
+    if not (isinstance(exc, RuntimeError) and 'Event loop is closed' in str(exc)):
+      default(*args)
+  hook.quiet = True
+  return hook
+
+
+def quiet_orbax() -> None:
+  """Interpreter-wide, once at start-up (`main`): orbax's own log records dropped, and the
+  'Event loop is closed' noise of tensorstore's late callbacks silenced (our checkpoint code
+  gets every failure as an exception). Calling it again changes nothing."""
+  if not getattr(sys.excepthook, 'quiet', False):
+    sys.excepthook = _without_closed_loop_errors(sys.excepthook, lambda kind, value, tb: value)
+  if not getattr(sys.unraisablehook, 'quiet', False):
+    sys.unraisablehook = _without_closed_loop_errors(sys.unraisablehook, lambda u: u.exc_value)
+  for name in ('absl', ''):
+    logger = std_logging.getLogger(name)
+    if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
+      logger.addFilter(_QuietOrbax())
+  for handler in std_logging.getLogger().handlers + std_logging.getLogger('absl').handlers:
+    if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
+      handler.addFilter(_QuietOrbax())
+
+
 def main(argv):
   command = argv[1] if len(argv) > 1 else 'train'
   if command not in COMMANDS or len(argv) > 2:
     _fail(f'unknown command {" ".join(argv[1:])!r}; expected one of {", ".join(COMMANDS)}')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
+  quiet_orbax()
   config = _CONFIG.value
   if config is None and FLAGS.workdir:
     _fail(f'--config is required: --workdir {FLAGS.workdir} is not a saved run (no config.json)')

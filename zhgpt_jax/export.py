@@ -141,8 +141,8 @@ def _flat_params(cfg: GPTConfig, params) -> dict[str, np.ndarray]:
 
 
 def _check_out_dir(out_dir: str, overwrite: bool, workdir: str | None = None) -> None:
-  from zhgpt_jax import checkpoint   # a run (or a directory holding one) is never replaced
-  checkpoint.refuse_run_target(out_dir, workdir, walk=overwrite)
+  # a run (or a directory holding one) is never replaced
+  export_files.refuse_run_target(out_dir, workdir, walk=overwrite)
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise UserError(f'export target {out_dir} exists and is not a directory')
   if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:

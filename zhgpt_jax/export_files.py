@@ -1,5 +1,6 @@
 """What an export writes beside the weights: the tokenizer files with their chat template,
-generation_config.json, and the model card README.md.
+generation_config.json, and the model card README.md; and where an export may write
+(`refuse_run_target`: never over a run), for every export format.
 
 Pure functions of the model config, the tokenizer directory and what the run recorded; export.py
 calls them while it fills its temporary directory.
@@ -27,6 +28,29 @@ def transformers_version() -> str:
     return metadata.version('transformers')
   except Exception:  # pylint: disable=broad-except  (not installed: export needs no torch)
     return VERIFIED_TRANSFORMERS
+
+
+def refuse_run_target(target: str, workdir: str | None = None, walk: bool = False) -> None:
+  """Raises UserError when writing over `target` could lose a run: it is, holds or is inside
+  `workdir`, or it or a directory above it holds checkpoints/ (with `walk`, also below it)."""
+  out = os.path.realpath(target)
+  if workdir is not None:
+    src = os.path.realpath(workdir)
+    if out == src or out.startswith(src + os.sep) or src.startswith(out.rstrip(os.sep) + os.sep):
+      raise UserError(f'export target {target} is, contains or is inside the workdir '
+                      f'{workdir}; choose a directory outside it')
+  path = out
+  while True:
+    if os.path.isdir(os.path.join(path, 'checkpoints')):
+      raise UserError(f'export target {target} is or is inside the workdir {path} (it holds '
+                      'checkpoints); choose a directory outside it')
+    if os.path.dirname(path) == path:
+      break
+    path = os.path.dirname(path)
+  for d, dirs, _ in os.walk(out) if walk else ():
+    if 'checkpoints' in dirs:
+      raise UserError(f'export target {target} holds a run ({os.path.join(d, "checkpoints")}); '
+                      'not replacing it')
 
 
 def special_ids(tokenizer_dir: str | None, cfg: GPTConfig) -> tuple[dict, tuple[int, ...]]:

@@ -357,7 +357,7 @@ def export_workdir(workdir: str, out: str, gguf_type: str = 'f32', overwrite: bo
     raise UserError(f'export target {out} is a directory; name the .gguf file to write')
   if os.path.exists(out) and not overwrite:
     raise UserError(f'export target {out} exists (pass --overwrite)')
-  checkpoint.refuse_run_target(out, workdir)
+  export_files.refuse_run_target(out, workdir)
   cfg, params, tok, config, meta = checkpoint.load_model(workdir, step)
   architecture(cfg)   # refuse before reading anything else
   flat = {k: np.asarray(v, np.float32)
