@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from zhgpt_jax import chat_format, chat_shards, formats, scan
+from zhgpt_jax import chat_format, chat_shards, formats, pool
 from zhgpt_jax import tokenizer as tokenizer_lib
 from zhgpt_jax.config import default_config
 
@@ -118,7 +118,7 @@ def test_second_start_maps_the_cache_without_tokenizing(tmp_path, tok_dir, monke
   def no_tokenizing(*args, **kwargs):
     raise AssertionError('the second start started a tokenizer pool')
   with monkeypatch.context() as m:
-    m.setattr(scan, 'worker_pool', no_tokenizing)
+    m.setattr(pool, 'worker_pool', no_tokenizing)
     again, meta2, reused2 = chat_shards.cached_rows(config, data, tok)
   assert reused2 and meta2 == meta
   assert {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns

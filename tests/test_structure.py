@@ -159,7 +159,8 @@ def test_one_list_of_parameter_fields():
 
 
 # `main.py prepare` and the pool workers of prepare and of the SFT rows import these.
-PREPARE_PATH = ('shards', 'scan', 'encode', 'peek', 'chat_format', 'chat_shards', 'pretrained')
+PREPARE_PATH = ('shards', 'pool', 'scan', 'encode', 'peek', 'chat_format', 'chat_shards',
+                'pretrained')
 
 
 def test_the_prepare_path_never_imports_jax():

@@ -12,7 +12,7 @@ data.val_fraction and CODE_VERSION. A later start with the same key memory-maps 
 The first start streams, so its memory does not grow with the chat set beyond ~60 bytes a
 conversation (the lengths, splits and hashes that packing needs):
   1. the files are cut into blocks (~1 MiB of input, `formats.file_parts`) that a pool of
-     processes on every core (`scan.worker_pool`, as `prepare` uses) parses, tokenizes and
+     processes on every core (`pool.worker_pool`, as `prepare` uses) parses, tokenizes and
      fits (`chat_format.fitted_conversations`); each conversation's ids and weights are
      appended, in file order, to two scratch files, and its length, split and hash kept;
   2. best-fit decreasing packs each split from those lengths (`chat_format.pack_members`,
@@ -36,7 +36,7 @@ import numpy as np
 import tqdm
 
 from zhgpt_jax import files
-from zhgpt_jax import chat_format, formats, scan
+from zhgpt_jax import chat_format, formats, pool
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.chat_format import ChatEncoder, SftStats
 from zhgpt_jax.config import disk_errors
@@ -70,7 +70,7 @@ def row_dtype(bound: int) -> np.dtype:
 def _encode_block(part: formats.Part, max_tokens: int, policy: str, val_fraction: float,
                   dtype: str) -> dict:
   """A pool worker's fitted conversations of one Part of a chat file, as arrays."""
-  state = scan.worker_state()
+  state = pool.worker_state()
   if state.get('chat_tok') is not state['tok']:   # the tokenizer of this pool
     state['chat'], state['chat_tok'] = ChatEncoder(state['tok']), state['tok']
   stats = SftStats()
@@ -101,10 +101,10 @@ def _tokenize(config, tokenizer_json: str, tmp: str, dtype: np.dtype, progress: 
 
   with open(os.path.join(tmp, 'tokens.bin'), 'wb') as tokens, \
       open(os.path.join(tmp, 'weights.bin'), 'wb') as weights, \
-      scan.worker_pool(config, tokenizer_json) as submit, \
+      pool.worker_pool(config, tokenizer_json) as submit, \
       tqdm.tqdm(total=sum(os.path.getsize(p) for p in paths), unit='B', unit_scale=True,
                 disable=not progress, desc='sft data') as bar:
-    for size, out in scan.ordered(submit, _encode_block, jobs(), 2 * scan.workers(config)):
+    for size, out in pool.ordered(submit, _encode_block, jobs(), 2 * pool.workers(config)):
       bar.update(size)
       stats.merge(out['stats'])
       tokens.write(out['ids'].tobytes())

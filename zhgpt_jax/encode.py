@@ -1,7 +1,7 @@
 """The second pass of `prepare`: tokenize the kept documents and write the shards, resumably.
 
 Blocks of the corpus (`sources.iter_blocks`) are parsed and tokenized by a pool of
-processes (`scan.worker_pool`) and written in corpus order: every kept document's token ids
+processes (`pool.worker_pool`) and written in corpus order: every kept document's token ids
 then <|endoftext|>, train and val apart, `shard_tokens` a file, a new file at each source's
 start (so a shard holds one source, and the loader can mix sources by their shards).
 
@@ -20,7 +20,7 @@ import shutil
 import numpy as np
 import tqdm
 
-from zhgpt_jax import corpus, dedup, scan, sources
+from zhgpt_jax import corpus, dedup, pool, scan, sources
 from zhgpt_jax import tokenizer as tokenizer_lib
 from zhgpt_jax.config import UserError
 
@@ -30,7 +30,7 @@ SPLITS = ('train', 'val')
 def _encode_block(block: sources.Block, removed: np.ndarray | None, eot: int,
                   dtype: str) -> dict:
   """A worker's tokens of one block, per split, with its counts and skips."""
-  state = scan.worker_state()
+  state = pool.worker_state()
   stats = corpus.CorpusStats()
   docs = sources.block_documents(block, state['data'], stats)
   if removed is not None and len(removed) != len(docs):
@@ -163,9 +163,9 @@ def build(config, tok, n_heldout: int, build_dir: str, key: str, found: scan.Sca
         yield (i, block), (block, removed, eot, dtype.str)
 
   total = scan.input_bytes(config)
-  with scan.worker_pool(config, tok.to_str()) as submit, tqdm.tqdm(
+  with pool.worker_pool(config, tok.to_str()) as submit, tqdm.tqdm(
       total=total, unit='B', unit_scale=True, disable=not progress, desc='shards') as bar:
-    for (i, block), out in scan.ordered(submit, _encode_block, jobs(), 2 * scan.workers(config)):
+    for (i, block), out in pool.ordered(submit, _encode_block, jobs(), 2 * pool.workers(config)):
       bar.update(block.size)
       stats.merge(out['stats'])
       before = [len(w.shards) for w in writers.values()]

@@ -1,6 +1,6 @@
 """The first pass of `prepare`: count, deduplicate, and sample the tokenizer's training text.
 
-One read of the corpus on every core (`worker_pool`: blocks of `sources.iter_blocks` parsed
+One read of the corpus on every core (`pool.worker_pool`: blocks of `sources.iter_blocks` parsed
 in spawned processes) records, per document: its source, length, split, exact-dedup hash
 and, for `data.dedup='near'`, its MinHash signature and LSH band keys (both to disk). Then:
 
@@ -22,80 +22,19 @@ keyed by the inputs.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import contextlib
 import dataclasses
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
-import types
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import tqdm
 
 from zhgpt_jax import files
-from zhgpt_jax import corpus, dedup, sources
+from zhgpt_jax import corpus, dedup, pool, sources
 from zhgpt_jax.config import UserError
-
-_STATE: dict = {}   # a worker's data config and tokenizer, set by _init
-
-
-def _init(data: dict, tok_json: str | None, serial_rust: bool) -> None:
-  if serial_rust:
-    # One process per core already: a Rust thread pool per worker would only oversubscribe.
-    os.environ['TOKENIZERS_PARALLELISM'] = 'false'
-  _STATE['data'] = types.SimpleNamespace(**data)
-  if tok_json is not None:
-    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
-    from zhgpt_jax import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-    _STATE['tok'] = tokenizer_lib.as_plain_text(Tokenizer.from_str(tok_json))
-
-
-def worker_state() -> dict:
-  """{'data': the data config, 'tok': the plain-text tokenizer} in a pool worker."""
-  return _STATE
-
-
-def workers(config) -> int:
-  """How many processes read and tokenize: config.data.tokenize_workers, 0 = every core."""
-  if config.data.tokenize_workers < 0:
-    raise UserError(f'config.data.tokenize_workers={config.data.tokenize_workers}: must be >= 0')
-  return config.data.tokenize_workers or os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def worker_pool(config, tok_json: str | None = None) -> Iterator[Callable]:
-  """Yields submit(fn, *args) -> a callable returning fn(*args), run by `workers(config)`
-  spawned processes (1: a thread of this process, the Rust tokenizer on every core)."""
-  n, data = workers(config), config.data.to_dict()
-  if n == 1:
-    _init(data, tok_json, serial_rust=False)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      yield lambda fn, *args: pool.submit(fn, *args).result
-    return
-  # spawn, not fork: the caller may have started JAX's threads, and a forked copy of a
-  # multithreaded process can deadlock.
-  with multiprocessing.get_context('spawn').Pool(n, _init, (data, tok_json, True)) as pool:
-    yield lambda fn, *args: pool.apply_async(fn, args).get
-
-
-def ordered(submit: Callable, fn: Callable, jobs, depth: int) -> Iterator[tuple]:
-  """(job, fn(*job's args)) for `jobs` of (job, args), in order, at most `depth` in flight,
-  so memory does not grow with the corpus."""
-  in_flight = collections.deque()
-  for job, args in jobs:
-    in_flight.append((job, submit(fn, *args)))
-    if len(in_flight) > depth:
-      job, result = in_flight.popleft()
-      yield job, result()
-  while in_flight:
-    job, result = in_flight.popleft()
-    yield job, result()
-
 
 def input_bytes(config) -> int:
   """The corpus files' size on disk: the total of the progress bars."""
@@ -114,7 +53,7 @@ def sample_hash(text: str) -> int:
 def _scan_block(block: sources.Block, sample_below: float, near: tuple | None) -> dict:
   """A worker's pass over one block: per-document arrays, sample candidates, skip counts."""
   stats = corpus.CorpusStats()
-  docs = sources.block_documents(block, _STATE['data'], stats)
+  docs = sources.block_documents(block, pool.worker_state()['data'], stats)
   texts = [t for t, _ in docs]
   out = dict(stats=stats, n=len(docs),
              chars=np.fromiter(map(len, texts), np.uint32, len(docs)),
@@ -297,7 +236,7 @@ def scan(config, n_heldout: int, want_sample: bool, progress: bool, work_dir: st
     if data.corpus == 'builtin':
       _ = list(corpus.builtin_documents(data, stats, n_heldout))  # the builtin skips, once
   try:
-    with worker_pool(config) as submit, tqdm.tqdm(
+    with pool.worker_pool(config) as submit, tqdm.tqdm(
         total=total, unit='B', unit_scale=True, disable=not progress, desc='scan') as bar:
 
       def blocks():
@@ -308,7 +247,7 @@ def scan(config, n_heldout: int, want_sample: bool, progress: bool, work_dir: st
             bar.update(b.size)
 
       for n_blocks, (block, out) in enumerate(
-          ordered(submit, _scan_block, blocks(), 2 * workers(config)), start + 1):
+          pool.ordered(submit, _scan_block, blocks(), 2 * pool.workers(config)), start + 1):
         bar.update(block.size)
         stats.merge(out['stats'])
         out['source'] = np.full(out['n'], block.source, np.uint16)
