@@ -1,6 +1,7 @@
 """Serving benchmark: the same 64 requests sent by 1, 4 and 16 concurrent clients.
 
   python bench/serve.py [--workdir RUN] [--requests 64] [--clients 1,4,16] [--max_tokens 64]
+  python bench/serve.py --slots 1,16 [--requests 24 --max_tokens 48 --rounds 3]
 
 Starts `main.py serve` on a free localhost port (default model: a random-init 'tiny' preset,
 4 layers, d_model 128, seq_len 256, with a 4000-token tokenizer trained on the builtin news;
@@ -44,11 +45,12 @@ def build_model(root: str, seq_len: int) -> str:
                         scale=0.02)
 
 
-def one(client, prompt: str, max_tokens: int) -> tuple[str, float, int, float]:
+def one(client, prompt: str, max_tokens: int,
+        model: str = 'model') -> tuple[str, float, int, float]:
   """A streamed greedy completion: (text, time to first token, tokens, total seconds)."""
   t0 = time.perf_counter()
   first, pieces, tokens = None, [], 0
-  for chunk in client.completions.create(model='model', prompt=prompt, max_tokens=max_tokens,
+  for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
                                          temperature=0, stream=True,
                                          stream_options=dict(include_usage=True)):
     if chunk.choices and chunk.choices[0].text:
@@ -59,6 +61,41 @@ def one(client, prompt: str, max_tokens: int) -> tuple[str, float, int, float]:
   return ''.join(pieces), first or float('nan'), tokens, time.perf_counter() - t0
 
 
+def one_client(args) -> None:
+  """One client's tokens/s from servers that differ only in serve.slots: the best of
+  `--rounds` rounds, the servers taking turns within a round."""
+  slots = [int(x) for x in args.slots.split(',')]
+  prompts = [f'第{i}条新闻：人民群众生活' for i in range(args.requests)]
+  with tempfile.TemporaryDirectory() as tmp:
+    workdir = args.workdir or build_model(tmp, args.seq_len)
+    servers = []
+    try:
+      for n in slots:
+        servers.append(Served(workdir, f'--config.serve.slots={n}', env={'ZHGPT_API_KEY': ''},
+                              timeout=900))
+      clients = [openai.OpenAI(base_url=f'{s.url}/v1', api_key='none', max_retries=0,
+                               timeout=600) for s in servers]
+      best, replies = [0.0] * len(slots), [None] * len(slots)
+      for c in clients:
+        one(c, prompts[0], 4)   # warm-up: connection, first dispatch
+      for _ in range(args.rounds):
+        for i, c in enumerate(clients):
+          t0 = time.perf_counter()
+          out = [one(c, p, args.max_tokens) for p in prompts]
+          best[i] = max(best[i], sum(o[2] for o in out) / (time.perf_counter() - t0))
+          replies[i] = [o[0] for o in out]
+    finally:
+      for s in servers:
+        s.close()
+  print(f'one client, {args.requests} streamed greedy requests of {args.max_tokens} tokens, '
+        f'best of {args.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f} on '
+        f'{os.cpu_count()} cores')
+  print('\n| serve.slots | tokens/s | / first | replies = first server\'s |')
+  print('|---:|---:|---:|---:|')
+  for n, tps, r in zip(slots, best, replies):
+    print(f'| {n} | {tps:,.0f} | {tps / best[0]:.2f}x | {r == replies[0]} |')
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', default='')
@@ -66,7 +103,13 @@ def main() -> None:
   parser.add_argument('--requests', type=int, default=64)
   parser.add_argument('--clients', default='1,4,16')
   parser.add_argument('--max_tokens', type=int, default=64)
+  parser.add_argument('--slots', default='', help='e.g. 1,16: one client against servers of '
+                      'these slot counts instead (all up at once, rounds interleaved)')
+  parser.add_argument('--rounds', type=int, default=3)
   args = parser.parse_args()
+  if args.slots:
+    one_client(args)
+    return
 
   with tempfile.TemporaryDirectory() as tmp:
     workdir = args.workdir or build_model(tmp, args.seq_len)

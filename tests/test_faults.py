@@ -1077,22 +1077,21 @@ def test_serve_on_a_port_in_use_or_an_address_not_here(served, capsys):
 
 def test_serve_refuses_to_start_when_a_warm_up_program_fails(served, monkeypatch):
   from serving import get
-  from zhgpt_jax import engine
+  from zhgpt_jax import engine_steps
 
-  def broken(self, slot, req):
+  def broken(*args, **kwargs):
     raise RuntimeError('RESOURCE_EXHAUSTED: out of memory while trying to allocate')
 
-  real = engine.Engine._prefill
-  monkeypatch.setattr(engine.Engine, '_prefill', broken)
+  monkeypatch.setattr(engine_steps, 'prefill', broken)
   from serving import free_port
   line = user_error(cli('serve', '--workdir', served.workdir, '--port', str(free_port())),
-                    'serve: the warm-up requests of 4 of 4 prompt lengths', 'RESOURCE_EXHAUSTED',
+                    'serve: the warm-up prefill of 1 x 16 tokens failed', 'RESOURCE_EXHAUSTED',
                     'not serving')
   assert 'serve: http' not in line
-  monkeypatch.setattr(engine.Engine, '_prefill', real)
+  monkeypatch.undo()
   # The same command with a model that runs: `served` is it (started by the same code).
   status, body = get(f'{served.url}/health')
-  assert status == 200 and json.loads(body)['compiled']['prefill'] == 4
+  assert status == 200 and json.loads(body)['compiled'] == dict(prefill=5, decode=3)
 
 
 def _rss_kb(pid: int) -> int:

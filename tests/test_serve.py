@@ -71,10 +71,11 @@ def complete(client, prompt, **kw):
 def test_models_health_and_page(server, client):
   assert [m.id for m in client.models.list().data] == ['model']
   status, body = get(f'{server.url}/health')
-  # Compiled at start: a prefill per prompt bucket (16, 32, 64, 128) and the decode chunk.
+  # Compiled at start: a prefill per (rows, prompt bucket): 1 x (16, 32, 64, 128) and
+  # 4 x 16; a decode chunk per batch size 1, 4, 16.
   assert status == 200 and json.loads(body) == dict(status='ok', model='model', slots=16,
                                                     active=0, waiting=0,
-                                                    compiled=dict(prefill=4, decode=1))
+                                                    compiled=dict(prefill=5, decode=3))
   status, body = get(f'{server.url}/')
   assert status == 200 and b'/v1/chat/completions' in body and b'<script' in body
   assert b'http://' not in body and b'https://' not in body       # no external assets
@@ -300,6 +301,65 @@ def test_deepseek_preset_serves_what_main_py_sample_writes(tiny_data, tmp_path):
   assert got == want and together == want
 
 
+def test_engine_logprobs_and_scoring_requests():
+  """Logprobs of generated tokens and scored prompts are the model's log-softmax; scoring-only
+  requests take no slot, so they finish while the one slot is busy decoding."""
+  import jax
+  import numpy as np
+  from helpers import tiny_cfg
+  from zhgpt_jax import model as model_lib
+  cfg = tiny_cfg()
+  params = jax.tree.map(lambda x: x * 8 if x.ndim > 1 else x,
+                        model_lib.init_params(cfg, jax.random.PRNGKey(0)))
+  rng = np.random.RandomState(0)
+  prompts = [rng.randint(0, cfg.real_vocab_size, n).tolist() for n in (9, 3, 20, 14, 6, 30)]
+  order, done = [], threading.Semaphore(0)
+  finished = lambda name: lambda ids, finish: finish and (order.append(name), done.release())
+  eng = engine.Engine(cfg, params, slots=1, chunk=2, stop_ids=[])
+  gen = engine.Request(prompts[0], 30, finished('gen'), logprobs=True, top_logprobs=3,
+                       prompt_logprobs=True)
+  got = []
+  gen.on_tokens = lambda ids, finish, f=gen.on_tokens: (got.extend(ids), f(ids, finish))
+  scored = [engine.Request(p, 0, finished(i), prompt_logprobs=True, top_logprobs=2)
+            for i, p in enumerate(prompts[1:])]
+  try:
+    eng.submit(gen)
+    for r in scored:
+      eng.submit(r)
+    for _ in range(1 + len(scored)):
+      assert done.acquire(timeout=120)
+    with pytest.raises(ValueError):
+      eng.submit(engine.Request(prompts[0], 0, finished('nothing')))
+  finally:
+    eng.close()
+  assert order[-1] == 'gen' and sorted(order[:-1]) == list(range(len(scored)))
+  assert got == sample.generate(cfg, params, [prompts[0]], max_new_tokens=30)[0]
+
+  forward = jax.jit(lambda x: jax.nn.log_softmax(sample.mask_padding(
+      model_lib.GPT(cfg).apply({'params': params}, x)[0][0], cfg.real_vocab_size)))
+
+  def log_softmax(ids):   # one program: causal, so the pad after `ids` changes nothing
+    return np.asarray(forward(np.array([ids + [0] * (cfg.seq_len - len(ids))])))
+
+  full = prompts[0] + got
+  want = log_softmax(full)
+  assert gen.prompt_scores[0] is None and len(gen.prompt_scores) == len(prompts[0])
+  lps = [s[0] for s in gen.prompt_scores[1:]] + gen.token_logprobs
+  np.testing.assert_allclose(lps, [want[i, full[i + 1]] for i in range(len(full) - 1)],
+                             atol=1e-4)
+  for i, (ids, lp) in enumerate(map(lambda t: zip(*t), gen.top)):   # greedy: the top-1 is it
+    j = len(prompts[0]) - 1 + i
+    assert ids[0] == full[j + 1] and list(ids) == list(np.argsort(-want[j])[:3])
+    np.testing.assert_allclose(lp, np.sort(want[j])[::-1][:3], atol=1e-4)
+  for r in scored:
+    want = log_softmax(r.prompt)
+    assert len(r.prompt_scores) == len(r.prompt) and r.token_logprobs == []
+    for j, (lp, best, top) in enumerate(r.prompt_scores[1:]):
+      np.testing.assert_allclose(lp, want[j, r.prompt[j + 1]], atol=1e-4)
+      assert best == (np.argmax(want[j]) == r.prompt[j + 1])
+      assert [t for t, _ in top] == list(np.argsort(-want[j])[:2])
+
+
 # ---------------------------------------------------------------- bad requests
 
 def post(server, path, body, key=API_KEY, content_type='application/json'):
@@ -483,6 +543,6 @@ def test_nothing_recompiled_after_every_request_above(server):
   """The module's requests (lengths, options, seeds, stops, cancels) compiled nothing new,
   and none of them (bad ones, hang-ups included) raised inside the server."""
   health = json.loads(get(f'{server.url}/health')[1])
-  assert health['compiled'] == dict(prefill=4, decode=1) and health['active'] == 0
+  assert health['compiled'] == dict(prefill=5, decode=3) and health['active'] == 0
   assert 'Traceback' not in server.output() and 'ERROR' not in server.output(), \
       server.output()[-3000:]

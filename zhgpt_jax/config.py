@@ -179,6 +179,7 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
   c.serve = ml_collections.ConfigDict(dict(
       slots=16,                  # requests decoded together (batch slots of the KV cache)
       chunk=8,                   # decode steps between looks at the queue (and streamed pieces)
+      prefill_rows=4,            # the most waiting requests prefilled in one call
       max_request_bytes=1_000_000,   # larger request bodies get 413
   ))
 
@@ -236,7 +237,7 @@ _POSITIVE = ('tokenizer.vocab_size', 'tokenizer.max_train_chars',
              'train.eval_every', 'train.eval_batch', 'train.ckpt_every', 'train.keep',
              'train.max_nonfinite', 'data.shard_tokens', 'data.max_doc_chars',
              'sample.max_new_tokens', 'data.near_ngram', 'optim.muon_lr', 'serve.slots',
-             'serve.chunk', 'serve.max_request_bytes')
+             'serve.chunk', 'serve.prefill_rows', 'serve.max_request_bytes')
 
 # A bound of gpt_config's -> the check and the message.
 _BOUND_CHECKS = {'>0': (lambda v: v > 0, 'must be > 0'), '>=0': (lambda v: v >= 0, 'must be >= 0'),

@@ -1,194 +1,86 @@
-"""Batched decoding for the server: concurrent requests share the decode steps of B slots.
+"""Batched decoding for the server: concurrent requests share prefill calls and decode steps.
 
-The engine keeps one KV cache of B slots x S positions (S = the model's seq_len). A request
-takes a free slot: its prompt is prefilled into that slot's cache row (one call, the prompt
-padded to a power-of-two bucket) and its first token picked. Then every decode step feeds
-each live slot's last token at that slot's own position and picks its next token with that
-slot's own options (temperature, top-k, top-p, repetition penalty, seed). A slot frees when
-its request ends (a stop id, its max_new_tokens, or `cancel`: e.g. a client that went away)
-and the next waiting request takes it. Steps run `chunk` at a time in one jitted
-while_loop, which returns early when a slot ends while requests wait for one.
+The engine keeps one KV cache of B slots x S positions (S = the model's seq_len) and a row of
+state a slot (last token, length, options, seen ids). A request takes a free slot; the host
+thread then runs two kinds of jitted call, both on the slots it names, never on all B:
 
-One compiled shape set: a decode program and a prefill program per prompt bucket (16, 32,
-... up to S), all fixed when the engine starts (`warm_up` compiles them); a request's
-length and options are traced values and never recompile anything.
+- **Prefill** of up to `prefill_rows` waiting requests in one call: their prompts, left-aligned
+  and padded to one prompt bucket P (16, 32, ... S), run through a fresh n x P cache that is
+  then written into their slots' rows (positions [0, P); decoding overwrites the pad), and
+  each picks its first token. Shapes: n in 1, 2, 4, ... with n x P <= max(S, 64).
+- **Decode** of the live slots: their indices are compacted into the smallest decode bucket
+  b (1, 2, 4, ... B) that holds them, padded with free slots (never live, so they change
+  nothing the host reads); their rows are gathered, stepped `chunk` times in one while_loop
+  (each row its own cache index and options), and scattered back. A step's cost follows the
+  live requests, not B. The loop returns early when no row is live, or (`eager`) when a row
+  ends while requests wait for a slot.
+
+The two programs are in engine_steps.py; this module is the host side. Every shape is fixed
+when the engine starts (`warm_up` compiles them all; `compiled()` counts them for /health);
+a request's length, options and seed are traced values.
 
 Pieces shared with sample.py (`main.py sample`): the cache forward pass is
-`sample.model_call`, vmapped over slots so that each slot has its own cache index; tokens
-are chosen by `sample.choose` with options a row each; a slot's random keys are
+`sample.model_call`, vmapped over rows so that each has its own cache index; tokens are
+chosen by `sample.choose` with a row of options each; a row's random keys are
 `sample.row_keys(PRNGKey(seed), step, 1)`, the keys of a single prompt there. So a greedy
 reply is `main.py sample`'s greedy continuation of the same ids, and a seeded one samples
-what it samples with that seed.
+what it samples with that seed, whatever else shares the batch.
 
-Shape letters: B slots (the batch of the cache), S cache positions, P prompt bucket, V vocab
-(padded), C decode steps of a chunk.
+Log-probabilities (raw model: log-softmax of the logits with vocab padding masked, before
+repetition penalty, temperature and filters):
+
+- `Request(logprobs=True, top_logprobs=k)`: each generated token's logprob, and the k <=
+  `top_logprobs` most likely (id, logprob) at its step, appended to `req.token_logprobs` /
+  `req.top` before the `on_tokens` call that delivers the token. Computed under a `lax.cond`,
+  so a batch where no live row asks pays nothing.
+- **Scoring** (lm-evaluation-harness's loglikelihood): a request with `prompt_logprobs=True`
+  is a prefill whose logits are kept. `req.prompt_scores[i]` (i >= 1) is (logprob of
+  prompt[i] given prompt[:i], whether it is the argmax there, the top k (id, logprob));
+  [0] is None. A scoring-only request (`max_new_tokens=0`) takes no slot (its rows are
+  written to index B, which the scatter drops) and shares prefill calls with other waiting
+  requests, so many scoring requests batch together instead of queueing one by one; it ends
+  with finish 'length' and no ids. With max_new_tokens > 0 it also generates as usual (echo).
+
+The cache is handled as a pytree whose per-slot leaves have the slot on axis 0 and the
+position on axis 1 (plus a per-slot 'index'), so another cache layout (e.g. a latent
+attention cache) needs no change here.
+
+Shape letters: B slots, S cache positions, n prefill rows, P prompt bucket, b decode bucket,
+V vocab (padded), C decode steps of a chunk, N top logprobs.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
-import functools
 import logging
+import os
 import threading
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from zhgpt_jax import model as model_lib
+from zhgpt_jax import engine_steps as steps
 from zhgpt_jax import sample
 
-GREEDY = sample.Mode(greedy=True, filters=False)
-SAMPLED = sample.Mode(greedy=False, filters=False)
-FILTERED = sample.Mode(greedy=False, filters=True)
 FINISH = {1: 'stop', 2: 'length'}   # the codes rows['finish'] holds; 0 = still running
-
-
-# ---------------------------------------------------------------- device side (jitted)
-
-def _row_call(cfg, params, tok, position, row_cache):
-  """sample.model_call for one slot: its last token at its position, its own cache index."""
-  if cfg.mlp == 'moe':
-    # ragged_dot has no vmap rule; for one token a row, fixed blocks never drop (capacity 0).
-    cfg = dataclasses.replace(
-        cfg, moe=dataclasses.replace(cfg.moe, grouped='capacity', capacity_factor=0.0))
-  cache = [_rows(c, lambda x: x[None]) for c in row_cache]
-  size = _cache_size(row_cache, 0)
-  logits_1x1xV, cache = sample.model_call(
-      cfg, params, tok[None, None], position[None, None], cache, jnp.ones((1, size), bool))
-  return logits_1x1xV[0, 0], [_rows(c, lambda x: x[0]) for c in cache]
-
-
-def _rows(layer_cache: dict, fn) -> dict:
-  """A layer's cache with `fn` applied to each of its arrays (whatever the attention kind
-  keeps: k/v, or MLA's latent and rotary key); its 'index' as it is."""
-  return {name: x if name == 'index' else fn(x) for name, x in layer_cache.items()}
-
-
-def _cache_size(cache: list[dict], axis: int) -> int:
-  """Cache slots a row (`axis`: the slot axis of the arrays)."""
-  return next(x.shape[axis] for name, x in cache[0].items() if name != 'index')
-
-
-def _choose(cfg, logits_BxV, rows: dict):
-  """Each row's next token with its own options; greedy where its temperature is 0."""
-  t_Rx1 = rows['temperature'][:, None]
-  opts = dict(penalty=rows['penalty'][:, None], temperature=jnp.where(t_Rx1 > 0, t_Rx1, 1.0),
-              top_k=rows['top_k'][:, None], top_p=rows['top_p'][:, None])
-  keys_B = jax.vmap(lambda key, step: sample.row_keys(key, step, 1)[0])(
-      rows['key'], rows['length'])
-  args = (logits_BxV, rows['seen'], opts, keys_B)
-  greedy_B = sample.choose(cfg, GREEDY, *args)
-  # Only what a live row asks for runs: no sampling when all are greedy, no sort without
-  # a top-k/top-p cut.
-  sampling_B = rows['live'] & (rows['temperature'] > 0)
-  filters = jnp.any(sampling_B & ((rows['top_k'] > 0) | (rows['top_p'] < 1.0)))
-  sampled = lambda: jax.lax.cond(filters, lambda: sample.choose(cfg, FILTERED, *args),
-                                 lambda: sample.choose(cfg, SAMPLED, *args))
-  sampled_B = jax.lax.cond(jnp.any(sampling_B), sampled, lambda: greedy_B)
-  return jnp.where(rows['temperature'] > 0, sampled_B, greedy_B)
-
-
-def _commit(rows: dict, tok_B, stops) -> tuple[dict, jax.Array]:
-  """Records each live row's pick: (rows, which rows emitted a token). As sample._append."""
-  live_B = rows['live']
-  stop_B = live_B & jnp.any(tok_B[:, None] == stops[None, :], axis=-1)
-  emit_B = live_B & ~stop_B
-  length_B = rows['length'] + emit_B
-  done_B = live_B & (stop_B | (length_B >= rows['max_new']))
-  return dict(
-      rows, last=jnp.where(live_B, tok_B, rows['last']), length=length_B,
-      seen=rows['seen'].at[jnp.arange(tok_B.shape[0]), tok_B].set(True),
-      live=live_B & ~done_B, finish=jnp.where(done_B, jnp.where(stop_B, 1, 2), rows['finish'])
-  ), emit_B
-
-
-@functools.partial(jax.jit, static_argnames=('cfg',), donate_argnames=('state',))
-def _prefill(cfg, params, state: dict, slot, prompt_P, length, options: dict, stops):
-  """Fills `slot`'s cache row with the prompt (its first `length` of P ids) and picks a token.
-
-  `options` holds the slot's max_new, temperature, top_k, top_p, penalty ([1]) and key
-  ([1, 2]). Returns (state, the token, whether it was emitted, the slot's finish code).
-  """
-  p = prompt_P.shape[0]
-  cache = [dict(_rows(c, lambda x: jax.lax.dynamic_index_in_dim(x, slot, keepdims=True)),
-                index=jnp.int32(0)) for c in state['cache']]
-  size = _cache_size(cache, 1)
-  # The pad after the prompt is causally invisible to it; decoding overwrites its slots.
-  logits_1xPxV, cache = sample.model_call(cfg, params, prompt_P[None], jnp.arange(p)[None],
-                                          cache, jnp.ones((1, size), bool))
-  seen_ids_P = jnp.where(jnp.arange(p) < length, prompt_P, cfg.vocab_size)
-  row = dict(options, last=jnp.zeros(1, jnp.int32), live=jnp.ones(1, bool),
-             length=jnp.zeros(1, jnp.int32), finish=jnp.zeros(1, jnp.int32),
-             seen=jnp.zeros((1, cfg.vocab_size), bool).at[0, seen_ids_P].set(True, mode='drop'))
-  logits_1xV = jax.lax.dynamic_index_in_dim(logits_1xPxV[0], length - 1, keepdims=True)
-  row, emit_1 = _commit(row, _choose(cfg, logits_1xV, row), stops)
-  rows = {k: jax.lax.dynamic_update_index_in_dim(v, row[k].astype(v.dtype), slot, 0)
-          for k, v in state['rows'].items()}
-  full = [{name: f['index'].at[slot].set(length) if name == 'index' else
-           jax.lax.dynamic_update_index_in_dim(f[name], c[name][0], slot, 0) for name in f}
-          for f, c in zip(state['cache'], cache)]
-  return dict(cache=full, rows=rows), row['last'][0], emit_1[0], row['finish'][0]
-
-
-@functools.partial(jax.jit, static_argnames=('cfg', 'chunk'), donate_argnames=('state',))
-def _decode(cfg, chunk: int, params, state: dict, stops, cancel_B, eager):
-  """Up to `chunk` steps of every live slot; stops early when none is live, or (`eager`)
-  when one ends. Slots in `cancel_B` end first. Returns (state, tokens [B, C], emitted [B, C]).
-  """
-  rows = dict(state['rows'], live=state['rows']['live'] & ~cancel_B)
-  live_at_start_B = rows['live']
-  n = live_at_start_B.shape[0]
-  step_call = jax.vmap(functools.partial(_row_call, cfg, params))
-
-  def running(carry):
-    c, s, _, _ = carry
-    ended = jnp.any(live_at_start_B & ~s['rows']['live'])
-    return (c < chunk) & jnp.any(s['rows']['live']) & ~(eager & ended)
-
-  def step(carry):
-    c, s, out_BxC, emit_BxC = carry
-    rows, live_B = s['rows'], s['rows']['live']
-    index_B = s['cache'][0]['index']
-    logits_BxV, cache = step_call(rows['last'], jnp.minimum(index_B, cfg.seq_len - 1), s['cache'])
-    cache = [dict(c_, index=jnp.where(live_B, index_B + 1, index_B)) for c_ in cache]
-    rows, emit_B = _commit(rows, _choose(cfg, logits_BxV, rows), stops)
-    return (c + 1, dict(cache=cache, rows=rows), out_BxC.at[:, c].set(rows['last']),
-            emit_BxC.at[:, c].set(emit_B))
-
-  carry = (jnp.int32(0), dict(state, rows=rows), jnp.zeros((n, chunk), jnp.int32),
-           jnp.zeros((n, chunk), bool))
-  _, state, out_BxC, emit_BxC = jax.lax.while_loop(running, step, carry)
-  return state, out_BxC, emit_BxC
-
-
-def init_state(cfg, slots: int) -> dict:
-  """Every slot free: an empty cache of seq_len positions a slot, and idle rows."""
-  cache = model_lib.init_cache(cfg, slots, cfg.seq_len, jnp.dtype(cfg.dtype))
-  cache = [dict(c, index=jnp.zeros(slots, jnp.int32)) for c in cache]
-  zeros = lambda dtype: jnp.zeros(slots, dtype)
-  rows = dict(last=zeros(jnp.int32), live=zeros(bool), length=zeros(jnp.int32),
-              finish=zeros(jnp.int32), max_new=zeros(jnp.int32),
-              temperature=zeros(jnp.float32), top_k=zeros(jnp.int32),
-              top_p=jnp.ones(slots, jnp.float32), penalty=jnp.ones(slots, jnp.float32),
-              key=jnp.zeros((slots, 2), jnp.uint32),
-              seen=jnp.zeros((slots, cfg.vocab_size), bool))
-  return dict(cache=cache, rows=rows)
 
 
 # ---------------------------------------------------------------- host side
 
 class WarmUpError(RuntimeError):
-  """A warm-up request failed: the model cannot run its programs."""
+  """A warm-up program failed: the model cannot run its programs."""
 
 
 @dataclasses.dataclass(eq=False)
 class Request:
-  """One generation. `on_tokens(ids, finish)` is called from the engine's thread with the new
-  ids of each chunk and, on the last call, the finish reason ('stop', 'length', 'cancelled'
-  or 'error'); ids exclude the stop id."""
+  """One generation (or scoring). `on_tokens(ids, finish)` is called from the engine's thread
+  with the new ids of each chunk and, on the last call, the finish reason ('stop', 'length',
+  'cancelled' or 'error'); ids exclude the stop id. With `logprobs`, `token_logprobs` and
+  `top` hold an entry per delivered id before the call; with `prompt_logprobs`,
+  `prompt_scores` is filled before the first call (module docstring)."""
   prompt: list[int]
   max_new_tokens: int
   on_tokens: Callable[[list[int], str | None], None]
@@ -197,49 +89,95 @@ class Request:
   top_p: float = 1.0
   repetition_penalty: float = 1.0
   seed: int = 0
+  logprobs: bool = False
+  top_logprobs: int = 0
+  prompt_logprobs: bool = False
   cancelled: bool = False
+  token_logprobs: list = dataclasses.field(default_factory=list)
+  top: list = dataclasses.field(default_factory=list)
+  prompt_scores: list = dataclasses.field(default_factory=list)
 
 
-def _options(req: Request) -> dict:
-  return dict(max_new=np.array([req.max_new_tokens], np.int32),
-              temperature=np.array([req.temperature], np.float32),
-              top_k=np.array([req.top_k], np.int32), top_p=np.array([req.top_p], np.float32),
-              penalty=np.array([req.repetition_penalty], np.float32),
-              key=np.asarray(jax.random.PRNGKey(req.seed % 2**31))[None])
+def _options(reqs: Sequence[Request]) -> dict:
+  col = lambda f, dtype: np.array([f(r) for r in reqs], dtype)
+  return dict(max_new=col(lambda r: max(r.max_new_tokens, 1), np.int32),
+              temperature=col(lambda r: r.temperature, np.float32),
+              top_k=col(lambda r: r.top_k, np.int32), top_p=col(lambda r: r.top_p, np.float32),
+              penalty=col(lambda r: r.repetition_penalty, np.float32),
+              logprobs=col(lambda r: r.logprobs, bool),
+              score=col(lambda r: r.prompt_logprobs, bool),
+              key=np.stack([np.asarray(jax.random.PRNGKey(r.seed % 2**31)) for r in reqs]))
+
+
+def _line(e: Exception) -> str:
+  return f'{type(e).__name__}: {" ".join(str(e).split())[:300]}'
+
+
+def _ladder(most: int) -> list[int]:
+  """1, 4, 16, ... below `most`, and `most`: few programs, at most 4x the rows needed."""
+  out = [1]
+  while out[-1] * 4 < most:
+    out.append(out[-1] * 4)
+  return sorted(set(out + [most]))
+
+
+def _fit(n: int, sizes: list[int]) -> int:
+  return next(x for x in sizes if x >= n)
 
 
 class Engine:
-  """Runs requests in `slots` batch slots on a thread of its own: `submit`, `cancel`, `close`."""
+  """Runs requests in `slots` batch slots on a thread of its own: `submit`, `cancel`, `close`.
 
-  def __init__(self, cfg, params, *, slots: int, chunk: int, stop_ids: Sequence[int]):
-    self.cfg, self.params, self.chunk = cfg, params, chunk
+  `prefill_rows`: the most waiting requests one prefill call takes; `top_logprobs`: the most
+  top logprobs a request may ask for (one compiled width)."""
+
+  def __init__(self, cfg, params, *, slots: int, chunk: int, stop_ids: Sequence[int],
+               prefill_rows: int = 4, top_logprobs: int = 20):
+    self.cfg, self.params, self.chunk, self.top_n = cfg, params, chunk, top_logprobs
+    self.prefill_rows = max(1, min(prefill_rows, slots))
     self.stops = sample.stop_array(stop_ids)
-    self.state = init_state(cfg, slots)
+    self.state = steps.init_state(cfg, slots)
     self.slots: list[Request | None] = [None] * slots
     self.waiting: collections.deque[Request] = collections.deque()
     self.to_cancel = np.zeros(slots, bool)   # freed on the host, still live on the device
     self.cond = threading.Condition()
     self.closed = False
-    self.warming, self.error = False, None   # during warm_up; the last decode failure
+    self.error = None   # the last device call's failure, one line
     self.thread = threading.Thread(target=self._loop, name='engine', daemon=True)
     self.thread.start()
 
   def buckets(self) -> list[int]:
-    """The prompt buckets: one prefill program each."""
+    """The prompt buckets P."""
     out, p = [], 16
     while p < self.cfg.seq_len:
       out.append(p)
       p *= 2
     return out + [self.cfg.seq_len]
 
+  def prefill_shapes(self) -> list[tuple[int, int]]:
+    """(rows n, bucket P) of every prefill program: n = 1, 4, 16, ... up to prefill_rows,
+    n x P <= max(S / 2, 64): short prompts arrive together; a long one gains little from
+    company, and every shape is a program to compile at start."""
+    budget = max(self.cfg.seq_len // 2, 64)
+    return [(n, p) for p in self.buckets() for n in _ladder(self.prefill_rows)
+            if n == 1 or n * p <= budget]
+
+  def decode_buckets(self) -> list[int]:
+    """The decode batch sizes b: 1, 4, 16, ... and the slot count."""
+    return _ladder(len(self.slots))
+
   def check(self, prompt: Sequence[int], max_new_tokens: int) -> None:
     """ValueError unless the prompt and max_new_tokens fit the model (the caller words it)."""
-    if not prompt or max_new_tokens < 1 or len(prompt) + max_new_tokens > self.cfg.seq_len:
+    if not prompt or max_new_tokens < 0 or len(prompt) + max_new_tokens > self.cfg.seq_len:
       raise ValueError(f'{len(prompt)} prompt tokens + {max_new_tokens} new tokens do not fit '
                        f'the context of {self.cfg.seq_len}')
 
   def submit(self, req: Request) -> Request:
     self.check(req.prompt, req.max_new_tokens)
+    if req.max_new_tokens == 0 and not req.prompt_logprobs:
+      raise ValueError('max_new_tokens=0 without prompt_logprobs asks for nothing')
+    if not 0 <= req.top_logprobs <= self.top_n:
+      raise ValueError(f'top_logprobs={req.top_logprobs}: must be in 0..{self.top_n}')
     with self.cond:
       if self.closed:
         raise RuntimeError('the engine is closed')
@@ -260,34 +198,36 @@ class Engine:
     self.thread.join()
 
   def warm_up(self) -> int:
-    """Compiles every program by running a request of each bucket; returns how many ran.
-    Raises WarmUpError when one fails (the engine thread logs why)."""
-    done = threading.Semaphore(0)
-    failed = []
-    self.warming = True
-    lengths = [min(p, self.cfg.seq_len - 2) for p in self.buckets()]
+    """Compiles every program, on every core at once (before any request, on scratch
+    states); returns how many. Raises WarmUpError when one fails."""
+    b, cfg, params = len(self.slots), self.cfg, self.params
+    # Called exactly as the engine thread calls them (positional), so their cache entries hit.
+    jobs = [lambda state, n=n, p=p: steps.prefill(
+        cfg, self.top_n, params, state, np.full(n, b, np.int32), np.zeros((n, p), np.int32),
+        np.ones(n, np.int32), _options([Request([0], 1, None)] * n), self.stops)
+            for n, p in self.prefill_shapes()]
+    jobs += [lambda state, n=n: steps.decode(
+        cfg, self.chunk, self.top_n, params, state, np.arange(n, dtype=np.int32), self.stops,
+        np.zeros(b, bool), np.bool_(False)) for n in self.decode_buckets()]
+    names = ([f'prefill of {n} x {p} tokens' for n, p in self.prefill_shapes()]
+             + [f'decode of {n} rows' for n in self.decode_buckets()])
 
-    def on_tokens(ids, finish, n):
-      if finish:
-        if finish == 'error':
-          failed.append(n)
-        done.release()
+    def run(job):   # a scratch state each: the real one is donated to no one meanwhile
+      jax.block_until_ready(job(steps.init_state(cfg, b)))
 
-    for n in sorted(set(lengths)):
-      self.submit(Request([0] * n, 2, functools.partial(on_tokens, n=n)))
-    for _ in set(lengths):
-      done.acquire()
-    self.warming = False
-    if failed:
-      raise WarmUpError(f'the warm-up requests of {len(failed)} of {len(set(lengths))} prompt '
-                        f'lengths ({", ".join(map(str, sorted(failed)))} tokens) failed '
-                        f'({self.error})')
-    return len(set(lengths))
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+      for name, future in zip(names, [pool.submit(run, job) for job in jobs]):
+        try:
+          future.result()
+        except Exception as e:  # pylint: disable=broad-except
+          raise WarmUpError(f'the warm-up {name} failed ({_line(e)})') from None
+    return len(jobs)
 
   @staticmethod
   def compiled() -> dict:
     """How many prefill and decode programs this process has compiled: fixed after warm_up."""
-    return dict(prefill=_prefill._cache_size(), decode=_decode._cache_size())  # pylint: disable=protected-access
+    return dict(prefill=steps.prefill._cache_size(),  # pylint: disable=protected-access
+                decode=steps.decode._cache_size())  # pylint: disable=protected-access
 
   def active(self) -> int:
     with self.cond:
@@ -308,54 +248,109 @@ class Engine:
         cancel_B = self.to_cancel.copy()
         self.to_cancel[:] = False
         eager = bool(self.waiting)
+        live = [i for i, r in enumerate(self.slots) if r is not None]
       try:
-        for slot, req in admitted:
-          self._prefill(slot, req)
-        if any(self.slots) or cancel_B.any():
-          self._decode(cancel_B, eager)
+        for group in self._groups(admitted):
+          self._prefill(group)
+        live = [i for i in live if self.slots[i] is not None]
+        if live or cancel_B.any():
+          self._decode(live, cancel_B, eager)
       except Exception as e:  # pylint: disable=broad-except
-        self.error = f'{type(e).__name__}: {" ".join(str(e).split())[:300]}'
-        if not self.warming:   # warm_up raises it, as one line
-          logging.exception('engine: a decode call failed; failing its requests')
-        self._fail_all(e)
+        self.error = _line(e)
+        logging.exception('engine: a device call failed; failing its requests')
+        self._fail_all(e, [r for _, r in admitted])
 
   def _admit(self) -> list[tuple[int, Request]]:
-    """Frees cancelled slots and gives free slots to waiting requests (holding the lock)."""
+    """Frees cancelled slots and gives free slots to waiting requests (holding the lock); a
+    scoring-only request gets slot B (none)."""
     for slot, req in enumerate(self.slots):
       if req is not None and req.cancelled:
         self.slots[slot] = None
         self.to_cancel[slot] = True
         req.on_tokens([], 'cancelled')
-    admitted = []
-    while self.waiting and None in self.slots:
+    admitted, keep = [], collections.deque()
+    while self.waiting:
       req = self.waiting.popleft()
       if req.cancelled:
         req.on_tokens([], 'cancelled')
-        continue
-      slot = self.slots.index(None)
-      self.slots[slot] = req
-      self.to_cancel[slot] = False   # the prefill resets the row
-      admitted.append((slot, req))
+      elif req.max_new_tokens == 0:
+        admitted.append((len(self.slots), req))
+      elif None in self.slots:
+        slot = self.slots.index(None)
+        self.slots[slot] = req
+        self.to_cancel[slot] = False   # the prefill resets the row
+        admitted.append((slot, req))
+      else:
+        keep.append(req)
+    self.waiting = keep
     return admitted
 
-  def _prefill(self, slot: int, req: Request) -> None:
-    p = next(b for b in self.buckets() if b >= len(req.prompt))
-    prompt_P = np.zeros(p, np.int32)
-    prompt_P[:len(req.prompt)] = req.prompt
-    self.state, tok, emit, finish = _prefill(
-        self.cfg, self.params, self.state, np.int32(slot), prompt_P, np.int32(len(req.prompt)),
-        _options(req), self.stops)
-    tok, emit, finish = jax.device_get((tok, emit, finish))
-    self._deliver(slot, [int(tok)] if emit else [], int(finish))
+  def _groups(self, admitted):
+    """The admitted requests by prompt length, in groups that fit a prefill shape."""
+    shapes = self.prefill_shapes()
+    group, out = [], []
+    for slot, req in sorted(admitted, key=lambda x: len(x[1].prompt)):
+      p = sample.bucket(len(req.prompt))
+      rows = [n for n, q in shapes if q == min(p, self.cfg.seq_len) and n > len(group)]
+      if group and not rows:
+        out.append(group)
+        group = []
+      group.append((slot, req))
+    return out + [group] if group else out
 
-  def _decode(self, cancel_B: np.ndarray, eager: bool) -> None:
-    self.state, out_BxC, emit_BxC = _decode(self.cfg, self.chunk, self.params, self.state,
-                                            self.stops, cancel_B, np.bool_(eager))
-    out_BxC, emit_BxC, finish_B = jax.device_get(
-        (out_BxC, emit_BxC, self.state['rows']['finish']))
-    for slot in range(len(self.slots)):
-      if self.slots[slot] is not None:
-        self._deliver(slot, out_BxC[slot][emit_BxC[slot]].tolist(), int(finish_B[slot]))
+  def _prefill(self, group: list[tuple[int, Request]]) -> None:
+    reqs = [r for _, r in group]
+    p = min(sample.bucket(max(len(r.prompt) for r in reqs)), self.cfg.seq_len)
+    n = _fit(len(group), sorted(n for n, q in self.prefill_shapes() if q == p))
+    prompts_nxP = np.zeros((n, p), np.int32)
+    for i, r in enumerate(reqs):
+      prompts_nxP[i, :len(r.prompt)] = r.prompt
+    pad = n - len(group)
+    slots_n = np.array([s for s, _ in group] + [len(self.slots)] * pad, np.int32)
+    lengths_n = np.array([len(r.prompt) for r in reqs] + [1] * pad, np.int32)
+    options = _options(reqs + [reqs[0]] * pad)
+    options['score'][len(group):] = False
+    options['logprobs'][len(group):] = False
+    self.state, out = steps.prefill(self.cfg, self.top_n, self.params, self.state, slots_n,
+                               prompts_nxP, lengths_n, options, self.stops)
+    want = any(r.logprobs for r in reqs) or any(r.prompt_logprobs for r in reqs)
+    out = jax.device_get(out if want else {k: out[k] for k in ('token', 'emit', 'finish')})
+    for i, (slot, req) in enumerate(group):
+      if req.prompt_logprobs:
+        lp, best, ids, lps = (np.asarray(a[i]) for a in out['scores'])
+        req.prompt_scores = [None] + [
+            (float(lp[j]), bool(best[j]), self._top(ids[j], lps[j], req))
+            for j in range(len(req.prompt) - 1)]
+      if req.max_new_tokens == 0:
+        req.on_tokens([], 'length')
+        continue
+      emit = bool(out['emit'][i])
+      if emit and req.logprobs:
+        self._record(req, [out['lp'][i]], [out['top_ids'][i]], [out['top_lp'][i]])
+      self._deliver(slot, [int(out['token'][i])] if emit else [], int(out['finish'][i]))
+
+  def _decode(self, live: list[int], cancel_B: np.ndarray, eager: bool) -> None:
+    b = _fit(len(live), self.decode_buckets())
+    free = [i for i in range(len(self.slots)) if i not in set(live)]
+    idx_b = np.array(live + free[:b - len(live)], np.int32)
+    self.state, out = steps.decode(self.cfg, self.chunk, self.top_n, self.params, self.state,
+                              idx_b, self.stops, cancel_B, np.bool_(eager))
+    want = any(self.slots[i] is not None and self.slots[i].logprobs for i in live)
+    out = jax.device_get(out if want else {k: out[k] for k in ('token', 'emit', 'finish')})
+    for row, slot in enumerate(live):
+      req, emit_C = self.slots[slot], out['emit'][row]
+      if req is not None and req.logprobs and not req.cancelled:
+        self._record(req, out['lp'][row][emit_C], out['top_ids'][row][emit_C],
+                     out['top_lp'][row][emit_C])
+      self._deliver(slot, out['token'][row][emit_C].tolist(), int(out['finish'][row]))
+
+  @staticmethod
+  def _top(ids, lps, req: Request) -> list[tuple[int, float]]:
+    return [(int(i), float(x)) for i, x in zip(ids[:req.top_logprobs], lps[:req.top_logprobs])]
+
+  def _record(self, req: Request, lps, top_ids, top_lps) -> None:
+    req.token_logprobs.extend(float(x) for x in lps)
+    req.top.extend(self._top(i, x, req) for i, x in zip(top_ids, top_lps))
 
   def _deliver(self, slot: int, ids: list[int], finish: int) -> None:
     with self.cond:
@@ -367,11 +362,12 @@ class Engine:
     if ids or finish:
       req.on_tokens(ids, FINISH.get(finish))
 
-  def _fail_all(self, error: Exception) -> None:
+  def _fail_all(self, error: Exception, admitted: list[Request]) -> None:
     with self.cond:
       failed = [r for r in self.slots if r is not None]
+      failed += [r for r in admitted if r.max_new_tokens == 0 and not r.prompt_scores]
       self.slots = [None] * len(self.slots)
-      self.state = init_state(self.cfg, len(self.slots))
+      self.state = steps.init_state(self.cfg, len(self.slots))
       self.to_cancel[:] = False
     for req in failed:
       req.on_tokens([], 'error')

@@ -39,6 +39,7 @@ class Mode(NamedTuple):
   """The static choices: each combination is one compiled program."""
   greedy: bool
   filters: bool
+  penalty: bool = True   # False: no repetition penalty, so no seen-token set to keep per step
 
 
 # ---------------------------------------------------------------- sampling (pure, per step)
@@ -79,13 +80,13 @@ def sampling_logits(logits_BxV, seen_BxV, temperature, top_k=0, top_p=1.0,
   In HF's order: vocab padding (ids >= real_vocab) to -inf, repetition penalty over
   `seen_BxV`, temperature (0 = greedy: left unscaled), top-k, top-p.
   """
-  x_BxV = _mask_padding(logits_BxV, real_vocab or logits_BxV.shape[-1])
+  x_BxV = mask_padding(logits_BxV, real_vocab or logits_BxV.shape[-1])
   x_BxV = repetition_penalty_logits(x_BxV, seen_BxV, repetition_penalty)
   x_BxV = x_BxV / jnp.where(temperature > 0, temperature, 1.0)
   return filter_logits(x_BxV, top_k, top_p)
 
 
-def _mask_padding(logits_BxV, real_vocab: int):
+def mask_padding(logits_BxV, real_vocab: int):
   return jnp.where(jnp.arange(logits_BxV.shape[-1]) < real_vocab, logits_BxV, -jnp.inf)
 
 
@@ -101,9 +102,9 @@ def choose(cfg, mode: Mode, logits_BxV, seen_BxV, opts: dict, keys_B):
 
   opts' penalty, temperature, top_k and top_p are scalars, or [B, 1] for one value a row.
   """
-  x_BxV = _mask_padding(logits_BxV, cfg.real_vocab_size)
-  # Always applied, so it costs no program of its own: a penalty of 1 changes nothing.
-  x_BxV = repetition_penalty_logits(x_BxV, seen_BxV, opts['penalty'])
+  x_BxV = mask_padding(logits_BxV, cfg.real_vocab_size)
+  if mode.penalty:   # a traced value: one program serves every penalty, 1 included
+    x_BxV = repetition_penalty_logits(x_BxV, seen_BxV, opts['penalty'])
   if mode.greedy:
     return jnp.argmax(x_BxV, axis=-1).astype(jnp.int32)
   x_BxV = x_BxV / opts['temperature']
@@ -141,7 +142,8 @@ def _append(cfg, mode: Mode, state: dict, opts: dict) -> dict:
   return dict(
       state,
       tokens_BxS=jax.lax.dynamic_update_slice_in_dim(state['tokens_BxS'], tok_B[:, None], slot, 1),
-      seen_BxV=state['seen_BxV'].at[jnp.arange(b), tok_B].set(True),
+      seen_BxV=(state['seen_BxV'].at[jnp.arange(b), tok_B].set(True) if mode.penalty
+                else state['seen_BxV']),
       done_B=done_B | stop_B,
       length_B=state['length_B'] + (~done_B & ~stop_B),
       step=state['step'] + 1)
@@ -260,7 +262,8 @@ def _begin(cfg, params, prompts, *, max_new_tokens, temperature=0.0, top_k=0, to
   for row, (x, pad) in enumerate(zip(prompts, pad_B)):
     prompt_BxP[row, pad:] = x
   greedy = temperature == 0
-  mode = Mode(greedy=greedy, filters=not greedy and (top_k > 0 or top_p < 1.0))
+  mode = Mode(greedy=greedy, filters=not greedy and (top_k > 0 or top_p < 1.0),
+              penalty=repetition_penalty != 1.0)
   opts = dict(temperature=np.float32(temperature), top_k=np.int32(top_k),
               top_p=np.float32(top_p), penalty=np.float32(repetition_penalty),
               stops=stop_array(stop_ids), key=jax.random.PRNGKey(seed))

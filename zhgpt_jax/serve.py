@@ -89,13 +89,14 @@ class Server:
   """The model, its tokenizer, and the engine that runs requests."""
 
   def __init__(self, cfg, params, tokenizer, sample_cfg, *, model_id: str, slots: int,
-               chunk: int, max_request_bytes: int):
+               chunk: int, max_request_bytes: int, prefill_rows: int = 4):
     self.cfg, self.tokenizer, self.sample_cfg, self.model_id = cfg, tokenizer, sample_cfg, model_id
     # A tokenizer without ChatML (a stock HF one) serves completions only.
     self.encoder = chat_format.ChatEncoder(tokenizer) if tok_lib.has_chatml(tokenizer) else None
     self.max_request_bytes = max_request_bytes
     self.engine = engine_lib.Engine(cfg, params, slots=slots, chunk=chunk,
-                                    stop_ids=list(tok_lib.special_ids(tokenizer).stop))
+                                    stop_ids=list(tok_lib.special_ids(tokenizer).stop),
+                                    prefill_rows=prefill_rows)
     self.created = int(time.time())
 
   def chat_ids(self, messages: list[api.Message]) -> list[int]:
@@ -406,7 +407,8 @@ def _serve(source, config, sock, host, port, api_key, step, explicit, uvicorn) -
     sample_cfg = hf_sample_defaults(source[3:], sample_cfg, explicit)
   s = config.serve
   server = Server(cfg, params, tokenizer, sample_cfg, model_id=model_id, slots=s.slots,
-                  chunk=s.chunk, max_request_bytes=s.max_request_bytes)
+                  chunk=s.chunk, max_request_bytes=s.max_request_bytes,
+                  prefill_rows=s.prefill_rows)
   t0 = time.time()
   try:
     programs = server.engine.warm_up()
@@ -415,7 +417,8 @@ def _serve(source, config, sock, host, port, api_key, step, explicit, uvicorn) -
     raise UserError(f'serve: {e}; not serving (a model that cannot run its warm-up would '
                     'answer every request with an error)') from None
   print(f'serve: {model_id} ({cfg.seq_len}-token context), {s.slots} slots; compiled '
-        f'{programs} prefill buckets + decode in {time.time() - t0:.1f}s', file=sys.stderr)
+        f'{programs} programs (prefill shapes + decode batch sizes) in '
+        f'{time.time() - t0:.1f}s', file=sys.stderr)
   print(f'serve: http://{host}:{port}/  (API: http://{host}:{port}/v1'
         f'{", key required" if api_key else ""})', file=sys.stderr, flush=True)
   try:
