@@ -75,13 +75,14 @@ def one_client(args) -> None:
                               timeout=900))
       clients = [openai.OpenAI(base_url=f'{s.url}/v1', api_key='none', max_retries=0,
                                timeout=600) for s in servers]
+      name = os.path.basename(os.path.normpath(workdir))   # the served model's id
       best, replies = [0.0] * len(slots), [None] * len(slots)
       for c in clients:
-        one(c, prompts[0], 4)   # warm-up: connection, first dispatch
+        one(c, prompts[0], 4, model=name)   # warm-up: connection, first dispatch
       for _ in range(args.rounds):
         for i, c in enumerate(clients):
           t0 = time.perf_counter()
-          out = [one(c, p, args.max_tokens) for p in prompts]
+          out = [one(c, p, args.max_tokens, model=name) for p in prompts]
           best[i] = max(best[i], sum(o[2] for o in out) / (time.perf_counter() - t0))
           replies[i] = [o[0] for o in out]
     finally:
@@ -121,12 +122,13 @@ def main() -> None:
       client = openai.OpenAI(base_url=f'{server.url}/v1', api_key='none', max_retries=0,
                              timeout=600)
       prompts = [f'第{i}条新闻：人民群众生活' for i in range(args.requests)]
-      one(client, prompts[0], 4)   # warm-up: connection, first dispatch
+      name = os.path.basename(os.path.normpath(workdir))   # the served model's id
+      one(client, prompts[0], 4, model=name)   # warm-up: connection, first dispatch
       rows, first_replies = [], None
       for n in [int(x) for x in args.clients.split(',')]:
         t0 = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
-          out = list(pool.map(lambda p: one(client, p, args.max_tokens), prompts))
+          out = list(pool.map(lambda p: one(client, p, args.max_tokens, model=name), prompts))
         wall = time.perf_counter() - t0
         replies = [o[0] for o in out]
         first_replies = first_replies or replies

@@ -62,7 +62,7 @@ def get(url: str, key: str | None = None, timeout: float = 5) -> tuple[int, byte
 class Served:
   """`python main.py serve --workdir W --port P` as a child process; `close` stops it."""
 
-  def __init__(self, workdir: str, *args: str, env: dict | None = None, timeout: float = 240):
+  def __init__(self, workdir: str, *args: str, env: dict | None = None, timeout: float = 600):
     self.port = free_port()
     self.url = f'http://127.0.0.1:{self.port}'
     self.log = tempfile.TemporaryFile('w+', encoding='utf-8')
@@ -80,8 +80,9 @@ class Served:
       except OSError:
         pass
       if time.time() > deadline:
+        out = self.output()[-3000:]
         self.close()
-        raise RuntimeError(f'the server did not start: {self.output()[-3000:]}')
+        raise RuntimeError(f'the server did not start: {out}')
       time.sleep(0.2)
 
   def output(self) -> str:
