@@ -243,15 +243,21 @@ def _llama_mlp_rows(cfg: GPTConfig, i: int) -> list[Row]:
   return rows
 
 
-def _llama_rows(cfg: GPTConfig) -> list[Row]:
+def llama_layout_rows(cfg: GPTConfig, attention_rows, moe_rows) -> list[Row]:
+  """The Llama layout's one-to-one tensors: embeddings, final norm, untied head, and per
+  layer `attention_rows(cfg, i)`, then `moe_rows(cfg, i)` (an MoE layer) or the dense SwiGLU."""
   rows = [('model.embed_tokens.weight', 'wte/embedding', _same, _same),
           ('model.norm.weight', 'ln_f/scale', _same, _same)]
   if not cfg.tie_embeddings:
     rows.append(('lm_head.weight', 'lm_head', _t, _t))
   for i in range(cfg.n_layer):
-    rows += _llama_attention_rows(cfg, i)
-    rows += _qwen2_moe_rows(cfg, i) if cfg.is_moe_layer(i) else _llama_mlp_rows(cfg, i)
+    rows += attention_rows(cfg, i)
+    rows += moe_rows(cfg, i) if cfg.is_moe_layer(i) else _llama_mlp_rows(cfg, i)
   return rows
+
+
+def _llama_rows(cfg: GPTConfig) -> list[Row]:
+  return llama_layout_rows(cfg, _llama_attention_rows, _qwen2_moe_rows)
 
 
 def _llama_from(c: dict, ours: dict) -> dict:

@@ -23,8 +23,8 @@ import numpy as np
 from zhgpt_jax.config import UserError
 from zhgpt_jax.gpt_config import GPTConfig, get
 from zhgpt_jax.hf_classes import (Checkpoint, HFClass, Row, _llama_attention_rows,
-                                  _llama_config, _llama_from_config, _llama_mlp_rows,
-                                  _rope_theta, _same, _t, register)
+                                  _llama_config, _llama_from_config,
+                                  _rope_theta, _same, _t, llama_layout_rows, register)
 
 
 def _rope_order(p: int) -> np.ndarray:
@@ -134,15 +134,8 @@ def _router_from_tensors(cfg: GPTConfig, t: Checkpoint, flat: dict) -> None:
     _experts_from(cfg, t, flat, hf, m)
 
 
-def _deepseek_rows(cfg: GPTConfig, mlp_rows) -> list[Row]:
-  rows = [('model.embed_tokens.weight', 'wte/embedding', _same, _same),
-          ('model.norm.weight', 'ln_f/scale', _same, _same)]
-  if not cfg.tie_embeddings:
-    rows.append(('lm_head.weight', 'lm_head', _t, _t))
-  for i in range(cfg.n_layer):
-    rows += mlp_rows(cfg, i)
-    rows += _router_rows(cfg, i) if cfg.is_moe_layer(i) else _llama_mlp_rows(cfg, i)
-  return rows
+def _deepseek_rows(cfg: GPTConfig, attention_rows) -> list[Row]:
+  return llama_layout_rows(cfg, attention_rows, _router_rows)
 
 
 def _mla_rows(cfg: GPTConfig, i: int) -> list[Row]:
