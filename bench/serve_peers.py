@@ -118,8 +118,9 @@ class Vllm:
       except OSError:
         pass
       if time.time() > deadline:
+        out = self.output()[-3000:]
         self.close()
-        raise RuntimeError(f'vLLM did not start: {self.output()[-3000:]}')
+        raise RuntimeError(f'vLLM did not start in {timeout:.0f} s: {out}')
       time.sleep(1)
 
   def output(self) -> str:
