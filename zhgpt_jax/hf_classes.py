@@ -359,13 +359,21 @@ def _qwen2_moe_to_tensors(cfg: GPTConfig, flat: dict, out: dict) -> None:
       continue
     if not (cfg.moe.n_shared and cfg.moe.shared_gate):
       out[hf + 'mlp.shared_expert_gate.weight'] = np.zeros((1, d), np.float32)
-    if not cfg.moe.n_shared:   # HF always builds a shared expert: give it width 0
-      for x, shape in (('gate', (0, d)), ('up', (0, d)), ('down', (d, 0))):
-        out[f'{hf}mlp.shared_expert.{x}_proj.weight'] = np.zeros(shape, np.float32)
-    # Per-expert tensors: the layout `save_pretrained` writes and every version reads.
-    for j in range(cfg.moe.n_routed):
-      for x in ('gate', 'up', 'down'):
-        out[f'{hf}mlp.experts.{j}.{x}_proj.weight'] = _t(flat[f'{m}w_{x}'][j])
+    experts_to_tensors(cfg, flat, out, hf + 'mlp.', m, 'shared_expert')
+
+
+def experts_to_tensors(cfg: GPTConfig, flat: dict, out: dict, hf: str, m: str,
+                       shared: str) -> None:
+  """An MoE layer's routed experts (our [E, ...] stacks under `m`) as per-expert tensors under
+  `hf` (the layout `save_pretrained` writes and every version reads) and, with no shared
+  experts, a zero-width shared MLP `hf + shared` (HF always builds one)."""
+  d = cfg.d_model
+  if not cfg.moe.n_shared:
+    for x, shape in (('gate', (0, d)), ('up', (0, d)), ('down', (d, 0))):
+      out[f'{hf}{shared}.{x}_proj.weight'] = np.zeros(shape, np.float32)
+  for j in range(cfg.moe.n_routed):
+    for x in ('gate', 'up', 'down'):
+      out[f'{hf}experts.{j}.{x}_proj.weight'] = _t(flat[f'{m}w_{x}'][j])
 
 
 def _qwen2_moe_from_tensors(cfg: GPTConfig, t: Checkpoint, flat: dict) -> None:

@@ -24,7 +24,8 @@ from zhgpt_jax.config import UserError
 from zhgpt_jax.gpt_config import GPTConfig, get
 from zhgpt_jax.hf_classes import (Checkpoint, HFClass, Row, _llama_attention_rows,
                                   _llama_config, _llama_from_config,
-                                  _rope_theta, _same, _t, llama_layout_rows, register)
+                                  _rope_theta, _same, _t, experts_to_tensors,
+                                  llama_layout_rows, register)
 
 
 def _rope_order(p: int) -> np.ndarray:
@@ -92,17 +93,11 @@ def _router_rows(cfg: GPTConfig, i: int) -> list[Row]:
 
 
 def _router_to_tensors(cfg: GPTConfig, flat: dict, out: dict) -> None:
-  d = cfg.d_model
   for i in cfg.moe_layers():
     hf, m = f'model.layers.{i}.mlp.', f'h_{i}/moe/'
     if cfg.moe.balance != 'bias':
       out[hf + 'gate.e_score_correction_bias'] = np.zeros(cfg.moe.n_routed, np.float32)
-    if not cfg.moe.n_shared:   # HF always builds the shared MLP: give it width 0
-      for x, shape in (('gate', (0, d)), ('up', (0, d)), ('down', (d, 0))):
-        out[f'{hf}shared_experts.{x}_proj.weight'] = np.zeros(shape, np.float32)
-    for j in range(cfg.moe.n_routed):
-      for x in ('gate', 'up', 'down'):
-        out[f'{hf}experts.{j}.{x}_proj.weight'] = _t(flat[f'{m}w_{x}'][j])
+    experts_to_tensors(cfg, flat, out, hf, m, 'shared_experts')
 
 
 def _experts_from(cfg: GPTConfig, t: Checkpoint, flat: dict, hf: str, m: str) -> None:
