@@ -40,8 +40,8 @@ README_COMMANDS = {
     # .ci/run is this command
     'pip install -e . -r requirements-dev.txt && python -m pytest -q tests': '.ci/run',
     # the package in a fresh venv, its `zhgpt` command from another directory (up to validation)
-    'pip install . && cd /tmp && zhgpt --config configs/tiny.py --config.train.steps=20 '
-    '--config.optim.warmup_steps=5': 'test_package.py::test_pip_install_then_zhgpt_from_another_directory',
+    'pip install . && cd /tmp && zhgpt --config configs/tiny.py --config.train.steps=20':
+        'test_package.py::test_pip_install_then_zhgpt_from_another_directory',
     # GGUF for llama.cpp and Ollama (no ollama here: the Modelfile is checked)
     'python main.py export --workdir runs/tiny --out runs/tiny.gguf --format gguf --gguf_type q8_0':
         'test_train.py::test_cli_eval_sample_and_export',

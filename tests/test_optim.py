@@ -110,3 +110,19 @@ def test_muon_orthogonalises_block_matrices_and_adams_the_rest():
   emb_u, emb_g = np.asarray(updates['wte']['embedding']), np.asarray(grads['wte']['embedding'])
   assert np.all(np.sign(emb_u) == -np.sign(emb_g))
   assert np.abs(emb_u).max() < 2e-3 and np.median(np.abs(emb_u)) > 5e-4
+
+
+def test_a_run_shorter_than_its_warmup_is_all_warmup():
+  # A 20-step smoke run of a config with 100 warmup steps: a linear rise that ends at 19%.
+  for schedule in ('cosine', 'wsd'):
+    s = optim.schedule(optim_cfg(schedule=schedule), total_steps=20)
+    assert [float(s(i)) for i in (0, 10, 19)] == pytest.approx([0.0, 6e-5, 1.14e-4])
+  assert validate_ok(warmup_steps=100, steps=20)
+
+
+def validate_ok(warmup_steps: int, steps: int) -> bool:
+  from zhgpt_jax.config import default_config, validate
+  c = default_config('tiny')
+  c.optim.warmup_steps, c.train.steps = warmup_steps, steps
+  validate(c)          # raises UserError if refused
+  return True

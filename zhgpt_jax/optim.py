@@ -19,8 +19,12 @@ import optax
 
 def schedule(optim_cfg, total_steps: int, peak: float | None = None) -> optax.Schedule:
   """Linear warmup from 0 to `peak` (default lr), then cosine (or wsd: hold, then linear) to
-  min_lr_ratio·peak at `total_steps`."""
+  min_lr_ratio·peak at `total_steps`. A run no longer than its warmup is all warmup: the
+  rate rises linearly towards `peak` and the run ends before reaching it (a short smoke run of
+  a config made for longer ones, as HF's Trainer does too)."""
   peak = optim_cfg.lr if peak is None else peak
+  if optim_cfg.warmup_steps >= total_steps:
+    return optax.linear_schedule(0.0, peak, optim_cfg.warmup_steps)
   if optim_cfg.get('schedule', 'cosine') == 'wsd':
     warmup = optim_cfg.warmup_steps
     decay = max(1, min(round(optim_cfg.decay_fraction * total_steps), total_steps - warmup))

@@ -338,6 +338,10 @@ def _loop(config, workdir: str, run: Run, state, ckpt, writer, tok_hash: str) ->
           f'{t.grad_accum} accumulation = {global_batch} sequences of {config.model.seq_len} '
           f'= {tokens_per_step:,} tokens/step; peak {peak / 1e12:.3f} TFLOP/s per device')
     print(parallel.describe(dp, state))
+    if config.optim.warmup_steps >= t.steps:
+      print(f'note: optim.warmup_steps={config.optim.warmup_steps} >= train.steps={t.steps}: '
+            f'the whole run is warmup (the rate ends at {t.steps / config.optim.warmup_steps:.0%} '
+            'of its peak)')
 
   start = int(dp.to_host(state['step']))
 
