@@ -199,7 +199,7 @@ BAD = '''
 import sys
 paths, sys.argv = sys.argv[2:], ['main.py', 'prepare', '--config', 'configs/tiny.py',
                                  '--workdir', sys.argv[1], '--config.data.tokenize_workers=1']
-import main
+from zhgpt_jax import cli as main
 main.parse_flags(sys.argv)
 for path in paths:   # main.main as `main.py prepare ... --config.data.corpus=PATH` runs it
   main._CONFIG.value.data.corpus = path
