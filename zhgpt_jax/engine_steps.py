@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from zhgpt_jax import model as model_lib
-from zhgpt_jax import sample
+from zhgpt_jax import sample, score
 
 GREEDY = sample.Mode(greedy=True, filters=False)
 SAMPLED = sample.Mode(greedy=False, filters=False)
@@ -73,16 +73,13 @@ def _choose(cfg, logits_BxV, rows: dict):
 
 
 def _logprobs(cfg, top_n: int, logits_XxV, ids_X, wanted):
-  """Raw log-softmax at each of X positions: (logprob of ids_X, is it the argmax, top_n ids,
-  their logprobs); zeros unless `wanted` (a traced bool), so unasked it costs nothing."""
+  """The raw model's log-probabilities at each of X positions, as `main.py eval --tasks`
+  computes them (score.log_probs): (logprob of ids_X, is it the argmax, top_n ids, their
+  logprobs); zeros unless `wanted` (a traced bool), so unasked it costs nothing."""
   x = ids_X.shape
 
   def compute():
-    logp_XxV = jax.nn.log_softmax(sample.mask_padding(logits_XxV, cfg.real_vocab_size))
-    lp_X = jnp.take_along_axis(logp_XxV, ids_X[..., None], axis=-1)[..., 0]
-    best_X = jnp.argmax(logp_XxV, axis=-1) == ids_X
-    top_lp, top_ids = jax.lax.top_k(logp_XxV, max(top_n, 1))
-    return lp_X, best_X, top_ids[..., :top_n].astype(jnp.int32), top_lp[..., :top_n]
+    return score.log_probs(cfg, logits_XxV, ids_X, top_n)
 
   def skip():
     return (jnp.zeros(x, jnp.float32), jnp.zeros(x, bool), jnp.zeros((*x, top_n), jnp.int32),

@@ -39,24 +39,37 @@ def exact(cfg: model_lib.GPTConfig) -> model_lib.GPTConfig:
   return cfg
 
 
+def log_probs(cfg, logits_XxV, ids_X, top_n: int):
+  """The model's log-probabilities at X positions: (logprob of ids_X, whether it is the most
+  likely real token, the top_n real tokens' ids and logprobs, most likely first).
+
+  The softmax runs over the whole (padded) vocabulary, the distribution of training's loss
+  and of the export; padding ids are never the argmax or a top alternative. The one
+  definition the harness (`score`) and the server (engine_steps) share.
+  """
+  logp_XxV = jax.nn.log_softmax(logits_XxV.astype(jnp.float32), axis=-1)
+  real_V = jnp.arange(logp_XxV.shape[-1]) < cfg.real_vocab_size
+  real_logp_XxV = jnp.where(real_V, logp_XxV, -jnp.inf)
+  lp_X = jnp.take_along_axis(logp_XxV, ids_X[..., None], axis=-1)[..., 0]
+  best_X = jnp.argmax(real_logp_XxV, axis=-1) == ids_X
+  top_lp, top_ids = jax.lax.top_k(real_logp_XxV, max(top_n, 1))
+  return lp_X, best_X, top_ids[..., :top_n].astype(jnp.int32), top_lp[..., :top_n]
+
+
 @functools.partial(jax.jit, static_argnames=('cfg', 'top_n'))
 def score(cfg, params, inputs_BxL, targets_BxL, top_n: int = 0) -> dict:
   """Scores `targets_BxL` (each position's next token) given `inputs_BxL`.
 
   Returns logprob_BxL (log p(target | inputs up to here)), greedy_BxL (whether the target is
-  the most likely real token) and, with top_n > 0, top_ids_BxLxN / top_logprob_BxLxN (the
-  top_n most likely real tokens, most likely first). Rows are right-padded: what follows
-  a row's last real input is never seen by it.
+  the most likely real token) and, with top_n > 0, top_ids_BxLxN / top_logprob_BxLxN
+  (`log_probs`). Rows are right-padded: what follows a row's last real input is never seen
+  by it.
   """
   logits_BxLxV, _ = model_lib.GPT(cfg).apply({'params': params}, inputs_BxL)
-  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-  real_V = jnp.arange(logp_BxLxV.shape[-1]) < cfg.real_vocab_size
-  real_logp_BxLxV = jnp.where(real_V, logp_BxLxV, -jnp.inf)
-  out = dict(
-      logprob_BxL=jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0],
-      greedy_BxL=jnp.argmax(real_logp_BxLxV, axis=-1) == targets_BxL)
+  lp, best, top_ids, top_lp = log_probs(cfg, logits_BxLxV, targets_BxL, top_n)
+  out = dict(logprob_BxL=lp, greedy_BxL=best)
   if top_n:
-    out['top_logprob_BxLxN'], out['top_ids_BxLxN'] = jax.lax.top_k(real_logp_BxLxV, top_n)
+    out['top_logprob_BxLxN'], out['top_ids_BxLxN'] = top_lp, top_ids
   return out
 
 
