@@ -92,6 +92,11 @@ README_COMMANDS = {
     '--num_fewshot 5': 'test_harness.py::test_main_py_eval_tasks_equals_lm_eval_hf',
     'python main.py eval --workdir runs/sft --tasks zh_sentiment,zh_sentiment_chat --limit 200':
         'test_harness.py::test_the_sentiment_tasks_run_on_the_model',
+    'lm_eval --model local-completions --model_args model=tiny,base_url=http://127.0.0.1:8000/'
+    'v1/completions,tokenizer=runs/tiny-hf,tokenizer_backend=huggingface,max_length=128,'
+    'num_concurrent=8 --tasks zh_mc --include_path zhgpt_jax/lm_tasks --metadata '
+    '\'{"data_dir": "/data/ceval-exam"}\'':
+        'test_logprobs.py::test_lm_eval_command_through_the_server_equals_lm_eval_hf',
     'python main.py sample --workdir runs/tiny --prompt "村民们都很高兴"':
         'test_train.py::test_cli_eval_sample_and_export',
     'python main.py sample --workdir runs/tiny --prompt_file prompts.txt '

@@ -1,7 +1,8 @@
 """The OpenAI request bodies the server accepts, and its errors in OpenAI's shape.
 
 Requests are pydantic models (strict types: "5" is not a number); a field OpenAI defines but
-we do not implement (n > 1, logprobs, tools, ...) is refused by name rather than ignored.
+we do not implement (n > 1, tools, best_of, suffix) is refused by name rather than ignored,
+and so is a combination we do not serve (logprobs or echo or several prompts with stream).
 Unknown fields are ignored, as OpenAI's server does. Every error is
 {"error": {"message", "type", "param", "code"}} with a 4xx status.
 """
@@ -68,7 +69,6 @@ class Sampling(_Strict):
   stream: bool = False
   stream_options: StreamOptions | None = None
   # Defined by OpenAI, not implemented here: refused when set, so no one trusts a no-op.
-  logprobs: Union[bool, int, None] = None
   tools: list | None = None
   best_of: int | None = None
 
@@ -79,8 +79,7 @@ class Sampling(_Strict):
     return stop
 
   def check_unsupported(self) -> None:
-    used = dict(logprobs=self.logprobs not in (None, False), tools=bool(self.tools),
-                best_of=self.best_of not in (None, 1))
+    used = dict(tools=bool(self.tools), best_of=self.best_of not in (None, 1))
     for name in (n for n, on in used.items() if on):
       raise ApiError(400, f'{name} is not supported by this server', name, 'unsupported')
 
@@ -88,18 +87,50 @@ class Sampling(_Strict):
 class ChatRequest(Sampling):
   messages: list[Message] = Field(min_length=1)
   max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class CompletionRequest(Sampling):
-  prompt: Union[str, list[int], list[str]]
-  echo: bool = False
-  suffix: str | None = None
+  logprobs: bool | None = None
+  top_logprobs: int | None = Field(None, ge=0, le=20)
 
   def check_unsupported(self) -> None:
     super().check_unsupported()
-    if self.echo or self.suffix:
-      name = 'echo' if self.echo else 'suffix'
-      raise ApiError(400, f'{name} is not supported by this server', name, 'unsupported')
+    if self.top_logprobs is not None and not self.logprobs:
+      raise ApiError(400, 'top_logprobs needs logprobs: true', 'top_logprobs')
+    if self.logprobs and self.stream:
+      raise ApiError(400, 'logprobs is not supported with stream by this server', 'logprobs',
+                     'unsupported')
+
+
+class CompletionRequest(Sampling):
+  """Several prompts (a list of strings, or of token id lists) are several choices, each
+  with its index. max_tokens=0 with echo scores the prompt only."""
+  prompt: Union[str, list[int], list[str], list[list[int]]]
+  max_tokens: int | None = Field(None, ge=0)
+  echo: bool = False
+  logprobs: int | None = Field(None, ge=0, le=20)
+  suffix: str | None = None
+
+  def prompts(self) -> list:
+    """The prompts, each a str or a list of token ids."""
+    p = self.prompt
+    if isinstance(p, str) or (p and isinstance(p[0], int)):
+      return [p]
+    if not p:
+      raise ApiError(400, 'prompt: an empty list (give a prompt text, or its token ids)',
+                     'prompt')
+    return list(p)
+
+  def check_unsupported(self) -> None:
+    super().check_unsupported()
+    if self.suffix:
+      raise ApiError(400, 'suffix is not supported by this server', 'suffix', 'unsupported')
+    if self.max_tokens == 0 and not self.echo:
+      raise ApiError(400, 'max_tokens=0 asks for nothing without echo: true', 'max_tokens')
+    if self.stream:
+      for name, used in (('logprobs', self.logprobs is not None), ('echo', self.echo),
+                         ('prompt', len(self.prompts()) > 1)):
+        if used:
+          raise ApiError(400, f'{name} is not supported with stream by this server'
+                         + (' (one prompt a stream)' if name == 'prompt' else ''), name,
+                         'unsupported')
 
 
 def _unencodable(value, path: str = '') -> str | None:

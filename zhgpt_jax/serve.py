@@ -4,7 +4,8 @@
   GET  /health               {"status": "ok", "slots", "active", "waiting", "compiled"}
   GET  /v1/models            the one model served
   POST /v1/chat/completions  messages -> ChatML prompt (the ids of HF apply_chat_template)
-  POST /v1/completions       prompt text (or token ids) -> continuation
+  POST /v1/completions       prompt text or token ids (or a list of them: a choice each) ->
+                             continuation; echo, logprobs, max_tokens=0 (the prompt's scores)
 
 Both POST endpoints take max_tokens, temperature, top_p, stop, seed, n=1, stream (server-sent
 events ending in `data: [DONE]`) and our extras top_k and repetition_penalty; a field left
@@ -12,6 +13,11 @@ out takes config.sample's value (seed: a random one). Requests run in engine.Eng
 slots. Replies decode with the tokenizer's special tokens kept, as `main.py sample` prints
 them; a `stop` string ends the reply before it (held back while it may still be forming).
 A client that disconnects cancels its request, which frees its slot.
+
+Log-probabilities are the raw model's (before penalty, temperature and filters), kept by the
+engine as it runs the request: completions' `logprobs=N` (with `echo`, the prompt's too: a
+prefill whose logits are kept), chat's `logprobs: true` + `top_logprobs` (logprobs.py
+shapes them). Not with stream.
 
 With an API key (--api_key or $ZHGPT_API_KEY) every /v1 request needs
 `Authorization: Bearer KEY` (401 otherwise). Errors are OpenAI's JSON shape (api_schema.py).
@@ -38,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from zhgpt_jax import api_schema as api
 from zhgpt_jax import chat_format
 from zhgpt_jax import engine as engine_lib
+from zhgpt_jax import logprobs as logprobs_lib
 from zhgpt_jax import sample
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.api_schema import ApiError
@@ -106,14 +113,7 @@ class Server:
     return chat_prompt_ids(self.encoder, [dict(role=m.role, content=m.text()) for m in messages])
 
   def completion_ids(self, prompt) -> list[int]:
-    if isinstance(prompt, list) and not prompt:   # [] parses as either list: it is neither
-      raise ApiError(400, 'prompt: an empty list (give a prompt text, or its token ids)',
-                     'prompt')
-    if isinstance(prompt, list) and all(isinstance(x, str) for x in prompt):
-      if len(prompt) != 1:
-        raise ApiError(400, 'prompt: give one prompt (a batch of prompts is not supported)',
-                       'prompt')
-      prompt = prompt[0]
+    """The token ids of one prompt: a string, or token ids."""
     if isinstance(prompt, str):
       return sample.encode_prompt(self.tokenizer, prompt)
     bad = [t for t in prompt if not 0 <= t < self.cfg.real_vocab_size]
@@ -122,19 +122,28 @@ class Server:
                      else 'prompt: no token ids', 'prompt')
     return list(prompt)
 
-  def request(self, req: api.Sampling, prompt: list[int], max_tokens: int | None):
-    """An engine.Request for `prompt` with `req`'s options (config.sample's where unset)."""
+  def request(self, req: api.Sampling, prompt: list[int], max_tokens: int | None, *,
+              logprobs: int | None = None, echo: bool = False):
+    """An engine.Request for `prompt` with `req`'s options (config.sample's where unset).
+
+    With `logprobs` (the top alternatives asked for) each generated token's raw
+    log-probability is kept, and with `echo` too the prompt's (a prefill whose logits are
+    kept); max_tokens=0 generates nothing. None when there is nothing to run (max_tokens=0,
+    no logprobs).
+    """
     if req.model != self.model_id:
       raise ApiError(404, f'the model {req.model!r} does not exist; this server has '
                      f'{self.model_id!r}', 'model', 'model_not_found')
     room = self.cfg.seq_len - len(prompt)
-    if room < 1:
+    if room < (max_tokens != 0):
       raise ApiError(400, f"the prompt's {len(prompt)} tokens fill the model's context of "
                      f'{self.cfg.seq_len} tokens', 'messages', 'context_length_exceeded')
     if max_tokens is not None and max_tokens > room:
       raise ApiError(400, f'max_tokens={max_tokens} is too large: the prompt takes '
                      f'{len(prompt)} of the context of {self.cfg.seq_len} tokens, leaving '
                      f'{room}', 'max_tokens', 'context_length_exceeded')
+    if max_tokens == 0 and logprobs is None:
+      return None
     s = self.sample_cfg
     pick = lambda value, default: default if value is None else value
     return engine_lib.Request(
@@ -142,7 +151,8 @@ class Server:
         temperature=pick(req.temperature, s.temperature), top_k=pick(req.top_k, s.top_k),
         top_p=pick(req.top_p, s.top_p),
         repetition_penalty=pick(req.repetition_penalty, s.repetition_penalty),
-        seed=pick(req.seed, secrets.randbits(31)))
+        seed=pick(req.seed, secrets.randbits(31)), logprobs=logprobs is not None,
+        top_logprobs=logprobs or 0, prompt_logprobs=echo and logprobs is not None)
 
   async def run(self, request: engine_lib.Request, stop: list[str]):
     """Submits `request`; yields (text piece, finish reason or None, the ReplyText so far).
@@ -208,7 +218,8 @@ async def _until_disconnect(request: fastapi.Request) -> None:
 async def _respond(request: fastapi.Request, server: Server, req, prompt: list[int],
                    max_tokens: int | None, kind: str):
   """Runs one request: a JSON reply, or (req.stream) an SSE stream. kind: 'chat' | 'text'."""
-  job = server.request(req, prompt, max_tokens)
+  top = (req.top_logprobs or 0) if kind == 'chat' and req.logprobs else None
+  job = server.request(req, prompt, max_tokens, logprobs=top)
   stop = req.stops()
   rid = f'{"chatcmpl" if kind == "chat" else "cmpl"}-{uuid.uuid4().hex[:24]}'
   head = dict(id=rid, created=int(time.time()), model=server.model_id)
@@ -241,27 +252,65 @@ async def _respond(request: fastapi.Request, server: Server, req, prompt: list[i
     return StreamingResponse(events(), media_type='text/event-stream',
                              headers={'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'})
 
-  async def collect():
-    pieces = []
-    async for piece, finish, text in server.run(job, stop):
-      pieces.append(piece)
+  results = await _collect(request, server, [job], stop)
+  if results is None:
+    return fastapi.Response(status_code=499)
+  (reply, finish, text), = results
+  obj = 'chat.completion' if kind == 'chat' else 'text_completion'
+  body = choice(reply, finish, False)
+  if top is not None:
+    body['logprobs'] = logprobs_lib.chat(server.tokenizer, text.ids, job.token_logprobs,
+                                         job.top, len(reply))
+  return JSONResponse(dict(head, object=obj, choices=[body], usage=_usage(prompt, text)))
+
+
+async def _collect(request: fastapi.Request, server: Server, jobs: list, stop: list[str]):
+  """Runs `jobs` (engine requests; None: nothing to run) together: [(reply, finish,
+  ReplyText)] in order, or None if the client went away (which cancels them)."""
+
+  async def one(job):
+    text, pieces, finish = ReplyText(server.tokenizer, stop), [], 'length'
+    if job is not None:
+      async for piece, finish, text in server.run(job, stop):
+        pieces.append(piece)
     return ''.join(pieces), finish, text
 
   watch = asyncio.ensure_future(_until_disconnect(request))
-  work = asyncio.ensure_future(collect())
+  work = asyncio.ensure_future(asyncio.gather(*(one(j) for j in jobs)))
   try:
     await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
   finally:
     watch.cancel()
     gone = not work.done()
-    if gone:   # the client went away: cancelling `work` cancels the request
+    if gone:   # the client went away: cancelling `work` cancels the requests
       work.cancel()
-  if gone:
+      work.add_done_callback(lambda f: f.cancelled() or f.exception())   # retrieved: no log
+  return None if gone else work.result()
+
+
+async def _complete(request: fastapi.Request, server: Server, req: api.CompletionRequest):
+  """/v1/completions without stream: a choice a prompt, with echo and logprobs."""
+  prompts = [server.completion_ids(p) for p in req.prompts()]
+  jobs = [server.request(req, ids, req.max_tokens, logprobs=req.logprobs, echo=req.echo)
+          for ids in prompts]
+  results = await _collect(request, server, jobs, req.stops())
+  if results is None:
     return fastapi.Response(status_code=499)
-  reply, finish, text = work.result()
-  obj = 'chat.completion' if kind == 'chat' else 'text_completion'
-  return JSONResponse(dict(head, object=obj, choices=[choice(reply, finish, False)],
-                           usage=_usage(prompt, text)))
+  choices, used = [], 0
+  for i, (ids, job, (reply, finish, text)) in enumerate(zip(prompts, jobs, results)):
+    echoed = tok_lib.decode(server.tokenizer, ids) if req.echo else ''
+    choice = dict(index=i, text=echoed + reply, logprobs=None, finish_reason=finish)
+    if req.logprobs is not None:
+      choice['logprobs'] = logprobs_lib.completion(
+          server.tokenizer, ids if req.echo else None, job.prompt_scores, text.ids,
+          job.token_logprobs, job.top, len(echoed) + len(reply))
+    choices.append(choice)
+    used += len(text.ids)
+  n_prompt = sum(map(len, prompts))
+  return JSONResponse(dict(
+      id=f'cmpl-{uuid.uuid4().hex[:24]}', object='text_completion', created=int(time.time()),
+      model=server.model_id, choices=choices,
+      usage=dict(prompt_tokens=n_prompt, completion_tokens=used, total_tokens=n_prompt + used)))
 
 
 def create_app(server: Server, api_key: str | None = None) -> fastapi.FastAPI:
@@ -315,7 +364,9 @@ def create_app(server: Server, api_key: str | None = None) -> fastapi.FastAPI:
   @v1.post('/completions')
   async def completions(request: fastapi.Request):
     req = api.parse(api.CompletionRequest, await _body(request, server.max_request_bytes))
-    prompt = server.completion_ids(req.prompt)
+    if not req.stream:
+      return await _complete(request, server, req)
+    prompt = server.completion_ids(req.prompts()[0])
     return await _respond(request, server, req, prompt, req.max_tokens, 'text')
 
   app.include_router(v1)

@@ -1,0 +1,134 @@
+"""Evaluation benchmark: one multiple-choice task scored three ways, side by side.
+
+  python bench/eval.py [--workdir RUN] [--items 600] [--num_fewshot 0] [--hf_batch 32]
+
+(a) `main.py eval --tasks zh_mc` (in-process lm_eval, our jitted scoring), (b) the lm_eval
+command with `--model local-completions` against `main.py serve` at 8 concurrent requests,
+(c) the lm_eval command with `--model hf` on the export (transformers on torch). Each is a
+fresh process, timed from start to exit (a server's start-up is reported apart); items/s is
+items over that time. The three accuracies must be equal.
+
+The task is zh_mc on items made from the builtin news: a sentence's first half is the
+question, its own second half and three other sentences' second halves are the options.
+The model (default) is a random-init 'tiny' preset (4 layers, d_model 128, seq_len 256) with
+a 4000-token tokenizer trained on the builtin news (bench/serve.py's), or --workdir, a run
+of ours; its accuracy is chance, which is what such a model should score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [HERE, os.path.join(HERE, 'tests'), os.path.join(HERE, 'bench')]
+
+from serve import build_model  # pylint: disable=wrong-import-position
+from serving import Served  # pylint: disable=wrong-import-position
+from zhgpt_jax import corpus, export  # pylint: disable=wrong-import-position
+
+LM_EVAL = os.path.join(os.path.dirname(sys.executable), 'lm_eval')
+
+
+def write_items(directory: str, n: int, seed: int = 0) -> None:
+  """n four-option items from news sentences into directory/val/news_val.csv (and 5 in dev/)."""
+  with open(corpus.builtin_paths()['news'], encoding='utf-8') as f:
+    text = ''.join(corpus.strip_pos_tags(x) for x in itertools.islice(f, 5000))
+  sentences = [s + '。' for s in text.split('。') if 16 <= len(s) <= 40]
+  rng = random.Random(seed)
+  rng.shuffle(sentences)
+  halves = [(s[:len(s) // 2], s[len(s) // 2:]) for s in sentences[:n + 5 + 3 * (n + 5)]]
+  for split, rows in (('val', range(n)), ('dev', range(n, n + 5))):
+    os.makedirs(os.path.join(directory, split), exist_ok=True)
+    with open(os.path.join(directory, split, f'news_{split}.csv'), 'w', newline='',
+              encoding='utf-8') as f:
+      w = csv.writer(f)
+      w.writerow(['id', 'question', 'A', 'B', 'C', 'D', 'answer'])
+      for i in rows:
+        options = [halves[i][1]] + [halves[n + 5 + 3 * i + k][1] for k in range(3)]
+        order = list(range(4))
+        rng.shuffle(order)
+        w.writerow([i, f'“{halves[i][0]}”的下文是？', *(options[k] for k in order),
+                    'ABCD'[order.index(0)]])
+
+
+def timed(cmd: list[str], env: dict) -> float:
+  t0 = time.perf_counter()
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  if out.returncode:
+    raise SystemExit(f'{" ".join(cmd[:4])} ... failed:\n{out.stderr[-3000:]}')
+  return time.perf_counter() - t0
+
+
+def accuracy(directory: str) -> float:
+  (path,) = glob.glob(os.path.join(directory, '**', 'results_*.json'), recursive=True)
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)['results']['zh_mc']['acc,none']
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--workdir', help='a run of ours (default: a random-init tiny model)')
+  parser.add_argument('--items', type=int, default=600)
+  parser.add_argument('--num_fewshot', type=int, default=0)
+  parser.add_argument('--hf_batch', type=int, default=32)
+  parser.add_argument('--concurrency', type=int, default=8)
+  args = parser.parse_args()
+  root = tempfile.mkdtemp(prefix='bench_eval_')
+  workdir = args.workdir or build_model(root, seq_len=256)
+  hf_dir = export.export_workdir(workdir, os.path.join(root, 'export'))
+  data = os.path.join(root, 'items')
+  write_items(data, args.items)
+  env = dict(os.environ, PYTHONPATH=HERE)
+  common = ['--tasks', 'zh_mc', '--num_fewshot', str(args.num_fewshot)]
+  lm_common = [*common, '--include_path', os.path.join(HERE, 'zhgpt_jax', 'lm_tasks'),
+               '--metadata', json.dumps(dict(data_dir=data)), '--log_samples']
+  rows = []
+
+  out_a = os.path.join(root, 'a')
+  t = timed([sys.executable, os.path.join(HERE, 'main.py'), 'eval', '--workdir', workdir,
+             *common, '--task_data', data, '--out', out_a], env)
+  rows.append(('(a) main.py eval --tasks', t, accuracy(out_a)))
+
+  out_c = os.path.join(root, 'c')
+  t = timed([LM_EVAL, '--model', 'hf', '--model_args',
+             f'pretrained={hf_dir},dtype=float32', '--device', 'cpu', '--batch_size',
+             str(args.hf_batch), *lm_common, '--output_path', out_c], env)
+  rows.append((f'(c) lm_eval --model hf (batch {args.hf_batch})', t, accuracy(out_c)))
+
+  t0 = time.perf_counter()
+  server = Served(workdir, timeout=900)
+  start = time.perf_counter() - t0
+  try:
+    out_b = os.path.join(root, 'b')
+    t = timed([LM_EVAL, '--model', 'local-completions', '--model_args',
+               f'model={os.path.basename(workdir)},base_url={server.url}/v1/completions,'
+               f'tokenizer={hf_dir},tokenizer_backend=huggingface,max_length=256,'
+               f'num_concurrent={args.concurrency}', *lm_common, '--output_path', out_b], env)
+    rows.append((f'(b) lm_eval via main.py serve, {args.concurrency} concurrent '
+                 f'(server start {start:.0f} s apart)', t, accuracy(out_b)))
+  finally:
+    server.close()
+
+  base = rows[1][1]
+  print(f'zh_mc, {args.items} items x 4 choices, {args.num_fewshot}-shot; '
+        f'model {workdir}')
+  print(f'| method | wall s | items/s | vs (c) | accuracy |\n|---|---:|---:|---:|---:|')
+  for name, t, acc in rows:
+    print(f'| {name} | {t:.1f} | {args.items / t:.1f} | {base / t:.2f}x | {acc:.4f} |')
+  accs = {acc for _, _, acc in rows}
+  print('accuracies equal' if len(accs) == 1 else f'ACCURACIES DIFFER: {sorted(accs)}')
+  return 0 if len(accs) == 1 else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())
