@@ -1044,7 +1044,7 @@ def test_server_errors_through_the_openai_client(served):
       (openai.BadRequestError, 400, dict(prompt=[]), 'prompt'),
       (openai.NotFoundError, 404, dict(prompt='人民', model='nope'), 'model'),
       (openai.BadRequestError, 400, dict(prompt='人民', max_tokens=100_000), 'max_tokens'),
-      (openai.BadRequestError, 400, dict(prompt='人民', logprobs=2), 'logprobs'),
+      (openai.BadRequestError, 400, dict(prompt='人民', logprobs=21), 'logprobs'),
   ]
   for kind, status, kw, param in cases:
     with pytest.raises(kind) as e:
