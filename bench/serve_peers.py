@@ -44,7 +44,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 import openai  # pylint: disable=wrong-import-position
 
 from serve import one  # pylint: disable=wrong-import-position
-from serving import Served, free_port, get  # pylint: disable=wrong-import-position
+from serving import ChildServer, Served, free_port  # pylint: disable=wrong-import-position
 
 # Runs inside llama.cpp's venv: loads the GGUF on one thread, then for every line on stdin
 # decodes each prompt greedily and answers one JSON line (seconds, tokens).
@@ -94,49 +94,19 @@ def gguf(workdir: str, hf_dir: str, out: str, converter: str) -> None:
   run([sys.executable, converter, hf_dir, '--outfile', out, '--outtype', 'f32'])
 
 
-class Vllm:
+class Vllm(ChildServer):
   """vLLM's OpenAI server on `hf_dir` as a child process (float32, one model length)."""
 
   def __init__(self, python: str, hf_dir: str, name: str, max_len: int, timeout: float = 900):
-    self.port = free_port()
-    self.url = f'http://127.0.0.1:{self.port}'
-    self.log = tempfile.TemporaryFile('w+', encoding='utf-8')
+    port = free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE='1', VLLM_LOGGING_LEVEL='WARNING')
     env.pop('PYTHONPATH', None)
-    self.proc = subprocess.Popen(
+    super().__init__(
+        'vLLM',
         [python, '-m', 'vllm.entrypoints.openai.api_server', '--model', hf_dir,
-         '--served-model-name', name, '--port', str(self.port), '--dtype', 'float32',
+         '--served-model-name', name, '--port', str(port), '--dtype', 'float32',
          '--max-model-len', str(max_len), '--disable-log-stats'],
-        env=env, stdout=self.log, stderr=subprocess.STDOUT)
-    deadline = time.time() + timeout
-    while True:
-      if self.proc.poll() is not None:
-        raise RuntimeError(f'vLLM exited: {self.output()[-3000:]}')
-      try:
-        if get(f'{self.url}/health')[0] == 200:
-          break
-      except OSError:
-        pass
-      if time.time() > deadline:
-        out = self.output()[-3000:]
-        self.close()
-        raise RuntimeError(f'vLLM did not start in {timeout:.0f} s: {out}')
-      time.sleep(1)
-
-  def output(self) -> str:
-    self.log.flush()
-    self.log.seek(0)
-    return self.log.read()
-
-  def close(self) -> None:
-    if self.proc.poll() is None:
-      self.proc.terminate()
-      try:
-        self.proc.wait(timeout=30)
-      except subprocess.TimeoutExpired:
-        self.proc.kill()
-        self.proc.wait()
-    self.log.close()
+        env, port=port, timeout=timeout, poll=1, stop_timeout=30)
 
 
 def level(url: str, name: str, prompts: list[str], clients: int, max_tokens: int):

@@ -59,21 +59,20 @@ def get(url: str, key: str | None = None, timeout: float = 5) -> tuple[int, byte
     return e.code, e.read()
 
 
-class Served:
-  """`python main.py serve --workdir W --port P` as a child process; `close` stops it."""
+class ChildServer:
+  """An HTTP server as a child process, its output in a temporary file: started, then waited
+  for until `GET /health` answers 200 (or it exits, or `timeout` passes); `close` stops it."""
 
-  def __init__(self, workdir: str, *args: str, env: dict | None = None, timeout: float = 600):
-    self.port = free_port()
-    self.url = f'http://127.0.0.1:{self.port}'
+  def __init__(self, what: str, argv: list[str], env: dict, *, port: int, timeout: float,
+               poll: float = 0.2, stop_timeout: float = 20):
+    self.what, self.port, self.stop_timeout = what, port, stop_timeout
+    self.url = f'http://127.0.0.1:{port}'
     self.log = tempfile.TemporaryFile('w+', encoding='utf-8')
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', **(env or {}))
-    self.proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, 'main.py'), 'serve', '--workdir', workdir,
-         '--port', str(self.port), *args], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+    self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT)
     deadline = time.time() + timeout
     while True:
       if self.proc.poll() is not None:
-        raise RuntimeError(f'the server exited: {self.output()[-3000:]}')
+        raise RuntimeError(f'{what} exited: {self.output()[-3000:]}')
       try:
         if get(f'{self.url}/health')[0] == 200:
           break
@@ -82,8 +81,8 @@ class Served:
       if time.time() > deadline:
         out = self.output()[-3000:]
         self.close()
-        raise RuntimeError(f'the server did not start: {out}')
-      time.sleep(0.2)
+        raise RuntimeError(f'{what} did not start in {timeout:.0f} s: {out}')
+      time.sleep(poll)
 
   def output(self) -> str:
     self.log.flush()
@@ -94,11 +93,24 @@ class Served:
     if self.proc.poll() is None:
       self.proc.terminate()
       try:
-        self.proc.wait(timeout=20)
+        self.proc.wait(timeout=self.stop_timeout)
       except subprocess.TimeoutExpired:
         self.proc.kill()
         self.proc.wait()
     self.log.close()
+
+
+class Served(ChildServer):
+  """`python main.py serve --workdir W --port P` as a child process; `close` stops it."""
+
+  def __init__(self, workdir: str, *args: str, env: dict | None = None, timeout: float = 600):
+    port = free_port()
+    super().__init__(
+        'the server',
+        [sys.executable, os.path.join(ROOT, 'main.py'), 'serve', '--workdir', workdir,
+         '--port', str(port), *args],
+        dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', **(env or {})),
+        port=port, timeout=timeout)
 
 
 def chromium(user_data_dir: str, size=(880, 560)):
