@@ -77,6 +77,8 @@ ROWS = {
     'demo-wsd-relu2-v4000': ('configs/tiny.py', {
         'optim.schedule': 'wsd', 'optim.decay_fraction': 0.5, 'optim.min_lr_ratio': 0.0,
         'model.mlp': 'relu2', 'tokenizer.vocab_size': 4000}),
+    'demo-llama-wsd': ('configs/modern.py:tiny', {'optim.schedule': 'wsd', 'optim.decay_fraction': 0.5,
+                                                 'optim.min_lr_ratio': 0.0}),
 }
 REFERENCE = 'configs/tiny.py'
 CHILDREN: set = set()      # the training processes running now (ended with the bench)

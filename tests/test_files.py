@@ -52,3 +52,8 @@ def test_sweep_removes_only_a_dead_writers_temporaries(tmp_path):
   assert files.sweep(str(tmp_path), all_ours=True) == []
   os.makedirs(tmp_path / f'x.tmp-{host}-1')
   assert files.sweep(str(tmp_path), all_ours=True) == [f'x.tmp-{host}-1']
+  # In a folder of the user's (an export target's parent) only the target's own temporaries go.
+  os.makedirs(tmp_path / f'export.tmp-{host}-{dead_pid}')
+  os.makedirs(tmp_path / f'mine.tmp-{host}-{dead_pid}')
+  assert files.sweep(str(tmp_path), of=str(tmp_path / 'export')) == [f'export.tmp-{host}-{dead_pid}']
+  assert os.path.isdir(tmp_path / f'mine.tmp-{host}-{dead_pid}')

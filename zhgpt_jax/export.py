@@ -168,7 +168,7 @@ def export_hf(cfg: GPTConfig, params, out_dir: str, tokenizer_dir: str | None = 
   flat = _flat_params(cfg, params)
   ids, stop = export_files.special_ids(tokenizer_dir, cfg)
   os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-  files.sweep(os.path.dirname(out_dir))   # a killed export's
+  files.sweep(os.path.dirname(out_dir), of=out_dir)   # a killed export's, nothing else there
   tmp = files.temp_path(out_dir)
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)

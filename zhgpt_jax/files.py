@@ -15,7 +15,7 @@ import re
 import shutil
 import socket
 
-_TEMP = re.compile(r'^.+\.(?:tmp|old)-(?P<host>.+)-(?P<pid>\d+)$')
+_TEMP = re.compile(r'^(?P<path>.+)\.(?:tmp|old)-(?P<host>.+)-(?P<pid>\d+)$')
 
 
 def temp_path(path: str, kind: str = 'tmp') -> str:
@@ -59,13 +59,17 @@ def _alive(pid: int) -> bool:
   return True
 
 
-def sweep(directory: str, all_ours: bool = False) -> list[str]:
+def sweep(directory: str, all_ours: bool = False, of: str | None = None) -> list[str]:
   """Removes the temporaries in `directory` that a killed writer left: named by `temp_path`,
   of this host, by a process that no longer runs (`all_ours`: any of this host, for a caller
-  that holds the directory's lock). Returns the names removed; nothing else is touched."""
+  that holds the directory's lock). `of`: only the temporaries of that one path (for a folder of
+  the user's, e.g. an export target's parent, where other names are none of our business).
+  Returns the names removed; nothing else is touched."""
   host, removed = socket.gethostname(), []
   for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
     m = _TEMP.match(name)
+    if m and of is not None and m['path'] != os.path.basename(of):
+      continue
     if m and m['host'] == host and (all_ours or not _alive(int(m['pid']))) \
         and int(m['pid']) != os.getpid():
       path = os.path.join(directory, name)

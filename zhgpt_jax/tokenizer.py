@@ -245,7 +245,7 @@ def copy_tokenizer(src: str, dst: str) -> None:
   """
   tok = load_tokenizer(src)
   src_dir = src if not src.endswith('.json') else os.path.dirname(src)
-  files.sweep(os.path.dirname(os.path.abspath(dst)))
+  files.sweep(os.path.dirname(os.path.abspath(dst)), of=dst)   # the user's folder: ours only
   tmp = files.temp_path(dst)
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
