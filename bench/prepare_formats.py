@@ -13,8 +13,10 @@ Each run is `prepare` (dedup='exact', the default; every core) in a child proces
 out among the processes that map them; RSS counts them in each). Formats are
 interleaved (jsonl, zst, parquet, then again), so the machine's changing load hits them
 alike; the 1-minute load average is recorded around each run. Reported per format: MB of
-document text (UTF-8) per second (best of the repeats), peak RSS of the process tree, and
-the ratios to jsonl; the shards of every format must be byte-identical to jsonl's.
+document text (UTF-8) per second (best of the repeats) and each round's ratio to that
+round's jsonl run, MB per CPU-second of the process tree (user + system: what a busy
+machine's load stretches far less than wall time), peak RSS of the process tree, and the
+ratios to jsonl; the shards of every format must be byte-identical to jsonl's.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -93,6 +96,7 @@ def _tree_memory(pid: int) -> tuple[int, int]:
 def _run(args: dict) -> dict:
   """prepare_scale's 'prepare' child, its tree's peak RSS and PSS polled."""
   cmd = [sys.executable, prepare_scale.__file__, 'prepare', json.dumps(args)]
+  cpu0 = _children_cpu()
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
   peak_rss = peak_pss = 0
   while proc.poll() is None:
@@ -103,7 +107,14 @@ def _run(args: dict) -> dict:
   if proc.returncode:
     raise RuntimeError(f'prepare failed ({proc.returncode}): {out[-2000:]}')
   return dict(json.loads(out.strip().splitlines()[-1]), peak_rss_mb=peak_rss / 2**20,
-              peak_pss_mb=peak_pss / 2**20)
+              peak_pss_mb=peak_pss / 2**20, cpu_s=_children_cpu() - cpu0)
+
+
+def _children_cpu() -> float:
+  """User + system CPU seconds of the waited-for children (and theirs): the work a run did,
+  which a busy machine's load stretches far less than its wall time."""
+  r = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return r.ru_utime + r.ru_stime
 
 
 def _size(directory: str) -> int:
@@ -156,23 +167,31 @@ def main(gb: float, repeats: int, scale_dir: str) -> None:
       os.system(f'rm -rf {work}')   # pylint: disable=consider-using-subprocess  (our own run dir)
       runs[fmt].append(out)
       print(f'{fmt:10} run {r}: {out["utf8_bytes"] / out["seconds"] / 1e6:6.2f} MB/s, '
-            f'peak RSS {out["peak_rss_mb"]:,.0f} MB (PSS {out["peak_pss_mb"]:,.0f}), load {load0:.1f} -> {out["load_after"]:.1f}',
-            flush=True)
+            f'{out["utf8_bytes"] / out["cpu_s"] / 1e6:5.2f} MB per CPU-s, peak RSS '
+            f'{out["peak_rss_mb"]:,.0f} MB (PSS {out["peak_pss_mb"]:,.0f}), '
+            f'load {load0:.1f} -> {out["load_after"]:.1f}', flush=True)
   assert len(set(digests.values())) == 1, f'shards differ between formats: {digests}'
   text = runs['jsonl'][0]['utf8_bytes']
   best = {f: max(o['utf8_bytes'] / o['seconds'] / 1e6 for o in runs[f]) for f in FORMATS}
   peak = {f: max(o['peak_rss_mb'] for o in runs[f]) for f in FORMATS}
   pss = {f: max(o['peak_pss_mb'] for o in runs[f]) for f in FORMATS}
+  per_cpu = {f: max(o['utf8_bytes'] / o['cpu_s'] / 1e6 for o in runs[f]) for f in FORMATS}
+  # Each round's own ratio to that round's jsonl run (the runs next to each other in time).
+  rounds = {f: [runs['jsonl'][r]['seconds'] / o['seconds']
+                for r, o in enumerate(runs[f])] for f in FORMATS}
   print(f'\n{gb:g} GB corpus ({text / 1e6:,.0f} MB of document text, '
         f'{runs["jsonl"][0]["documents"]:,} documents kept), {os.cpu_count()} cores, '
         f'best of {repeats}, shards byte-identical across formats:')
-  print('| format | on disk | MB/s of text | × jsonl | peak RSS (tree) | × jsonl | peak PSS (tree) '
-        '| × jsonl | load (1 min) |')
-  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+  print('| format | on disk | MB/s of text | × jsonl | × jsonl each round | MB per CPU-s | × jsonl '
+        '| peak RSS (tree) | × jsonl | peak PSS (tree) | × jsonl | load (1 min) |')
+  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
   for f in FORMATS:
     loads = [o['load_before'] for o in runs[f]] + [o['load_after'] for o in runs[f]]
     print(f'| {f} | {_size(dirs[f]) / 1e6:,.0f} MB | {best[f]:.2f} | '
-          f'{best[f] / best["jsonl"]:.2f} | {peak[f]:,.0f} MB | {peak[f] / peak["jsonl"]:.2f} | '
+          f'{best[f] / best["jsonl"]:.2f} | {", ".join(f"{x:.2f}" for x in rounds[f])} | '
+          f'{per_cpu[f]:.2f} | {per_cpu[f] / per_cpu["jsonl"]:.2f} | '
+          f'{peak[f]:,.0f} MB | {peak[f] / peak["jsonl"]:.2f} | '
           f'{pss[f]:,.0f} MB | {pss[f] / pss["jsonl"]:.2f} | {min(loads):.0f}–{max(loads):.0f} |')
   with open(os.path.join(directory, 'results.json'), 'w', encoding='utf-8') as fh:
-    json.dump(dict(runs=runs, best_mb_s=best, peak_rss_mb=peak, peak_pss_mb=pss), fh, indent=1)
+    json.dump(dict(runs=runs, best_mb_s=best, peak_rss_mb=peak, peak_pss_mb=pss,
+                   mb_per_cpu_s=per_cpu, round_ratios=rounds), fh, indent=1)
