@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from zhgpt_jax import chat_format, chat_shards, formats, pool
+from zhgpt_jax import chat_format, chat_shards, chatml, formats, pool
 from zhgpt_jax import tokenizer as tokenizer_lib
 from zhgpt_jax.config import default_config
 
@@ -57,7 +57,7 @@ def sft_config(data, seq_len=128, workers=1, val_fraction=0.1):
 
 def one_shot(config, tok):
   """The rows and summary line as packing everything in memory gives them."""
-  encoder = chat_format.ChatEncoder(tok)
+  encoder = chatml.ChatEncoder(tok)
   stats, fitted = chat_format.SftStats(), []
   for path in chat_format.data_paths(config.sft.data):
     with open(path, 'rb') as f:

@@ -132,12 +132,12 @@ def ids_of(tokenizer, tokens):
 
 def test_chat_logprobs(client, ref):
   cfg, tokenizer, logp = ref
-  from zhgpt_jax import chat_format, serve
+  from zhgpt_jax import chatml, serve
   messages = [dict(role='user', content='你好，今天怎么样？')]
   reply = client.chat.completions.create(model='model', messages=messages, max_tokens=5,
                                          temperature=0, logprobs=True, top_logprobs=4)
   content = reply.choices[0].logprobs.content
-  prompt = serve.chat_prompt_ids(chat_format.ChatEncoder(tokenizer), messages)
+  prompt = serve.chat_prompt_ids(chatml.ChatEncoder(tokenizer), messages)
   ids = prompt + ids_of(tokenizer, [c.token for c in content])
   lp = logp(ids)
   for k, c in enumerate(content):

@@ -21,7 +21,7 @@ import pytest
 import transformers
 
 from serving import API_KEY, ROOT, Served, get, random_workdir
-from zhgpt_jax import chat_format, checkpoint, engine, sample, serve
+from zhgpt_jax import chatml, checkpoint, engine, sample, serve
 from zhgpt_jax import tokenizer as tok_lib
 
 pytestmark = pytest.mark.slow  # end-to-end: runs, servers, kill trials (minutes); CI runs them
@@ -112,7 +112,7 @@ def test_chat_prompt_ids_equal_apply_chat_template(tiny_data, client, reference)
   hf = transformers.AutoTokenizer.from_pretrained(os.path.join(tiny_data.data_dir, 'tokenizer'))
   want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
   want = list(want['input_ids'] if hasattr(want, 'keys') else want)   # transformers 4 | 5
-  got = serve.chat_prompt_ids(chat_format.ChatEncoder(reference[2]), messages)
+  got = serve.chat_prompt_ids(chatml.ChatEncoder(reference[2]), messages)
   assert got == want
   reply = client.chat.completions.create(model='model', messages=messages, max_tokens=3)
   assert reply.usage.prompt_tokens == len(want)
@@ -121,7 +121,7 @@ def test_chat_prompt_ids_equal_apply_chat_template(tiny_data, client, reference)
 def test_chat_greedy_stream_and_usage(client, reference):
   cfg, params, tokenizer, config = reference
   messages = [dict(role='user', content='村民们都很高兴吗？')]
-  ids = serve.chat_prompt_ids(chat_format.ChatEncoder(tokenizer), messages)
+  ids = serve.chat_prompt_ids(chatml.ChatEncoder(tokenizer), messages)
   new = sample.generate(cfg, params, [ids], max_new_tokens=40, temperature=0.0,
                         repetition_penalty=config.sample.repetition_penalty,
                         stop_ids=stop_ids(tokenizer))[0]

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from zhgpt_jax import checkpoint as ckpt_lib
-from zhgpt_jax import chat, chat_format, chat_shards, corpus, formats, sft, train
+from zhgpt_jax import chat, chat_format, chat_shards, chatml, corpus, formats, sft, train
 from zhgpt_jax import model as M
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.config import UserError, default_config
@@ -39,7 +39,7 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def encoder(tok_dir):
-  return chat_format.ChatEncoder(tok_lib.load_tokenizer(tok_dir))
+  return chatml.ChatEncoder(tok_lib.load_tokenizer(tok_dir))
 
 
 def sft_config(data, tok_dir, **train_overrides):
@@ -310,7 +310,7 @@ def test_sft_learns_a_toy_task_and_chats(tmp_path, tok_dir):
   config = sft_config(path, tok_dir, steps=STEPS)
   workdir = str(tmp_path / 'run')
   run = train.build(config, workdir, sft.make_task)
-  encoder = chat_format.ChatEncoder(run.tokenizer)
+  encoder = chatml.ChatEncoder(run.tokenizer)
   prompts = [encoder.prompt([{'role': 'user', 'content': q}]) for q, _ in tests]
   answers = [a for _, a in tests]
   params = M.init_params(run.cfg, jax.random.PRNGKey(0))

@@ -1,7 +1,7 @@
 """`main.py chat`: a multi-turn terminal chat with a checkpoint.
 
 The model comes from `checkpoint.load_model`, the prompt is the ChatML of the history
-(`chat_format.ChatEncoder`), and the reply streams from `sample.stream` with `config.sample`'s
+(`chatml.ChatEncoder`), and the reply streams from `sample.stream` with `config.sample`'s
 options (`sample.options`), stopping at <|im_end|> or <|endoftext|>.
 """
 
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from zhgpt_jax import checkpoint as ckpt_lib
 from zhgpt_jax import sample
-from zhgpt_jax.chat_format import ChatEncoder
+from zhgpt_jax.chatml import ChatEncoder
 from zhgpt_jax.config import UserError
 
 

@@ -17,10 +17,9 @@ is normalised as pretraining text is (corpus.normalize); a trailing user turn is
 record that breaks these rules, bad JSON or invalid UTF-8 is skipped and counted per file
 and reason (`SftStats.summary`).
 
-A conversation is rendered in ChatML, `<|im_start|>{role}\\n{content}<|im_end|>\\n` a turn,
-exactly as tokenizer.CHAT_TEMPLATE renders it for HF `apply_chat_template`. One difference
-by design: a special-token string typed inside content is read as plain text here, so data
-cannot forge a turn. The loss covers only the assistants' content and their <|im_end|>.
+A conversation is encoded in ChatML by `chatml.ChatEncoder` (as the tokenizer's chat
+template renders it; special-token strings inside content are plain text); the loss covers
+only the assistants' content and their <|im_end|>.
 
 A conversation of n tokens fills n - 1 positions of a row (inputs and targets are shifted by
 one). One longer than the context is cut after its last whole assistant turn that fits
@@ -42,12 +41,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from zhgpt_jax import corpus, formats
-from zhgpt_jax import tokenizer as tok_lib
+from zhgpt_jax.chatml import ChatEncoder, Encoded
 from zhgpt_jax.config import UserError
 
 SUFFIXES = formats.CHAT_SUFFIXES
 COLUMNS = ('messages', 'conversations', 'instruction', 'input', 'output', 'system')
-ROLES = ('system', 'user', 'assistant')
 _ROLE_OF = {'system': 'system', 'user': 'user', 'human': 'user', 'assistant': 'assistant',
             'gpt': 'assistant'}
 
@@ -205,54 +203,7 @@ def read_conversations(spec: str, stats: SftStats, split: str = 'train'
       yield from parse_items(formats.part_items(part), stats.file(path))
 
 
-# ----------------------------------------------------------------------------- encoding
-
-@dataclasses.dataclass
-class Encoded:
-  """A tokenized conversation: ids, the loss weight of each id as a target, turn ends."""
-  ids: np.ndarray        # int32 [n]
-  weights: np.ndarray    # uint8 [n]: 1 where predicting this id is trained (assistant spans)
-  ends: list[int]        # ends[i] = len(ids) after turn i
-  roles: list[str]
-
-
-class ChatEncoder:
-  """ChatML token ids of conversations, as tokenizer.CHAT_TEMPLATE renders them."""
-
-  def __init__(self, tokenizer):
-    self.tokenizer = tokenizer
-    self.plain = tok_lib.as_plain_text(tokenizer)
-    self.im_start = tokenizer.token_to_id(tok_lib.IM_START)
-    self.im_end = tokenizer.token_to_id(tok_lib.IM_END)
-    # The header ends in '\n' and content starts with a non-space (it is stripped), so the
-    # byte-level pre-tokenizer splits there: encoding the two apart equals encoding them joined.
-    self.header = {r: [self.im_start] + self.plain.encode(r + '\n', add_special_tokens=False).ids
-                   for r in ROLES}
-    self.newline = self.plain.encode('\n', add_special_tokens=False).ids
-
-  def encode(self, conversations: Sequence[list[dict]]) -> list[Encoded]:
-    """Encodes many conversations (one batched tokenizer call)."""
-    flat = [t['content'] for c in conversations for t in c]
-    contents = iter(self.plain.encode_batch_fast(flat, add_special_tokens=False))
-    out = []
-    for conversation in conversations:
-      ids, weights, ends = [], [], []
-      for turn in conversation:
-        body = next(contents).ids + [self.im_end]
-        w = 1 if turn['role'] == 'assistant' else 0
-        head = self.header[turn['role']]
-        ids += head + body + self.newline
-        weights += [0] * len(head) + [w] * len(body) + [0] * len(self.newline)
-        ends.append(len(ids))
-      out.append(Encoded(np.array(ids, np.int32), np.array(weights, np.uint8), ends,
-                         [t['role'] for t in conversation]))
-    return out
-
-  def prompt(self, conversation: list[dict]) -> list[int]:
-    """Token ids of `conversation` followed by the assistant header: what generation continues."""
-    ids = self.encode([conversation])[0].ids.tolist() if conversation else []
-    return ids + self.header['assistant']
-
+# ----------------------------------------------------------------------------- fitting
 
 def fit(enc: Encoded, max_tokens: int, policy: str) -> Encoded | None:
   """`enc` if it has at most max_tokens ids; else cut at a turn end ('truncate') or None."""

@@ -38,7 +38,8 @@ import tqdm
 from zhgpt_jax import files
 from zhgpt_jax import chat_format, formats, pool
 from zhgpt_jax import tokenizer as tok_lib
-from zhgpt_jax.chat_format import ChatEncoder, SftStats
+from zhgpt_jax.chat_format import SftStats
+from zhgpt_jax.chatml import ChatEncoder
 from zhgpt_jax.config import disk_errors
 
 CODE_VERSION = 1

@@ -42,7 +42,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zhgpt_jax import api_schema as api
-from zhgpt_jax import chat_format
+from zhgpt_jax import chatml
 from zhgpt_jax import engine as engine_lib
 from zhgpt_jax import logprobs as logprobs_lib
 from zhgpt_jax import sample
@@ -99,7 +99,7 @@ class Server:
                chunk: int, max_request_bytes: int, prefill_rows: int = 4):
     self.cfg, self.tokenizer, self.sample_cfg, self.model_id = cfg, tokenizer, sample_cfg, model_id
     # A tokenizer without ChatML (a stock HF one) serves completions only.
-    self.encoder = chat_format.ChatEncoder(tokenizer) if tok_lib.has_chatml(tokenizer) else None
+    self.encoder = chatml.ChatEncoder(tokenizer) if tok_lib.has_chatml(tokenizer) else None
     self.max_request_bytes = max_request_bytes
     self.engine = engine_lib.Engine(cfg, params, slots=slots, chunk=chunk,
                                     stop_ids=list(tok_lib.special_ids(tokenizer).stop),

@@ -24,7 +24,8 @@ from zhgpt_jax import chat_format, chat_shards, corpus, sample, shards
 from zhgpt_jax import data as data_lib
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.chat_data import eval_batches, train_loader
-from zhgpt_jax.chat_format import ChatEncoder, SftStats, key_hash, packed_rows
+from zhgpt_jax.chat_format import SftStats, key_hash, packed_rows
+from zhgpt_jax.chatml import ChatEncoder
 from zhgpt_jax.config import UserError
 
 LABELS = ('负面', '正面')   # index = corpus label (0 negative, 1 positive)
