@@ -38,15 +38,15 @@ sys.path[:0] = [HERE, os.path.join(HERE, 'tests'), os.path.join(HERE, 'bench')]
 
 from serve import build_model  # pylint: disable=wrong-import-position
 from serving import Served  # pylint: disable=wrong-import-position
-from zhgpt_jax import corpus, export  # pylint: disable=wrong-import-position
+from zhgpt_jax import builtin_corpus, export  # pylint: disable=wrong-import-position
 
 LM_EVAL = os.path.join(os.path.dirname(sys.executable), 'lm_eval')
 
 
 def write_items(directory: str, n: int, seed: int = 0) -> None:
   """n four-option items from news sentences into directory/val/news_val.csv (and 5 in dev/)."""
-  with open(corpus.builtin_paths()['news'], encoding='utf-8') as f:
-    text = ''.join(corpus.strip_pos_tags(x) for x in itertools.islice(f, 5000))
+  with open(builtin_corpus.paths()['news'], encoding='utf-8') as f:
+    text = ''.join(builtin_corpus.strip_pos_tags(x) for x in itertools.islice(f, 5000))
   sentences = [s + '。' for s in text.split('。') if 16 <= len(s) <= 40]
   rng = random.Random(seed)
   rng.shuffle(sentences)

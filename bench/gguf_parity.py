@@ -137,11 +137,11 @@ def _ours(cfg, flat, prompts):
 
 def _tokenizer(directory: str) -> str:
   import itertools
-  from zhgpt_jax import corpus
+  from zhgpt_jax import corpus, documents
   from zhgpt_jax import tokenizer as T
   from zhgpt_jax.config import default_config
   docs = list(itertools.islice(
-      corpus.iter_documents(default_config().data, 'all', corpus.CorpusStats()), 3000))
+      documents.iter_documents(default_config().data, 'all', corpus.CorpusStats()), 3000))
   T.save_tokenizer(T.train_tokenizer(docs, vocab_size=2000), directory)
   return directory
 

@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from zhgpt_jax import corpus  # pylint: disable=wrong-import-position
+from zhgpt_jax import corpus, documents  # pylint: disable=wrong-import-position
 from zhgpt_jax import shards  # pylint: disable=wrong-import-position
 from zhgpt_jax import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
 from zhgpt_jax.config import default_config  # pylint: disable=wrong-import-position
@@ -46,7 +46,7 @@ def _peak_mb() -> float:
 def _train_child(max_chars: int, vocab: int) -> None:
   """Trains on the builtin train split and prints {seconds, before_mb, peak_mb} as JSON."""
   before = _peak_mb()
-  docs = corpus.iter_documents(default_config().data, 'train', corpus.CorpusStats())
+  docs = documents.iter_documents(default_config().data, 'train', corpus.CorpusStats())
   t0 = time.perf_counter()
   tokenizer_lib.train_tokenizer(docs, vocab, max_train_chars=max_chars)
   print(json.dumps(dict(seconds=time.perf_counter() - t0, before_mb=before,
@@ -94,7 +94,7 @@ def main() -> None:
   modes = [int(w) for w in args.workers.split(',')]
   with tempfile.TemporaryDirectory() as tmp:
     t0 = time.perf_counter()
-    docs = list(corpus.iter_documents(config.data, 'train', corpus.CorpusStats()))
+    docs = list(documents.iter_documents(config.data, 'train', corpus.CorpusStats()))
     tok = tokenizer_lib.train_tokenizer(docs, args.vocab,
                                         max_train_chars=config.tokenizer.max_train_chars)
     print(f'tokenizer: vocab {tok.get_vocab_size()} trained on {sum(map(len, docs)):,} '
@@ -103,7 +103,7 @@ def main() -> None:
     tokenizer_lib.save_tokenizer(tok, tok_dir)
     config.tokenizer.path = tok_dir
 
-    texts = list(corpus.iter_documents(config.data, 'all', corpus.CorpusStats()))
+    texts = list(documents.iter_documents(config.data, 'all', corpus.CorpusStats()))
     n_bytes = sum(len(t.encode('utf-8')) for t in texts)
     plain = tokenizer_lib.as_plain_text(tok)
     best = {**{f'pipeline workers={w}': float('inf') for w in modes},

@@ -136,12 +136,12 @@ def _tokenizer(directory: str, jsonl_dir: str) -> str:
   tok_dir = os.path.join(directory, 'tokenizer')
   if os.path.exists(os.path.join(tok_dir, 'tokenizer.json')):
     return tok_dir
-  from zhgpt_jax import corpus, tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  from zhgpt_jax import corpus, documents, tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   from zhgpt_jax.config import default_config  # pylint: disable=import-outside-toplevel
   data = default_config('tiny').data
   data.corpus = jsonl_dir
   docs, chars = [], 0
-  for doc in corpus.iter_documents(data, 'train', corpus.CorpusStats()):
+  for doc in documents.iter_documents(data, 'train', corpus.CorpusStats()):
     docs.append(doc)
     chars += len(doc)
     if chars > 5_000_000:

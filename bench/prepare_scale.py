@@ -38,7 +38,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from zhgpt_jax import corpus, shards  # pylint: disable=wrong-import-position
+from zhgpt_jax import builtin_corpus, corpus, documents, shards  # pylint: disable=wrong-import-position
 
 SOURCES = (('news', 0.5), ('web', 0.3), ('books', 0.2))
 EXACT, NEAR = 0.05, 0.05
@@ -48,10 +48,10 @@ FILE_BYTES = 256 << 20
 # ----------------------------------------------------------------------------- synthesis
 
 def _pools():
-  with open(corpus.builtin_paths()['news'], encoding='utf-8') as f:
-    lines = [corpus.strip_pos_tags(l) for l in f]
+  with open(builtin_corpus.paths()['news'], encoding='utf-8') as f:
+    lines = [builtin_corpus.strip_pos_tags(l) for l in f]
   news = [s for l in lines for s in l.split('。') if len(s) >= 6]
-  return news, [t for t, _ in corpus.builtin_reviews()]
+  return news, [t for t, _ in builtin_corpus.reviews()]
 
 
 def _document(kind: str, rng: random.Random, news, reviews, serial: int) -> str:
@@ -168,7 +168,7 @@ def _child(kind: str, args: dict) -> dict:
     return dict(seconds=time.perf_counter() - t0, utf8_bytes=n)
   if kind == 'train_tokenizer':
     data = _config(args).data
-    docs = corpus.iter_documents(data, 'train', corpus.CorpusStats())
+    docs = documents.iter_documents(data, 'train', corpus.CorpusStats())
     tok = tokenizer_lib.train_tokenizer(docs, args['vocab'], max_train_chars=20_000_000)
     tokenizer_lib.save_tokenizer(tok, args['out'])
     return {}

@@ -28,15 +28,15 @@ import numpy as np  # pylint: disable=wrong-import-position
 import openai  # pylint: disable=wrong-import-position
 
 from serving import Served, random_workdir  # pylint: disable=wrong-import-position
-from zhgpt_jax import corpus  # pylint: disable=wrong-import-position
+from zhgpt_jax import builtin_corpus  # pylint: disable=wrong-import-position
 from zhgpt_jax import tokenizer as tok_lib  # pylint: disable=wrong-import-position
 from zhgpt_jax.config import default_config  # pylint: disable=wrong-import-position
 
 
 def build_model(root: str, seq_len: int) -> str:
   """A workdir with a tokenizer trained on 20k news lines and random 'tiny' weights."""
-  with open(corpus.builtin_paths()['news'], encoding='utf-8') as f:
-    lines = [corpus.strip_pos_tags(x) for x in itertools.islice(f, 20_000)]
+  with open(builtin_corpus.paths()['news'], encoding='utf-8') as f:
+    lines = [builtin_corpus.strip_pos_tags(x) for x in itertools.islice(f, 20_000)]
   tok_dir = os.path.join(root, 'tokenizer')
   tok_lib.save_tokenizer(tok_lib.train_tokenizer(lines, vocab_size=4000), tok_dir)
   config = default_config('tiny')

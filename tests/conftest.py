@@ -14,7 +14,7 @@ import os
 import ml_collections
 import pytest
 
-from zhgpt_jax import corpus
+from zhgpt_jax import builtin_corpus
 from zhgpt_jax import shards
 from zhgpt_jax.config import default_config, validate
 
@@ -35,11 +35,11 @@ class TinyData:
 def write_tiny_corpus(directory: str) -> None:
   """Writes news.txt (People's Daily lines, tags stripped) and reviews.jsonl to `directory`."""
   os.makedirs(directory, exist_ok=True)
-  with open(corpus.builtin_paths()['news'], encoding='utf-8') as f:
-    news = [corpus.strip_pos_tags(line) for line in itertools.islice(f, TINY_NEWS_LINES)]
+  with open(builtin_corpus.paths()['news'], encoding='utf-8') as f:
+    news = [builtin_corpus.strip_pos_tags(line) for line in itertools.islice(f, TINY_NEWS_LINES)]
   with open(os.path.join(directory, 'news.txt'), 'w', encoding='utf-8') as f:
     f.write('\n'.join(news) + '\n')
-  train, _ = corpus.split_reviews()
+  train, _ = builtin_corpus.split_reviews()
   with open(os.path.join(directory, 'reviews.jsonl'), 'w', encoding='utf-8') as f:
     for text, label in train[:TINY_REVIEWS]:
       f.write(json.dumps(dict(text=text, label=label), ensure_ascii=False) + '\n')

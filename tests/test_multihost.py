@@ -24,7 +24,7 @@ import time
 import pytest
 
 from helpers import devices_env, free_port
-from zhgpt_jax import corpus, metrics
+from zhgpt_jax import corpus, documents, metrics
 from zhgpt_jax.config import default_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # processes training together
@@ -41,7 +41,7 @@ LAUNCH_S = 240        # a generous bound for one phase on a loaded 2-core machin
 def shared(tmp_path_factory):
   """A 400-document corpus file; the data cache and XLA compile cache all runs share go here."""
   d = tmp_path_factory.mktemp('multihost')
-  docs = corpus.iter_documents(default_config().data, 'all', corpus.CorpusStats())
+  docs = documents.iter_documents(default_config().data, 'all', corpus.CorpusStats())
   (d / 'pd.txt').write_text('\n'.join(next(docs) for _ in range(400)), encoding='utf-8')
   return d
 

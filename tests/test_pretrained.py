@@ -23,7 +23,7 @@ import pytest
 import hf_checkpoints as H
 from configs import sft as sft_config
 from configs import tiny
-from zhgpt_jax import checkpoint, corpus, export, pretrained, sample, sft, train
+from zhgpt_jax import builtin_corpus, checkpoint, export, pretrained, sample, sft, train
 from zhgpt_jax import model as M
 from zhgpt_jax import tokenizer as T
 from zhgpt_jax.config import UserError
@@ -63,7 +63,7 @@ def _override(config, values: dict):
 
 
 def _chat_data(path: str, n: int = 400) -> str:
-  train_reviews, _ = corpus.split_reviews()
+  train_reviews, _ = builtin_corpus.split_reviews()
   with open(path, 'w', encoding='utf-8') as f:
     for text, label in train_reviews[:n]:
       f.write(json.dumps({'messages': sft.review_conversation(text[:12], label)},

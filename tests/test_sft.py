@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from zhgpt_jax import checkpoint as ckpt_lib
-from zhgpt_jax import chat, chat_format, chat_shards, chatml, corpus, formats, sft, train
+from zhgpt_jax import builtin_corpus, chat, chat_format, chat_shards, chatml, formats, sft, train
 from zhgpt_jax import model as M
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.config import UserError, default_config
@@ -30,7 +30,7 @@ CONVERSATION = [
 @pytest.fixture(scope='module')
 def tok_dir(tmp_path_factory):
   """A 600-token byte-level BPE tokenizer trained on 300 builtin reviews, saved."""
-  train_reviews, _ = corpus.split_reviews()
+  train_reviews, _ = builtin_corpus.split_reviews()
   tok = tok_lib.train_tokenizer([t for t, _ in train_reviews[:300]], vocab_size=600)
   d = str(tmp_path_factory.mktemp('tok'))
   tok_lib.save_tokenizer(tok, d, model_max_length=SEQ)
@@ -250,9 +250,9 @@ def test_packed_conversations_never_attend_across(encoder):
 # ----------------------------------------------------------------------------- builtin task
 
 def test_builtin_task_loader_and_eval(tok_dir, monkeypatch):
-  split = corpus.split_reviews
+  split = builtin_corpus.split_reviews
   # The real held-out split; only 600 of the 16k training reviews, to stay quick.
-  monkeypatch.setattr(corpus, 'split_reviews', lambda n: (split(n)[0][::27], split(n)[1]))
+  monkeypatch.setattr(builtin_corpus, 'split_reviews', lambda n: (split(n)[0][::27], split(n)[1]))
   c = sft_config('builtin', tok_dir, per_device_batch=4, eval_batch=8, eval_max_batches=0)
   c.sft.heldout, c.sft.eval_examples = 40, 6
   run = train.build(c, 'unused', with_data=False)
@@ -284,10 +284,10 @@ def test_builtin_task_loader_and_eval(tok_dir, monkeypatch):
                  for b in batches for d in range(shape[0]) for r in range(8))
   assert segments == 40
   assert sum(float(b['weights'].sum()) for b in batches) > 0
-  _, heldout = corpus.split_reviews(40)
+  _, heldout = builtin_corpus.split_reviews(40)
   examples = sft.heldout_examples(heldout, 6)
   assert [label for _, label in examples] == [1, 0, 1, 0, 1, 0]
-  assert not {t for t, _ in examples} & {t for t, _ in corpus.split_reviews(40)[0]}
+  assert not {t for t, _ in examples} & {t for t, _ in builtin_corpus.split_reviews(40)[0]}
 
 
 # ----------------------------------------------------------------------------- learning + chat
@@ -301,7 +301,7 @@ def toy_example(rng, reviews):
 
 def test_sft_learns_a_toy_task_and_chats(tmp_path, tok_dir):
   rng = np.random.default_rng(0)
-  reviews = [t.replace('正', '').replace('负', '') for t, _ in corpus.split_reviews()[0][:2000]]
+  reviews = [t.replace('正', '').replace('负', '') for t, _ in builtin_corpus.split_reviews()[0][:2000]]
   train_rows = [toy_example(rng, reviews) for _ in range(600)]
   path = write_jsonl(tmp_path / 'toy.jsonl', [
       {'messages': [{'role': 'user', 'content': q}, {'role': 'assistant', 'content': a}]}

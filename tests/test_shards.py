@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from zhgpt_jax import corpus
+from zhgpt_jax import builtin_corpus, corpus, documents
 from zhgpt_jax import shards
 from zhgpt_jax import tokenizer as tokenizer_lib
 from zhgpt_jax.config import UserError
@@ -19,7 +19,7 @@ def expected_stream(config, split, tok):
   """The split as a direct encode of its documents (exact duplicates dropped, the first kept),
   each followed by <|endoftext|>."""
   seen, docs = set(), []
-  for doc, val in corpus.iter_labeled(config.data, corpus.CorpusStats()):
+  for doc, val in documents.iter_labeled(config.data, corpus.CorpusStats()):
     if config.data.dedup == 'none' or doc not in seen:
       seen.add(doc)
       if val == (split == 'val'):
@@ -39,10 +39,10 @@ def small(tmp_path, make_tiny_config):
   """A 150-document corpus with a 300-token vocab: cheap to rebuild again and again."""
   corpus_dir = tmp_path / 'corpus'
   corpus_dir.mkdir()
-  with open(corpus.builtin_paths()['news'], encoding='utf-8') as f:
-    news = [corpus.strip_pos_tags(l) for l in itertools.islice(f, 100)]
+  with open(builtin_corpus.paths()['news'], encoding='utf-8') as f:
+    news = [builtin_corpus.strip_pos_tags(l) for l in itertools.islice(f, 100)]
   (corpus_dir / 'news.txt').write_text('\n'.join(news) + '\n', encoding='utf-8')
-  reviews = corpus.split_reviews()[0][:50]
+  reviews = builtin_corpus.split_reviews()[0][:50]
   (corpus_dir / 'reviews.jsonl').write_text(
       ''.join(json.dumps({'text': t}, ensure_ascii=False) + '\n' for t, _ in reviews),
       encoding='utf-8')

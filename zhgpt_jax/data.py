@@ -34,7 +34,7 @@ import grain
 import jax
 import numpy as np
 
-from zhgpt_jax import shards, sources
+from zhgpt_jax import documents, shards
 from zhgpt_jax.config import UserError
 
 
@@ -62,7 +62,7 @@ def pretraining_task(config, workdir: str, tokenizer=None) -> Task:
   t, m = config.train, config.model
   data_dir = shards.data_dir(config, workdir)
   devices, pi, pc = jax.local_device_count(), jax.process_index(), jax.process_count()
-  weights = sources.source_weights(config.data.corpus, config.data.split)
+  weights = documents.source_weights(config.data.corpus, config.data.split)
   loader = train_loader(
       os.path.join(data_dir, 'train'), m.seq_len, per_device_batch=t.per_device_batch,
       grad_accum=t.grad_accum, local_devices=devices, seed=config.seed, process_index=pi,

@@ -1,10 +1,14 @@
-"""The corpus as blocks for parallel workers: the reading half of `prepare`'s pipeline.
+"""The corpus's documents, builtin or the user's: read in one pass, or cut into blocks.
 
-`iter_blocks` (in the main process) cuts every file of every source into blocks of about
-1 MiB in corpus order (`formats.file_parts`: whole lines or paragraphs, decompressed; a
+`iter_labeled` / `iter_documents` read the whole corpus in one pass (tests, benches, peek).
+For `prepare`'s parallel passes, `iter_blocks` (in the main process) cuts every file of
+every source into blocks of about 1 MiB in corpus order (`formats.file_parts`: whole lines or paragraphs, decompressed; a
 JSON array's records; parquet row groups); `block_documents` (in a worker) decodes, parses,
-normalises, splits and cuts a block exactly as `corpus.iter_labeled` reads the same file, so
-the documents, their order and every skip count are the same whichever way the corpus is read.
+normalises, splits and cuts a block exactly as `iter_labeled` reads the same file, so the
+documents, their order and every skip count are the same whichever way the corpus is read.
+
+The builtin corpus is read less `exclude`, the texts of the SFT held-out reviews: resolved
+once by the caller (`builtin_corpus.heldout(config.sft.heldout)`; None: the default set).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import dataclasses
 import itertools
 from typing import Iterable, Iterator
 
-from zhgpt_jax import corpus, formats
+from zhgpt_jax import builtin_corpus, corpus, formats
+from zhgpt_jax.config import UserError
 from zhgpt_jax.corpus import CorpusStats
 
 
@@ -46,13 +51,66 @@ class Block:
   size: int
 
 
-def iter_blocks(data_cfg, n_heldout: int = corpus.HELDOUT_REVIEWS,
+def _excluded(exclude: frozenset[str] | None) -> frozenset[str]:
+  return builtin_corpus.heldout() if exclude is None else exclude
+
+
+def _labeled(data_cfg, stats: CorpusStats, exclude: frozenset[str] | None
+             ) -> Iterator[tuple[str, str, bool]]:
+  """(source path, document piece, in_val) for the whole corpus; raises if it gives nothing."""
+  stats.text_field = data_cfg.text_field
+  builtin = data_cfg.corpus == 'builtin'
+  source = (builtin_corpus.documents(data_cfg, stats, _excluded(exclude)) if builtin
+            else corpus.user_documents(data_cfg, stats))
+  found = False
+  for path, text, val in source:
+    found = True
+    yield from ((path, p, v) for p, v in corpus.pieces(text, val, data_cfg, not builtin))
+  if not found:
+    raise UserError(f'config.data.corpus={data_cfg.corpus!r}: no usable documents '
+                    f'({stats.summary()})')
+
+
+def iter_labeled(data_cfg, stats: CorpusStats,
+                 exclude: frozenset[str] | None = None) -> Iterator[tuple[str, bool]]:
+  """Yields (document, in_val) for the whole corpus in one pass, long documents cut.
+
+  `data_cfg` is `config.data`; `stats` counts every document and skip as they are read;
+  `exclude`: the builtin reviews kept out of pretraining (the module docstring says).
+  Raises UserError for a bad `corpus` entry or when not one usable document is found.
+  """
+  for path, doc, val in _labeled(data_cfg, stats, exclude):
+    f = stats.file(path)
+    f.documents += 1
+    f.characters += len(doc)
+    yield doc, val
+
+
+def iter_documents(data_cfg, split: str, stats: CorpusStats,
+                   exclude: frozenset[str] | None = None) -> Iterator[str]:
+  """Yields the normalised documents of `split` ('train', 'val' or 'all').
+
+  `stats` counts the documents of `split` and the skips of the whole corpus. Raises
+  UserError as `iter_labeled` does, or for an unknown split.
+  """
+  if split not in ('train', 'val', 'all'):
+    raise UserError(f"split must be 'train', 'val' or 'all', not {split!r}")
+  for path, doc, val in _labeled(data_cfg, stats, exclude):
+    if split == 'all' or val == (split == 'val'):
+      f = stats.file(path)
+      f.documents += 1
+      f.characters += len(doc)
+      yield doc
+
+
+def iter_blocks(data_cfg, exclude: frozenset[str] | None = None,
                 block_bytes: int = 1 << 20) -> Iterator[Block]:
   """The corpus as Blocks in corpus order: sources in spec order, files in order, lines in
   order. Where the blocks are cut never changes the documents."""
   if data_cfg.corpus == 'builtin':
-    stats = CorpusStats()  # the builtin skips are counted again by _builtin in each reader
-    for path, group in itertools.groupby(corpus.builtin_documents(data_cfg, stats, n_heldout), lambda x: x[0]):
+    stats = CorpusStats()  # the builtin skips are counted by each reader itself
+    docs = builtin_corpus.documents(data_cfg, stats, _excluded(exclude))
+    for path, group in itertools.groupby(docs, lambda x: x[0]):
       for docs in _chunks(((t, v) for _, t, v in group), 4096):
         yield Block(0, path, 'docs', docs, sum(len(t) for t, _ in docs))
     return

@@ -1,6 +1,6 @@
 """The second pass of `prepare`: tokenize the kept documents and write the shards, resumably.
 
-Blocks of the corpus (`sources.iter_blocks`) are parsed and tokenized by a pool of
+Blocks of the corpus (`documents.iter_blocks`) are parsed and tokenized by a pool of
 processes (`pool.worker_pool`) and written in corpus order: every kept document's token ids
 then <|endoftext|>, train and val apart, `shard_tokens` a file, a new file at each source's
 start (so a shard holds one source, and the loader can mix sources by their shards).
@@ -20,19 +20,19 @@ import shutil
 import numpy as np
 import tqdm
 
-from zhgpt_jax import corpus, dedup, pool, scan, sources
+from zhgpt_jax import builtin_corpus, corpus, dedup, documents, pool, scan
 from zhgpt_jax import tokenizer as tokenizer_lib
 from zhgpt_jax.config import UserError
 
 SPLITS = ('train', 'val')
 
 
-def _encode_block(block: sources.Block, removed: np.ndarray | None, eot: int,
+def _encode_block(block: documents.Block, removed: np.ndarray | None, eot: int,
                   dtype: str) -> dict:
   """A worker's tokens of one block, per split, with its counts and skips."""
   state = pool.worker_state()
   stats = corpus.CorpusStats()
-  docs = sources.block_documents(block, state['data'], stats)
+  docs = documents.block_documents(block, state['data'], stats)
   if removed is not None and len(removed) != len(docs):
     raise UserError(f'{block.path} changed while prepare was reading it: run prepare again')
   texts = {s: [] for s in SPLITS}
@@ -131,10 +131,11 @@ def _resume_state(build: str, key: str, dtype: np.dtype) -> dict | None:
   return state
 
 
-def build(config, tok, n_heldout: int, build_dir: str, key: str, found: scan.Scan | None,
+def build(config, tok, exclude: frozenset[str], build_dir: str, key: str, found: scan.Scan | None,
           n_sources: int, progress: bool) -> tuple[dict, corpus.CorpusStats]:
   """Tokenizes the corpus into build_dir/train and build_dir/val (resuming a killed build of
-  the same key); `found` (the first pass) says which documents dedup removed. Returns
+  the same key); `found` (the first pass) says which documents dedup removed; `exclude`: the
+  builtin reviews kept out (`documents`). Returns
   ({split: writer state}, stats)."""
   data = config.data
   dtype = np.dtype('<u2') if tok.get_vocab_size() <= 1 << 16 else np.dtype('<u4')
@@ -143,7 +144,7 @@ def build(config, tok, n_heldout: int, build_dir: str, key: str, found: scan.Sca
     shutil.rmtree(build_dir, ignore_errors=True)
   stats = corpus.CorpusStats(text_field=data.text_field)
   if state is None and data.corpus == 'builtin':
-    _ = list(corpus.builtin_documents(data, stats, n_heldout))  # the builtin skips, once
+    _ = list(builtin_corpus.documents(data, stats, exclude))  # the builtin skips, once
   if state is not None:
     stats = scan.stats_from_json(state['stats'], data.text_field)
     w = state['writers']
@@ -157,7 +158,7 @@ def build(config, tok, n_heldout: int, build_dir: str, key: str, found: scan.Sca
   eot = tokenizer_lib.special_ids(tok).eos
 
   def jobs():
-    for i, block in enumerate(sources.iter_blocks(data, n_heldout)):
+    for i, block in enumerate(documents.iter_blocks(data, exclude)):
       if i >= start:
         removed = found.removed[offsets[i]:offsets[i + 1]] if found else None
         yield (i, block), (block, removed, eot, dtype.str)

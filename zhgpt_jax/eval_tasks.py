@@ -143,9 +143,9 @@ def load_sentiment(**_) -> dict:
   order, both labels alternating) for 'eval', 100 training reviews for few-shot 'dev'."""
   import datasets
   import jinja2
-  from zhgpt_jax import corpus, sft
+  from zhgpt_jax import builtin_corpus, sft
   from zhgpt_jax.tokenizer import CHAT_TEMPLATE
-  train, heldout = corpus.split_reviews()
+  train, heldout = builtin_corpus.split_reviews()
   template = jinja2.Template(CHAT_TEMPLATE)
 
   def docs(reviews):

