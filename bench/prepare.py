@@ -4,7 +4,7 @@
   python bench/prepare.py --scale 0.25,1,3 [--kill_trials 5]     (see bench/prepare_scale.py)
   python bench/prepare.py --formats 1 [--repeats 2]  jsonl vs jsonl.zst vs parquet (bench/prepare_formats.py)
 
-1. Shard-stage throughput: `shards.prepare` with an already trained tokenizer (so it reads
+1. Shard-stage throughput: `dataprep.prepare` with an already trained tokenizer (so it reads
    the corpus, tokenizes in parallel and writes shards), in MB/s of the documents' UTF-8
    bytes, next to raw `Tokenizer.encode_batch` (and `encode_batch_fast`) on the same
    documents already in memory; ratio = pipeline / raw. Best of --repeats runs each.
@@ -30,7 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from zhgpt_jax import corpus, documents  # pylint: disable=wrong-import-position
-from zhgpt_jax import shards  # pylint: disable=wrong-import-position
+from zhgpt_jax import dataprep  # pylint: disable=wrong-import-position
 from zhgpt_jax import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
 from zhgpt_jax.config import default_config  # pylint: disable=wrong-import-position
 
@@ -113,7 +113,7 @@ def main() -> None:
         config.data.tokenize_workers = w
         config.data.cache_dir = os.path.join(tmp, f'data{r}-{w}')
         with contextlib.redirect_stdout(io.StringIO()):
-          summary = shards.prepare(config, tmp, progress=False)
+          summary = dataprep.prepare(config, tmp, progress=False)
         assert sum(summary.utf8_bytes.values()) == n_bytes, (summary.utf8_bytes, n_bytes)
         best[f'pipeline workers={w}'] = min(best[f'pipeline workers={w}'], summary.seconds)
       for name in ('encode_batch', 'encode_batch_fast'):

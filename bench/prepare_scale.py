@@ -38,7 +38,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from zhgpt_jax import builtin_corpus, corpus, documents, shards  # pylint: disable=wrong-import-position
+from zhgpt_jax import builtin_corpus, corpus, dataprep, documents  # pylint: disable=wrong-import-position
 
 SOURCES = (('news', 0.5), ('web', 0.3), ('books', 0.2))
 EXACT, NEAR = 0.05, 0.05
@@ -147,7 +147,7 @@ def _child(kind: str, args: dict) -> dict:
                  sample_chars=int(sample_chars.sum()), corpus_chars=int(corpus_chars.sum()))
     return out
   if kind == 'prepare':
-    s = shards.prepare(config, args['work'], progress=False)
+    s = dataprep.prepare(config, args['work'], progress=False)
     return dict(seconds=time.perf_counter() - t0, utf8_bytes=sum(s.utf8_bytes.values()),
                 tokens=sum(s.tokens.values()), documents=sum(s.documents.values()))
   if kind == 'raw':
@@ -312,7 +312,7 @@ def kill_trials(n: int, scale_dir: str, tokenizer: str, results: dict) -> None:
   whole = os.path.join(scale_dir, 'kill_whole')
   subprocess.run(['rm', '-rf', whole], check=True)
   first = run_child('prepare', dict(base, cache_dir=whole))
-  want = shards.digest(whole)
+  want = dataprep.digest(whole)
   scan_s = float(next(l for l in first['stdout'].splitlines() if l.startswith('scan:'))
                  .split(' in ')[1].split()[0])
   trials = []
@@ -340,7 +340,7 @@ def kill_trials(n: int, scale_dir: str, tokenizer: str, results: dict) -> None:
     again = run_child('prepare', dict(base, cache_dir=cache))
     lines.extend(l for l in again['stdout'].splitlines() if 'resuming' in l)
     trials.append(dict(killed_after_s=killed, resume=lines,
-                       identical=shards.digest(cache) == want))
+                       identical=dataprep.digest(cache) == want))
     subprocess.run(['rm', '-rf', cache], check=True)
   results['kill'] = dict(uninterrupted_s=first['seconds'], sha256=want, trials=trials)
   _save(results, scale_dir)

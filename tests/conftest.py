@@ -15,7 +15,7 @@ import ml_collections
 import pytest
 
 from zhgpt_jax import builtin_corpus
-from zhgpt_jax import shards
+from zhgpt_jax import dataprep
 from zhgpt_jax.config import default_config, validate
 
 TINY_NEWS_LINES = 1500
@@ -29,7 +29,7 @@ class TinyData:
   workdir: str
   data_dir: str
   corpus_dir: str
-  summary: shards.PrepareSummary
+  summary: dataprep.PrepareSummary
 
 
 def write_tiny_corpus(directory: str) -> None:
@@ -85,6 +85,6 @@ def tiny_data(tmp_path_factory) -> TinyData:
   write_tiny_corpus(corpus_dir)
   config = tiny_config(corpus_dir)
   workdir = str(root / 'workdir')
-  summary = shards.prepare(config, workdir, progress=False)
-  return TinyData(config=config, workdir=workdir, data_dir=shards.data_dir(config, workdir),
+  summary = dataprep.prepare(config, workdir, progress=False)
+  return TinyData(config=config, workdir=workdir, data_dir=dataprep.data_dir(config, workdir),
                   corpus_dir=corpus_dir, summary=summary)

@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 
-from zhgpt_jax import builtin_corpus, corpus, dedup, documents, formats, scan, shards
+from zhgpt_jax import builtin_corpus, corpus, dataprep, dedup, documents, formats, scan
 from zhgpt_jax.config import UserError, default_config
 
 SENTENCES = None
@@ -141,7 +141,7 @@ def test_tokenizer_sample_shares_follow_the_corpus(tmp_path, make_tiny_config, c
   assert got.sum() <= 1.01 * config.tokenizer.max_train_chars   # the trainer cuts the last one
   assert got.sum() >= 0.95 * config.tokenizer.max_train_chars
   np.testing.assert_allclose(got / got.sum(), want, rtol=0.1)
-  line = shards.sample_shares(found, names, config.tokenizer.max_train_chars)
+  line = dataprep.sample_shares(found, names, config.tokenizer.max_train_chars)
   assert line.startswith('tokenizer sample:') and f'{names[2]} ' in line
 
 
@@ -151,8 +151,8 @@ def test_killed_prepare_resumes_byte_identical(tmp_path, make_tiny_config, monke
   config.data.shard_tokens = 4000
   config.tokenizer.vocab_size = 400
   config.data.dedup = 'near'
-  whole = shards.prepare(config, str(tmp_path / 'whole'), progress=False)
-  want = shards.digest(whole.data_dir)
+  whole = dataprep.prepare(config, str(tmp_path / 'whole'), progress=False)
+  want = dataprep.digest(whole.data_dir)
   meta = json.load(open(os.path.join(whole.data_dir, 'train', 'meta.json')))
   assert [g['exact_duplicates'] for g in meta['source_groups']] == [20, 30, 40]
   assert len({s['source'] for s in meta['shards']}) == 3
@@ -174,7 +174,7 @@ def test_killed_prepare_resumes_byte_identical(tmp_path, make_tiny_config, monke
   monkeypatch.setattr(scan, '_checkpoint', dying_checkpoint)
   work = str(tmp_path / 'killed')
   with pytest.raises(KeyboardInterrupt):
-    shards.prepare(config, work, progress=False)
+    dataprep.prepare(config, work, progress=False)
   assert checkpoints['n'] == 2
   monkeypatch.setattr(scan, '_checkpoint', real_checkpoint)
   capsys.readouterr()
@@ -196,10 +196,10 @@ def test_killed_prepare_resumes_byte_identical(tmp_path, make_tiny_config, monke
 
   monkeypatch.setattr(scan, 'write_progress', dying_save)
   with pytest.raises(KeyboardInterrupt):
-    shards.prepare(config, work, progress=False)
+    dataprep.prepare(config, work, progress=False)
   assert 'scan: resuming at block 2 of the corpus' in capsys.readouterr().out
   monkeypatch.setattr(scan, 'write_progress', real_save)
-  again = shards.prepare(config, work, progress=False)
+  again = dataprep.prepare(config, work, progress=False)
   assert 'prepare: resuming at block' in capsys.readouterr().out
-  assert shards.digest(again.data_dir) == want
+  assert dataprep.digest(again.data_dir) == want
   assert again.documents == whole.documents and again.tokens == whole.tokens

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from zhgpt_jax import chat, chat_format, checkpoint, corpus, export, metrics, train
+from zhgpt_jax import chat, checkpoint, corpus, export, metrics, sft_format, train
 from zhgpt_jax.config import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -317,8 +317,8 @@ def test_bad_chat_records_are_skipped_and_counted(record, reason, tmp_path):
   path = tmp_path / 'chat.jsonl'
   good = {'messages': [{'role': 'user', 'content': '你好'}, {'role': 'assistant', 'content': '好'}]}
   path.write_text('\n'.join(json.dumps(r) for r in (good, record, good)) + '\n', encoding='utf-8')
-  stats = chat_format.SftStats()
-  kept = list(chat_format.read_conversations(str(path), stats))
+  stats = sft_format.SftStats()
+  kept = list(sft_format.read_conversations(str(path), stats))
   assert len(kept) == 2 and stats.skipped == 1
   assert f'skipped 1 {reason}' in stats.summary(), stats.summary()
 
@@ -749,7 +749,7 @@ def test_prepare_on_a_full_or_read_only_disk(fault, big_corpus, tmp_path):
 
 
 def test_sft_rows_on_a_read_only_or_full_cache(tiny_data, tmp_path):
-  from zhgpt_jax import chat_shards, tokenizer as tok_lib
+  from zhgpt_jax import sft_shards, tokenizer as tok_lib
   chat_path = tmp_path / 'chat.jsonl'
   chat_path.write_text('\n'.join(json.dumps(dict(messages=[
       {'role': 'user', 'content': t[:12]}, {'role': 'assistant', 'content': t[12:30]}]),
@@ -760,16 +760,16 @@ def test_sft_rows_on_a_read_only_or_full_cache(tiny_data, tmp_path):
   with _tmpfs(str(tmp_path / 'mnt'), '2m') as mnt:
     _remount(mnt, 'ro')
     with pytest.raises(UserError) as e:
-      chat_shards.cached_rows(config, os.path.join(mnt, 'data'), tok)
+      sft_shards.cached_rows(config, os.path.join(mnt, 'data'), tok)
     assert 'building the SFT rows failed (Read-only file system' in str(e.value)
     _remount(mnt, 'rw,size=8k')
     with pytest.raises(UserError) as e:
-      chat_shards.cached_rows(config, os.path.join(mnt, 'data'), tok)
+      sft_shards.cached_rows(config, os.path.join(mnt, 'data'), tok)
     assert 'building the SFT rows failed (No space left on device' in str(e.value)
     assert 'Nothing half-written is kept' in str(e.value) and '\n' not in str(e.value)
     assert not [n for n in os.listdir(os.path.join(mnt, 'data', 'sft')) if '.tmp-' in n]
     _remount(mnt, 'rw,size=20m')
-    rows, meta, reused = chat_shards.cached_rows(config, os.path.join(mnt, 'data'), tok)
+    rows, meta, reused = sft_shards.cached_rows(config, os.path.join(mnt, 'data'), tok)
     assert not reused and len(rows['train']['inputs']) > 0
 
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from zhgpt_jax import builtin_corpus, chat_format, chat_shards, corpus, documents, formats, peek, shards
+from zhgpt_jax import builtin_corpus, corpus, dataprep, documents, formats, peek, sft_format, sft_shards
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.config import UserError, default_config
 
@@ -162,7 +162,7 @@ def test_every_format_prepares_identical_shards_and_tokenizer(tmp_path, hub_cach
   recs = records()
   want = None
   for name, entry in all_formats(tmp_path, hub_cache, recs).items():
-    summary = shards.prepare(data_config(entry), str(tmp_path / 'runs' / name), progress=False)
+    summary = dataprep.prepare(data_config(entry), str(tmp_path / 'runs' / name), progress=False)
     with open(os.path.join(summary.data_dir, 'tokenizer', 'tokenizer.json'), 'rb') as f:
       got = (shard_bytes(summary.data_dir), hashlib.sha256(f.read()).hexdigest(),
              summary.documents, summary.tokens)
@@ -179,7 +179,7 @@ def test_c4_named_gzip_json_lines_prepare(tmp_path):
   write(d / 'c4-train.00000-of-01024.json.gz', gzip.compress(jsonl_bytes(rows)))
   write(d / 'c4-validation.00000-of-00008.json.gz', gzip.compress(jsonl_bytes(rows[:5])))
   c = data_config(str(d / 'c4-train.00000-of-01024.json.gz'), 'text')
-  summary = shards.prepare(c, str(tmp_path / 'run'), progress=False)
+  summary = dataprep.prepare(c, str(tmp_path / 'run'), progress=False)
   assert sum(summary.documents.values()) == len(rows)
   # The folder as a source: its train files only; data.split picks the others.
   c.data.corpus = str(d)
@@ -264,20 +264,20 @@ def test_sft_rows_identical_from_jsonl_parquet_and_alpaca_array(tmp_path, hub_ca
     c = default_config('tiny')
     c.task, c.sft.data, c.model.seq_len = 'sft', spec, 128
     c.data.tokenize_workers, c.data.val_fraction = 1, 0.1
-    rows, meta, _ = chat_shards.cached_rows(c, str(tmp_path / 'data' / name), tok)
+    rows, meta, _ = sft_shards.cached_rows(c, str(tmp_path / 'data' / name), tok)
     assert meta['summary'].startswith('119 conversations; skipped 1 non-string content'), meta
     got = {s: {k: np.asarray(v).tobytes() for k, v in r.items()} for s, r in rows.items()}
     want = want or got
     assert got == want, name
   with pytest.raises(UserError, match=r"no column messages, conversations, instruction.*"
                                       'its columns: text'):
-    list(chat_format.read_conversations(write_parquet(d / 'plain.parquet', [{'text': 'x'}]),
-                                        chat_format.SftStats()))
+    list(sft_format.read_conversations(write_parquet(d / 'plain.parquet', [{'text': 'x'}]),
+                                        sft_format.SftStats()))
 
 
 KILLED = '''
 import os, signal, sys
-from zhgpt_jax import formats, scan, shards
+from zhgpt_jax import dataprep, formats, scan
 from zhgpt_jax.config import default_config
 c = default_config('tiny')
 c.data.corpus, c.data.text_field, c.data.val_fraction = sys.argv[1], 'meta.text', 0.1
@@ -294,7 +294,7 @@ def dying(directory, state):
     if len(calls) == 3:
       os.kill(os.getpid(), signal.SIGKILL)   # kill -9, right after a checkpoint
 scan.write_progress = dying
-print(shards.prepare(c, sys.argv[2], progress=False).documents)
+print(dataprep.prepare(c, sys.argv[2], progress=False).documents)
 '''
 
 

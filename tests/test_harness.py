@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from serving import ROOT, random_workdir
-from zhgpt_jax import checkpoint, eval_tasks, export, harness, score, shards
+from zhgpt_jax import checkpoint, dataprep, eval_tasks, export, harness, score
 from zhgpt_jax import model as model_lib
 from zhgpt_jax.config import UserError
 

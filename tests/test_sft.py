@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from zhgpt_jax import checkpoint as ckpt_lib
-from zhgpt_jax import builtin_corpus, chat, chat_format, chat_shards, chatml, formats, sft, train
+from zhgpt_jax import builtin_corpus, chat, chatml, formats, sft, sft_format, sft_shards, train
 from zhgpt_jax import model as M
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.config import UserError, default_config
@@ -79,8 +79,8 @@ def test_formats_parse_to_one_canonical_conversation(tmp_path):
   path = write_jsonl(tmp_path / 'a.jsonl', [messages, sharegpt, messy, alpaca])
   with open(path, 'rb') as f, gzip.open(tmp_path / 'b.jsonl.gz', 'wb') as g:
     g.write(f.read())
-  stats = chat_format.SftStats()
-  got = list(chat_format.read_conversations(f'{tmp_path}/*.jsonl.gz,{path}', stats))
+  stats = sft_format.SftStats()
+  got = list(sft_format.read_conversations(f'{tmp_path}/*.jsonl.gz,{path}', stats))
   assert got[:3] == [CONVERSATION] * 3
   assert got[3] == [{'role': 'system', 'content': system},
                     {'role': 'user', 'content': '翻译成英文\n你好'},
@@ -107,8 +107,8 @@ def test_bad_records_are_counted_per_reason(tmp_path):
       {'instruction': '问', 'output': 7},
   ]
   path = write_jsonl(tmp_path / 'mixed.jsonl', [good, *bad, good])
-  stats = chat_format.SftStats()
-  assert list(chat_format.read_conversations(path, stats)) == [CONVERSATION[1:3]] * 2
+  stats = sft_format.SftStats()
+  assert list(sft_format.read_conversations(path, stats)) == [CONVERSATION[1:3]] * 2
   assert dict(stats.files[path]) == dict(
       kept=2, malformed=1, invalid_utf8=1, blank=1, unknown_format=1, bad_role=1, empty_turn=1,
       not_alternating=2, no_assistant=1, not_string=2)
@@ -117,7 +117,7 @@ def test_bad_records_are_counted_per_reason(tmp_path):
 
 
 def test_bad_data_spec_is_one_user_error(tmp_path, tok_dir, encoder):
-  read = lambda spec: list(chat_format.read_conversations(spec, chat_format.SftStats()))
+  read = lambda spec: list(sft_format.read_conversations(spec, sft_format.SftStats()))
   with pytest.raises(UserError, match='config.sft.data: .*nope.jsonl does not exist'):
     read(str(tmp_path / 'nope.jsonl'))
   (tmp_path / 'notes.txt').write_text('x')
@@ -129,7 +129,7 @@ def test_bad_data_spec_is_one_user_error(tmp_path, tok_dir, encoder):
   tok = tok_lib.load_tokenizer(tok_dir)
   with pytest.raises(UserError, match=r"no usable conversations \(0 conversations; skipped 1 "
                                       r'malformed JSON, 1 without an assistant turn'):
-    chat_shards.cached_rows(sft_config(path, tok_dir), str(tmp_path / 'data'), tok)
+    sft_shards.cached_rows(sft_config(path, tok_dir), str(tmp_path / 'data'), tok)
   assert os.listdir(tmp_path / 'data' / 'sft') == []   # nothing left behind
 
 
@@ -154,7 +154,7 @@ def test_template_equals_hf_apply_chat_template(tok_dir, encoder):
 def test_mask_covers_exactly_the_assistant_spans(encoder):
   convs = [CONVERSATION, CONVERSATION[1:3],
            [{'role': 'user', 'content': '一加一等于几？'}, {'role': 'assistant', 'content': '二'}]]
-  rows = chat_format.packed_rows(encoder.encode(convs), 128, pad_id=3)
+  rows = sft_format.packed_rows(encoder.encode(convs), 128, pad_id=3)
   found = {}
   for r in range(len(rows['inputs'])):
     for seg in set(rows['segment_ids'][r].tolist()) - {0}:
@@ -172,12 +172,12 @@ def test_mask_covers_exactly_the_assistant_spans(encoder):
 def test_long_conversations_are_cut_at_a_turn_or_dropped(encoder):
   enc = encoder.encode([CONVERSATION])[0]
   first_exchange = enc.ends[2]          # system, user, assistant
-  cut = chat_format.fit(enc, enc.ends[3] + 2, 'truncate')   # room for the 2nd user turn, not its answer
+  cut = sft_format.fit(enc, enc.ends[3] + 2, 'truncate')   # room for the 2nd user turn, not its answer
   assert cut.ids.tolist() == enc.ids[:first_exchange].tolist()
   assert cut.roles == ['system', 'user', 'assistant'] and cut.ends == enc.ends[:3]
-  assert chat_format.fit(enc, len(enc.ids), 'truncate') is enc
-  assert chat_format.fit(enc, len(enc.ids) - 1, 'drop') is None
-  assert chat_format.fit(enc, first_exchange - 1, 'truncate') is None   # not one assistant turn fits
+  assert sft_format.fit(enc, len(enc.ids), 'truncate') is enc
+  assert sft_format.fit(enc, len(enc.ids) - 1, 'drop') is None
+  assert sft_format.fit(enc, first_exchange - 1, 'truncate') is None   # not one assistant turn fits
 
 
 def test_long_conversation_counts(tmp_path, tok_dir, encoder):
@@ -188,9 +188,9 @@ def test_long_conversation_counts(tmp_path, tok_dir, encoder):
                            {'role': 'assistant', 'content': '好'}]}
   path = write_jsonl(tmp_path / 'long.jsonl', [short, long, hopeless] * 3)
   for policy, truncated, dropped, kept in (('truncate', 3, 3, 6), ('drop', 0, 6, 3)):
-    stats = chat_format.SftStats()
+    stats = sft_format.SftStats()
     with open(path, 'rb') as f:
-      fitted = chat_format.fitted_conversations(formats.json_lines(f), path, encoder, stats,
+      fitted = sft_format.fitted_conversations(formats.json_lines(f), path, encoder, stats,
                                                 SEQ + 1, policy, 0.1)
     assert (stats.truncated, stats.too_long) == (truncated, dropped)
     assert len(fitted) == kept and all(len(f.encoded.ids) <= SEQ + 1 for f in fitted)
@@ -198,7 +198,7 @@ def test_long_conversation_counts(tmp_path, tok_dir, encoder):
     # The task's cached rows say the same, and hold one val conversation at least.
     c = sft_config(path, tok_dir)
     c.sft.long_policy, c.data.tokenize_workers = policy, 1
-    _, meta, _ = chat_shards.cached_rows(c, str(tmp_path / policy), encoder.tokenizer)
+    _, meta, _ = sft_shards.cached_rows(c, str(tmp_path / policy), encoder.tokenizer)
     assert meta['summary'].startswith(f'9 conversations; {truncated} truncated and {dropped} '
                                       'dropped as longer than the context; ')
     n_val = int(meta['summary'].split(', ')[-1].split(' val ')[0])
@@ -210,10 +210,10 @@ def test_long_conversation_counts(tmp_path, tok_dir, encoder):
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.integers(1, 32), min_size=1, max_size=60))
 def test_pack_places_every_item_once_within_capacity(lengths):
-  rows = chat_format.pack(lengths, 32)
+  rows = sft_format.pack(lengths, 32)
   assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
   assert all(sum(lengths[i] for i in row) <= 32 for row in rows)
-  assert chat_format.pack(lengths, 32) == rows
+  assert sft_format.pack(lengths, 32) == rows
   # Any-fit packing never leaves two rows that would fit together: when a row was opened,
   # its first item did not fit in any earlier row.
   loads = [sum(lengths[i] for i in row) for row in rows]
@@ -224,7 +224,7 @@ def test_packed_conversations_never_attend_across(encoder):
   convs = [CONVERSATION[1:3], [{'role': 'user', 'content': '你好'},
                                {'role': 'assistant', 'content': '你好呀'}]]
   encoded = encoder.encode(convs)
-  rows = chat_format.packed_rows(encoded, 128, pad_id=3)
+  rows = sft_format.packed_rows(encoded, 128, pad_id=3)
   assert len(rows['inputs']) == 1 and set(rows['segment_ids'][0].tolist()) == {0, 1, 2}
   cfg = M.GPTConfig(vocab_size=640, real_vocab_size=600, n_layer=2, n_head=2, n_kv_head=2,
                     d_model=32, seq_len=128, mlp_hidden=64)
@@ -242,7 +242,7 @@ def test_packed_conversations_never_attend_across(encoder):
   np.testing.assert_allclose(other[second], packed[second], atol=1e-5)
   assert not np.allclose(other[first], packed[first], atol=1e-3)
   # And a conversation packed second gives the logits it gives alone in a row, from position 0.
-  alone = chat_format.packed_rows(encoded[1:], 128, pad_id=3)
+  alone = sft_format.packed_rows(encoded[1:], 128, pad_id=3)
   n = len(encoded[1].ids) - 1
   np.testing.assert_allclose(packed[second], np.asarray(apply(alone))[:n], atol=1e-5)
 

@@ -76,7 +76,7 @@ def test_no_import_cycle_between_modules():
 
 def test_training_does_not_know_its_tasks_or_commands():
   graph = import_graph()
-  assert not graph['train'] & {'sft', 'chat', 'chat_data'}, graph['train']
+  assert not graph['train'] & {'sft', 'chat', 'sft_batches'}, graph['train']
 
 
 def code_map() -> list[str]:
@@ -159,7 +159,7 @@ def test_one_list_of_parameter_fields():
 
 
 # `main.py prepare` and the pool workers of prepare and of the SFT rows import these.
-PREPARE_PATH = ('shards', 'pool', 'scan', 'encode', 'peek', 'chat_format', 'chat_shards',
+PREPARE_PATH = ('dataprep', 'pool', 'scan', 'encode', 'peek', 'sft_format', 'sft_shards',
                 'pretrained')
 
 

@@ -264,8 +264,8 @@ def dispatch(command, config, workdir, explicit=()):
     from zhgpt_jax import peek
     peek.peek(config)
   elif command == 'prepare':
-    from zhgpt_jax import shards
-    shards.prepare(config, workdir)
+    from zhgpt_jax import dataprep
+    dataprep.prepare(config, workdir)
   elif command == 'train':
     from zhgpt_jax import train
     train.train_and_evaluate(config, workdir, _task_builder(config.task))

@@ -34,7 +34,7 @@ import grain
 import jax
 import numpy as np
 
-from zhgpt_jax import documents, shards
+from zhgpt_jax import dataprep, documents
 from zhgpt_jax.config import UserError
 
 
@@ -57,10 +57,10 @@ class Task:
 
 
 def pretraining_task(config, workdir: str, tokenizer=None) -> Task:
-  """The task of config.data: windows of the prepared token shards (`shards.prepare`)."""
+  """The task of config.data: windows of the prepared token shards (`dataprep.prepare`)."""
   del tokenizer   # the shards are already tokens
   t, m = config.train, config.model
-  data_dir = shards.data_dir(config, workdir)
+  data_dir = dataprep.data_dir(config, workdir)
   devices, pi, pc = jax.local_device_count(), jax.process_index(), jax.process_count()
   weights = documents.source_weights(config.data.corpus, config.data.split)
   loader = train_loader(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 
-from zhgpt_jax import chat_format, corpus, documents, formats
+from zhgpt_jax import corpus, documents, formats, sft_format
 from zhgpt_jax import tokenizer as tok_lib
 
 SHOW_CHARS = 300   # characters of a document or conversation shown
@@ -97,19 +97,19 @@ def render(conversation: list[dict]) -> str:
 def sft_lines(config, n: int) -> list[str]:
   """The peek of config.sft.data: lines to print."""
   lines = [f'peek: config.sft.data (split={config.data.split!r}); nothing is built']
-  paths = chat_format.data_paths(config.sft.data, config.data.split)
+  paths = sft_format.data_paths(config.sft.data, config.data.split)
   size = sum(os.path.getsize(p) for p in paths)
   lines.append(f'{config.sft.data}: {len(paths):,} files, {size / 1e6:,.1f} MB')
   path = paths[0]
-  lines.append('  ' + _file_line(path, chat_format.columns))
-  part = _first_part(chat_format.file_parts(path))
-  stats = chat_format.SftStats()
-  convs = list(chat_format.parse_items(formats.part_items(part), stats.file(path))) if part else []
+  lines.append('  ' + _file_line(path, sft_format.columns))
+  part = _first_part(sft_format.file_parts(path))
+  stats = sft_format.SftStats()
+  convs = list(sft_format.parse_items(formats.part_items(part), stats.file(path))) if part else []
   counts = stats.file(path)
   skipped = {r: c for r, c in counts.items() if r != 'kept'}
   lines.append(f'  first part ({part.size if part else 0:,} bytes of the file): '
                f'{sum(counts.values()):,} records, {len(convs):,} conversations; '
-               f'skipped: {_skips(skipped, chat_format._REASONS)}')
+               f'skipped: {_skips(skipped, sft_format._REASONS)}')
   lines += [f'  conversation {j}: {_short(render(c))}' for j, c in enumerate(convs[:n], 1)]
   return lines
 

@@ -1,5 +1,5 @@
 """The process pool that reads and tokenizes on every core: `prepare`'s two passes (scan,
-encode) and the SFT rows (chat_shards) submit their blocks to it.
+encode) and the SFT rows (sft_shards) submit their blocks to it.
 
 Workers are spawned (not forked) with the data config and, for tokenizing, the tokenizer; a
 worker function reads them with `worker_state()`. No JAX: the workers import this module.

@@ -1,8 +1,8 @@
 """Supervised fine-tuning: the `data.Task` of `config.sft` and the builtin sentiment task.
 
-User chat data is read, tokenized and packed once into cached files (`chat_shards`, on
+User chat data is read, tokenized and packed once into cached files (`sft_shards`, on
 every core, in bounded memory) that later starts memory-map; the builtin task's 16k short
-reviews are packed in memory at each start (`chat_format`). `chat_data` turns the rows into
+reviews are packed in memory at each start (`sft_format`). `sft_batches` turns the rows into
 batches. `make_task` is the task builder `main.py` hands to `train.train_and_evaluate` when
 config.task is 'sft'.
 
@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import jax
 
-from zhgpt_jax import builtin_corpus, chat_format, chat_shards, sample, shards
+from zhgpt_jax import builtin_corpus, dataprep, sample, sft_format, sft_shards
 from zhgpt_jax import data as data_lib
 from zhgpt_jax import tokenizer as tok_lib
-from zhgpt_jax.chat_data import eval_batches, train_loader
-from zhgpt_jax.chat_format import SftStats, key_hash, packed_rows
+from zhgpt_jax.sft_batches import eval_batches, train_loader
+from zhgpt_jax.sft_format import SftStats, key_hash, packed_rows
 from zhgpt_jax.chatml import ChatEncoder
 from zhgpt_jax.config import UserError
 
@@ -125,7 +125,7 @@ def _packed(config, encoder: ChatEncoder, pad: int):
   splits = {'train': packed_rows(train_enc, seq_len, pad),
             'val': packed_rows(val_enc, seq_len, pad)}
   tokens = sum(len(e.ids) - 1 for e in train_enc)
-  line = chat_format.summary(stats, seq_len,
+  line = sft_format.summary(stats, seq_len,
                              (len(train_enc), len(splits['train']['inputs']), tokens),
                              (len(val_enc), len(splits['val']['inputs'])))
   return splits, dict(summary=line), extra
@@ -133,7 +133,7 @@ def _packed(config, encoder: ChatEncoder, pad: int):
 
 def make_task(config, workdir: str, tokenizer) -> data_lib.Task:
   """The task of config.sft: packed chat rows, val loss on held-out rows, and accuracy for
-  the builtin task. User chat data is packed once into cached files (chat_shards) that
+  the builtin task. User chat data is packed once into cached files (sft_shards) that
   later starts memory-map. Raises UserError for missing or unusable data."""
   t = config.train
   if t.short_seq_steps > 0:
@@ -144,8 +144,8 @@ def make_task(config, workdir: str, tokenizer) -> data_lib.Task:
     splits, meta, extra = _packed(config, ChatEncoder(tokenizer), pad)
     cached = ''
   else:
-    splits, meta, reused = chat_shards.cached_rows(
-        config, shards.data_dir(config, workdir), tokenizer, progress=jax.process_index() == 0)
+    splits, meta, reused = sft_shards.cached_rows(
+        config, dataprep.data_dir(config, workdir), tokenizer, progress=jax.process_index() == 0)
     extra = None
     cached = (f' (read from {meta["key"]} cache)' if reused else
               f' (saved to {meta["key"]} cache in {meta["seconds"]:.0f} s)')

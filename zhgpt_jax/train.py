@@ -157,7 +157,7 @@ def build(config, workdir: str, make_task: TaskBuilder | None = None,
   and tokenizer of the model the run starts from. `training=False` (eval) skips the checks
   only training needs (init_from, a val split).
   """
-  from zhgpt_jax import pretrained, shards, tokenizer as tok_lib
+  from zhgpt_jax import pretrained, dataprep, tokenizer as tok_lib
   check_paths(config, workdir, training)
   config = pretrained.resolve(config)
   validate(config)
@@ -165,7 +165,7 @@ def build(config, workdir: str, make_task: TaskBuilder | None = None,
     raise UserError(f'config.task={config.task!r}: pass its task builder as make_task '
                     '(main.py does)')
   parallel.initialize(config.dist)
-  parallel.use_compile_cache(config.train.compile_cache, shards.data_dir(config, workdir))
+  parallel.use_compile_cache(config.train.compile_cache, dataprep.data_dir(config, workdir))
   tokenizer_dir = pretrained.init_tokenizer_dir(config)
   if config.task == 'sft' and tokenizer_dir and \
       not tok_lib.has_chatml(tok_lib.load_tokenizer(tokenizer_dir)):
@@ -175,9 +175,9 @@ def build(config, workdir: str, make_task: TaskBuilder | None = None,
     tokenizer_dir = os.path.join(workdir, 'tokenizer')
   if with_data and make_task is None:
     if jax.process_index() == 0:
-      shards.prepare(config, workdir)
+      dataprep.prepare(config, workdir)
     parallel.sync('prepare')
-    tokenizer_dir = tokenizer_dir or os.path.join(shards.data_dir(config, workdir), 'tokenizer')
+    tokenizer_dir = tokenizer_dir or os.path.join(dataprep.data_dir(config, workdir), 'tokenizer')
   if not tokenizer_dir:
     tokenizer_dir = os.path.join(workdir, 'tokenizer')
   tokenizer = tok_lib.load_tokenizer(tokenizer_dir)

@@ -1,7 +1,7 @@
 """Packed chat rows to training: the same grain pipeline as pretraining, over rows.
 
 The rows (inputs, targets, weights, segment_ids, positions; [rows, seq_len]) come from
-`chat_format` (packed in memory) or `chat_shards` (memory-mapped cache files); any integer
+`sft_format` (packed in memory) or `sft_shards` (memory-mapped cache files); any integer
 dtype is read, and batches are cast to int32 (weights to float32).
 """
 

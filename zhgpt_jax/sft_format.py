@@ -1,7 +1,7 @@
 """Chat data as token rows: conversations read, rendered in ChatML, fitted and packed.
 
 Pure Python and numpy (no JAX): the pool processes that tokenize a big chat set import it.
-`chat_data` feeds the rows to training; `chat_shards` builds and caches them.
+`sft_batches` feeds the rows to training; `sft_shards` builds and caches them.
 
 `config.sft.data` is 'builtin' or a comma-separated list of files, directories (searched
 recursively; a split's files in a hub-style folder), globs and `hf:OWNER/NAME` datasets, read

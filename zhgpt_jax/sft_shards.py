@@ -13,9 +13,9 @@ The first start streams, so its memory does not grow with the chat set beyond ~6
 conversation (the lengths, splits and hashes that packing needs):
   1. the files are cut into blocks (~1 MiB of input, `formats.file_parts`) that a pool of
      processes on every core (`pool.worker_pool`, as `prepare` uses) parses, tokenizes and
-     fits (`chat_format.fitted_conversations`); each conversation's ids and weights are
+     fits (`sft_format.fitted_conversations`); each conversation's ids and weights are
      appended, in file order, to two scratch files, and its length, split and hash kept;
-  2. best-fit decreasing packs each split from those lengths (`chat_format.pack_members`,
+  2. best-fit decreasing packs each split from those lengths (`sft_format.pack_members`,
      the same rows, in the same order, as packing everything in memory);
   3. the rows are written a block of rows at a time, each conversation read back from a map
      of the scratch files opened for that block only.
@@ -36,9 +36,9 @@ import numpy as np
 import tqdm
 
 from zhgpt_jax import files
-from zhgpt_jax import chat_format, formats, pool
+from zhgpt_jax import formats, pool, sft_format
 from zhgpt_jax import tokenizer as tok_lib
-from zhgpt_jax.chat_format import SftStats
+from zhgpt_jax.sft_format import SftStats
 from zhgpt_jax.chatml import ChatEncoder
 from zhgpt_jax.config import disk_errors
 
@@ -51,7 +51,7 @@ BLOCK_ROWS = 1024        # rows written at a time
 def cache_key(config, tokenizer_json: str) -> str:
   """The key of config.sft.data's packed rows for this tokenizer and these settings."""
   files = []
-  for path in chat_format.data_paths(config.sft.data, config.data.split):
+  for path in sft_format.data_paths(config.sft.data, config.data.split):
     st = os.stat(path)
     files.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
   inputs = dict(code=CODE_VERSION, files=files,
@@ -75,7 +75,7 @@ def _encode_block(part: formats.Part, max_tokens: int, policy: str, val_fraction
   if state.get('chat_tok') is not state['tok']:   # the tokenizer of this pool
     state['chat'], state['chat_tok'] = ChatEncoder(state['tok']), state['tok']
   stats = SftStats()
-  fitted = chat_format.fitted_conversations(formats.part_items(part), part.path, state['chat'],
+  fitted = sft_format.fitted_conversations(formats.part_items(part), part.path, state['chat'],
                                             stats, max_tokens, policy, val_fraction)
   join = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
   return dict(stats=stats,
@@ -89,7 +89,7 @@ def _encode_block(part: formats.Part, max_tokens: int, policy: str, val_fraction
 def _tokenize(config, tokenizer_json: str, tmp: str, dtype: np.dtype, progress: bool):
   """Pass 1: every conversation's ids and weights appended to tmp/tokens.bin and
   tmp/weights.bin in file order; returns (stats, lengths, val, hashes), one entry each."""
-  paths = chat_format.data_paths(config.sft.data, config.data.split)
+  paths = sft_format.data_paths(config.sft.data, config.data.split)
   stats = SftStats()
   parts = {'lengths': [], 'val': [], 'hashes': []}
   args = (config.model.seq_len + 1, config.sft.long_policy, config.data.val_fraction, dtype.str)
@@ -97,7 +97,7 @@ def _tokenize(config, tokenizer_json: str, tmp: str, dtype: np.dtype, progress: 
   def jobs():
     for path in paths:
       stats.file(path)   # every file is listed, even one that gives nothing
-      for part in chat_format.file_parts(path, BLOCK_BYTES):
+      for part in sft_format.file_parts(path, BLOCK_BYTES):
         yield part.size, (part, *args)
 
   with open(os.path.join(tmp, 'tokens.bin'), 'wb') as tokens, \
@@ -134,7 +134,7 @@ def _write_rows(directory: str, tmp: str, index: np.ndarray, offsets: np.ndarray
   """Packs the conversations `index` (in file order) into directory/*.npy; returns their
   (conversations, rows, tokens)."""
   sizes = offsets[index + 1] - offsets[index] - 1   # positions a conversation fills
-  members, starts = chat_format.pack_members(sizes, seq_len)
+  members, starts = sft_format.pack_members(sizes, seq_len)
   n_rows = len(starts) - 1
   most = int(np.diff(starts).max()) if n_rows else 0
   dtypes = dict(inputs=dtype, targets=dtype, weights=np.dtype(np.uint8),
@@ -150,7 +150,7 @@ def _write_rows(directory: str, tmp: str, index: np.ndarray, offsets: np.ndarray
       rows = [index[members[starts[r]:starts[r + 1]]].tolist()
               for r in range(r0, min(r0 + BLOCK_ROWS, n_rows))]
       item = lambda c: (ids[offsets[c]:offsets[c + 1]], weights[offsets[c]:offsets[c + 1]])
-      block = chat_format.fill_rows(rows, seq_len, pad_id, item)
+      block = sft_format.fill_rows(rows, seq_len, pad_id, item)
       for k, f in files.items():
         f.write(block[k].astype(dtypes[k]).tobytes())
       del ids, weights, item
@@ -165,8 +165,8 @@ def _build(config, tokenizer, tmp: str, progress: bool) -> dict:
   seq_len = config.model.seq_len
   dtype = row_dtype(tokenizer.get_vocab_size())
   stats, lengths, val, hashes = _tokenize(config, tokenizer.to_str(), tmp, dtype, progress)
-  val = chat_format.final_val(val, hashes)
-  chat_format.check_usable(config.sft.data, stats, int((~val).sum()), seq_len)
+  val = sft_format.final_val(val, hashes)
+  sft_format.check_usable(config.sft.data, stats, int((~val).sum()), seq_len)
   offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
   pad = tok_lib.special_ids(tokenizer).pad
   counts = {split: _write_rows(os.path.join(tmp, split), tmp, np.flatnonzero(mask), offsets,
@@ -174,7 +174,7 @@ def _build(config, tokenizer, tmp: str, progress: bool) -> dict:
             for split, mask in (('train', ~val), ('val', val))}
   for name in ('tokens.bin', 'weights.bin'):
     os.remove(os.path.join(tmp, name))
-  return dict(summary=chat_format.summary(stats, seq_len, counts['train'], counts['val'][:2]),
+  return dict(summary=sft_format.summary(stats, seq_len, counts['train'], counts['val'][:2]),
               splits=list(counts))
 
 

@@ -1,4 +1,4 @@
-"""chat_shards.py: SFT rows built once by streaming, cached by key, memory-mapped later."""
+"""sft_shards.py: SFT rows built once by streaming, cached by key, memory-mapped later."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from zhgpt_jax import chat_format, chat_shards, chatml, formats, pool
+from zhgpt_jax import chatml, formats, pool, sft_format, sft_shards
 from zhgpt_jax import tokenizer as tokenizer_lib
 from zhgpt_jax.config import default_config
 
@@ -58,26 +58,26 @@ def sft_config(data, seq_len=128, workers=1, val_fraction=0.1):
 def one_shot(config, tok):
   """The rows and summary line as packing everything in memory gives them."""
   encoder = chatml.ChatEncoder(tok)
-  stats, fitted = chat_format.SftStats(), []
-  for path in chat_format.data_paths(config.sft.data):
+  stats, fitted = sft_format.SftStats(), []
+  for path in sft_format.data_paths(config.sft.data):
     with open(path, 'rb') as f:
-      fitted += chat_format.fitted_conversations(
+      fitted += sft_format.fitted_conversations(
           formats.json_lines(f), path, encoder, stats, config.model.seq_len + 1, config.sft.long_policy,
           config.data.val_fraction)
-  val = chat_format.final_val([f.val for f in fitted], [f.hash for f in fitted])
+  val = sft_format.final_val([f.val for f in fitted], [f.hash for f in fitted])
   pad, seq_len = tokenizer_lib.special_ids(tok).pad, config.model.seq_len
   splits, counts = {}, {}
   for split, keep in (('train', ~val), ('val', val)):
     enc = [f.encoded for f, k in zip(fitted, keep) if k]
-    splits[split] = chat_format.packed_rows(enc, seq_len, pad)
+    splits[split] = sft_format.packed_rows(enc, seq_len, pad)
     counts[split] = (len(enc), len(splits[split]['inputs']), sum(len(e.ids) - 1 for e in enc))
-  return splits, chat_format.summary(stats, seq_len, counts['train'], counts['val'][:2])
+  return splits, sft_format.summary(stats, seq_len, counts['train'], counts['val'][:2])
 
 
 def assert_rows_equal(got, want):
   assert got.keys() == want.keys()
   for split in want:
-    for name in chat_shards.ARRAYS:
+    for name in sft_shards.ARRAYS:
       assert isinstance(got[split][name], np.memmap)
       assert got[split][name].dtype == (np.uint8 if name == 'weights' else np.uint16)
       np.testing.assert_array_equal(got[split][name], want[split][name], err_msg=name)
@@ -87,10 +87,10 @@ def test_streaming_build_equals_packing_in_memory(tmp_path, tok_dir, monkeypatch
   tok = tokenizer_lib.load_tokenizer(tok_dir)
   path = chat_file(tmp_path / 'chat.jsonl', 400)
   # Many small blocks over 2 pool processes, and rows written 7 at a time.
-  monkeypatch.setattr(chat_shards, 'BLOCK_BYTES', 4096)
-  monkeypatch.setattr(chat_shards, 'BLOCK_ROWS', 7)
+  monkeypatch.setattr(sft_shards, 'BLOCK_BYTES', 4096)
+  monkeypatch.setattr(sft_shards, 'BLOCK_ROWS', 7)
   config = sft_config(path, workers=2)
-  rows, meta, reused = chat_shards.cached_rows(config, str(tmp_path / 'data'), tok)
+  rows, meta, reused = sft_shards.cached_rows(config, str(tmp_path / 'data'), tok)
   want, summary = one_shot(config, tok)
   assert not reused and meta['summary'] == summary
   assert summary.startswith('400 conversations; skipped 8 malformed JSON, 8 without an '
@@ -99,7 +99,7 @@ def test_streaming_build_equals_packing_in_memory(tmp_path, tok_dir, monkeypatch
   assert_rows_equal(rows, want)
   # A file with no val conversation by hash still validates on one: the smallest hash.
   config = sft_config(chat_file(tmp_path / 'small.jsonl', 5, bad=False), val_fraction=0.0)
-  rows, meta, _ = chat_shards.cached_rows(config, str(tmp_path / 'data'), tok)
+  rows, meta, _ = sft_shards.cached_rows(config, str(tmp_path / 'data'), tok)
   want, summary = one_shot(config, tok)
   assert meta['summary'] == summary and ', 1 val in 1 rows' in summary
   assert_rows_equal(rows, want)
@@ -109,7 +109,7 @@ def test_second_start_maps_the_cache_without_tokenizing(tmp_path, tok_dir, monke
   tok = tokenizer_lib.load_tokenizer(tok_dir)
   path = chat_file(tmp_path / 'chat.jsonl', 60)
   config, data = sft_config(path), str(tmp_path / 'data')
-  first, meta, reused = chat_shards.cached_rows(config, data, tok)
+  first, meta, reused = sft_shards.cached_rows(config, data, tok)
   directory = os.path.join(data, 'sft', meta['key'])
   files = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
            for d, _, fs in os.walk(directory) for f in fs}
@@ -119,38 +119,38 @@ def test_second_start_maps_the_cache_without_tokenizing(tmp_path, tok_dir, monke
     raise AssertionError('the second start started a tokenizer pool')
   with monkeypatch.context() as m:
     m.setattr(pool, 'worker_pool', no_tokenizing)
-    again, meta2, reused2 = chat_shards.cached_rows(config, data, tok)
+    again, meta2, reused2 = sft_shards.cached_rows(config, data, tok)
   assert reused2 and meta2 == meta
   assert {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
           for d, _, fs in os.walk(directory) for f in fs} == files
   assert_rows_equal(again, {s: {k: np.asarray(v) for k, v in r.items()} for s, r in first.items()})
   # Another tokenizer, context or edited file: built again, under another key.
   other = tokenizer_lib.train_tokenizer(TEXTS * 10, 290)
-  assert not chat_shards.cached_rows(config, data, other)[2]
+  assert not sft_shards.cached_rows(config, data, other)[2]
   config.model.seq_len = 64
-  assert not chat_shards.cached_rows(config, data, tok)[2]
+  assert not sft_shards.cached_rows(config, data, tok)[2]
   chat_file(path, 61)
-  assert not chat_shards.cached_rows(config, data, tok)[2]
+  assert not sft_shards.cached_rows(config, data, tok)[2]
   assert len(os.listdir(os.path.join(data, 'sft'))) == 4
 
 
 KILLED = '''
 import os, signal, sys
-from zhgpt_jax import chat_format, chat_shards, tokenizer
+from zhgpt_jax import sft_format, sft_shards, tokenizer
 from zhgpt_jax.config import default_config
 config = default_config('tiny')
 config.task, config.sft.data, config.model.seq_len = "sft", sys.argv[1], 128
 config.data.tokenize_workers, config.data.val_fraction = 1, 0.1
-fill = chat_format.fill_rows
+fill = sft_format.fill_rows
 calls = []
 def fill_then_die(*args):
   calls.append(1)
   if len(calls) == 3:   # kill -9 in the middle of writing the train rows
     os.kill(os.getpid(), signal.SIGKILL)
   return fill(*args)
-chat_format.fill_rows = fill_then_die
-chat_shards.BLOCK_ROWS = 4
-chat_shards.cached_rows(config, sys.argv[2], tokenizer.load_tokenizer(sys.argv[3]))
+sft_format.fill_rows = fill_then_die
+sft_shards.BLOCK_ROWS = 4
+sft_shards.cached_rows(config, sys.argv[2], tokenizer.load_tokenizer(sys.argv[3]))
 '''
 
 
@@ -165,7 +165,7 @@ def test_a_killed_first_start_leaves_nothing_trusted(tmp_path, tok_dir):
   assert 'tokens.bin' in os.listdir(os.path.join(data, 'sft', left[0]))
   tok = tokenizer_lib.load_tokenizer(tok_dir)
   config = sft_config(path)
-  rows, meta, reused = chat_shards.cached_rows(config, data, tok)
+  rows, meta, reused = sft_shards.cached_rows(config, data, tok)
   assert not reused and os.listdir(os.path.join(data, 'sft')) == [meta['key']]
   assert_rows_equal(rows, one_shot(config, tok)[0])
 
