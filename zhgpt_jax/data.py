@@ -1,4 +1,4 @@
-"""The input pipelines' common shape (`Task`) and pretraining's: grain over `shards.py`'s shards.
+"""The input pipelines' common shape (`Task`) and pretraining's: grain over prepare's shards.
 
 A `Task` is what the train loop consumes: an endless iterator of train batches, a way to
 make a fresh pass over the val split, and optional extra metrics. Batches are dicts of host
