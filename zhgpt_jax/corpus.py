@@ -155,14 +155,13 @@ _NUMBER = re.compile(r'[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?')
 
 def parse_sources(spec: str, key: str = 'config.data.corpus', split: str = 'train'
                   ) -> list[Source]:
-  """The sources of a corpus spec: 'builtin', or entries 'files/dir/glob[:weight]' joined by ','.
+  """The sources of a user's corpus spec: entries 'files/dir/glob[:weight]' joined by ','
+  (`documents.sources` reads 'builtin' too).
 
   A weight is the source's share of the training windows (normalised over all sources); it
   is all or none: either every entry has one or none has. An entry that exists as written
   is a path even if it ends in ':2'. A file named by two entries belongs to the first.
   """
-  if spec == 'builtin':
-    return [Source('builtin', None, tuple(builtin_paths().values()))]
   sources, seen = [], set()
   for entry in (e.strip() for e in spec.split(',')):
     if not entry:

@@ -119,7 +119,7 @@ def _exclude(config) -> frozenset[str]:
 def _text_inputs(config) -> dict:
   """Everything that decides the documents: the files as they are now and the text fields."""
   builtin = config.data.corpus == 'builtin'
-  paths = [p for s in corpus.parse_sources(config.data.corpus, split=config.data.split) for p in s.paths]
+  paths = [p for s in documents.sources(config.data.corpus, split=config.data.split) for p in s.paths]
   files = []
   for p in paths:
     st = os.stat(p)
@@ -282,12 +282,12 @@ def _valid_meta(split_dir: str, key: str) -> dict | None:
 def _seal(config, tok: Tokenizer, tok_hash: str, root: str, build_dir: str, key: str,
           states: dict, stats: corpus.CorpusStats, counts: list[dict] | None) -> dict[str, dict]:
   """Writes each split's meta.json and renames the built splits into place; returns metas."""
-  names = [src.name for src in corpus.parse_sources(config.data.corpus, split=config.data.split)]
+  names = [src.name for src in documents.sources(config.data.corpus, split=config.data.split)]
   counts = counts or [{} for _ in names]
   metas = {}
   for split, st in states.items():
     groups = [dict(name=n, files=list(src.paths), tokens=t, documents=d, **c)
-              for n, src, t, d, c in zip(names, corpus.parse_sources(config.data.corpus, split=config.data.split),
+              for n, src, t, d, c in zip(names, documents.sources(config.data.corpus, split=config.data.split),
                                          st['source_tokens'], st['source_documents'], counts)]
     metas[split] = dict(
         format=2, split=split, dtype=_dtype(tok.get_vocab_size()).name, byteorder='little',
@@ -318,7 +318,7 @@ def _prepare(config, root: str, progress: bool):
       if name.startswith(('.tmp-', '.old-')):
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     inputs = _text_inputs(config)
-    names = [src.name for src in corpus.parse_sources(config.data.corpus, split=config.data.split)]
+    names = [src.name for src in documents.sources(config.data.corpus, split=config.data.split)]
     scan_dir, scan_key = os.path.join(root, 'scan'), _hash(inputs)
     exclude = _exclude(config)   # the held-out reviews, resolved once for both passes
     found = None

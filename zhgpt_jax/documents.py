@@ -22,13 +22,22 @@ from zhgpt_jax.config import UserError
 from zhgpt_jax.corpus import CorpusStats
 
 
+def sources(spec: str, key: str = 'config.data.corpus', split: str = 'train'
+            ) -> list[corpus.Source]:
+  """The sources of config.data.corpus: the builtin corpus's files as one source, or the user's
+  entries (`corpus.parse_sources`)."""
+  if spec == 'builtin':
+    return [corpus.Source('builtin', None, tuple(builtin_corpus.paths().values()))]
+  return corpus.parse_sources(spec, key, split)
+
+
 def source_weights(spec: str, split: str = 'train') -> list[float] | None:
   """The normalised mixing weights of `spec`'s sources, or None when it gives none."""
-  sources = corpus.parse_sources(spec, split=split)
-  if sources[0].weight is None:
+  found = sources(spec, split=split)
+  if found[0].weight is None:
     return None
-  total = sum(s.weight for s in sources)
-  return [s.weight / total for s in sources]
+  total = sum(s.weight for s in found)
+  return [s.weight / total for s in found]
 
 
 def without_weights(spec: str, split: str = 'train') -> str:

@@ -58,7 +58,7 @@ def _skips(counts: dict, words: dict, field: str = '') -> str:
 
 def _sources(config) -> list[tuple[str, list[str]]]:
   return [(s.name, list(s.paths))
-          for s in corpus.parse_sources(config.data.corpus, split=config.data.split)]
+          for s in documents.sources(config.data.corpus, split=config.data.split)]
 
 
 def corpus_lines(config, n: int) -> list[str]:

@@ -38,9 +38,8 @@ from zhgpt_jax.config import UserError
 
 def input_bytes(config) -> int:
   """The corpus files' size on disk: the total of the progress bars."""
-  paths = (builtin_corpus.paths().values() if config.data.corpus == 'builtin'
-           else [p for s in corpus.parse_sources(config.data.corpus, split=config.data.split)
-                 for p in s.paths])
+  paths = [p for s in documents.sources(config.data.corpus, split=config.data.split)
+           for p in s.paths]
   return sum(os.path.getsize(p) for p in paths)
 
 
