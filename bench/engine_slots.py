@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,6 +22,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 from zhgpt_jax import engine, engine_steps, sample  # pylint: disable=wrong-import-position
 from zhgpt_jax import model as model_lib  # pylint: disable=wrong-import-position
 from zhgpt_jax.config import default_config  # pylint: disable=wrong-import-position
+import timing  # pylint: disable=import-error,wrong-import-position  (bench/ is on sys.path)
 
 
 def main() -> None:
@@ -58,9 +58,9 @@ def main() -> None:
     for b in slots:
       if r % 8 == 0:   # stay clear of the context's end
         states[b] = fresh(b)
-      t0 = time.perf_counter()
-      states[b] = step(b, states[b])
-      times[b].append((time.perf_counter() - t0) / args.chunk * 1e3)
+      with timing.Timer() as t:
+        states[b] = step(b, states[b])
+      times[b].append(t.seconds / args.chunk * 1e3)
   print(f'load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')
   print('\n| slots | ms/step median | ms/step best |\n|---:|---:|---:|')
   for b in slots:

@@ -31,13 +31,13 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [HERE, os.path.join(HERE, 'tests'), os.path.join(HERE, 'bench')]
 
 from serve import build_model  # pylint: disable=wrong-import-position
 from serving import Served  # pylint: disable=wrong-import-position
+import timing  # pylint: disable=wrong-import-position
 from zhgpt_jax import builtin_corpus, export  # pylint: disable=wrong-import-position
 
 LM_EVAL = os.path.join(os.path.dirname(sys.executable), 'lm_eval')
@@ -73,11 +73,12 @@ def _children_cpu() -> float:
 def timed(cmd: list[str], env: dict) -> tuple[float, float]:
   """(wall seconds, CPU seconds of the process and its children) of one command. CPU seconds
   barely move with the machine's load; wall seconds do."""
-  t0, c0 = time.perf_counter(), _children_cpu()
-  out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  c0 = _children_cpu()
+  with timing.Timer() as t:
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
   if out.returncode:
     raise SystemExit(f'{" ".join(cmd[:4])} ... failed:\n{out.stderr[-3000:]}')
-  return time.perf_counter() - t0, _children_cpu() - c0
+  return t.seconds, _children_cpu() - c0
 
 
 def accuracy(directory: str) -> float:
@@ -128,9 +129,9 @@ def main():
   if args.skip_server:
     return _report(args, workdir, rows)
 
-  t0 = time.perf_counter()
-  server = Served(workdir, timeout=900)
-  start = time.perf_counter() - t0
+  with timing.Timer() as t:
+    server = Served(workdir, timeout=900)
+  start = t.seconds
   try:
     out_b = os.path.join(root, 'b')
     t = timed([LM_EVAL, '--model', 'local-completions', '--model_args',

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,6 +34,7 @@ from zhgpt_jax import model as model_lib  # pylint: disable=wrong-import-positio
 from zhgpt_jax import loss as loss_lib  # pylint: disable=wrong-import-position
 from zhgpt_jax import parallel, train  # pylint: disable=wrong-import-position
 from zhgpt_jax.config import validate  # pylint: disable=wrong-import-position
+import timing  # pylint: disable=import-error,wrong-import-position  (bench/ is on sys.path)
 
 _BATCH = flags.DEFINE_integer('batch', 16, 'Sequences per device in the throughput runs.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed train steps per preset.')
@@ -107,16 +107,16 @@ def throughput(config, steps: int, peak: float) -> dict:
     w = rng.integers(0, cfg.real_vocab_size, (devices, 1, b, seq + 1), dtype=np.int32)
     batches.append({'inputs': w[..., :-1], 'targets': w[..., 1:]})
   state = strategy.put_state(train.new_state(optimizer, params, 0))
-  t0 = time.perf_counter()
-  for i in range(3):
-    state, metrics = step_fn(state, batches[i % 2])
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for i in range(steps):
-    state, metrics = step_fn(state, batches[i % 2])
-  jax.block_until_ready((state, metrics))
-  seconds = time.perf_counter() - t0
+  with timing.Timer() as compile_t:
+    for i in range(3):
+      state, metrics = step_fn(state, batches[i % 2])
+    jax.block_until_ready(metrics)
+  compile_s = compile_t.seconds
+  with timing.Timer() as t:
+    for i in range(steps):
+      state, metrics = step_fn(state, batches[i % 2])
+    jax.block_until_ready((state, metrics))
+  seconds = t.seconds
   tokens_s = steps * devices * b * seq / seconds
   flops_tok = model_lib.flops_per_token(cfg, params)
   return dict(params=model_lib.count_params(params), ms=1e3 * seconds / steps,

@@ -24,9 +24,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import timing  # pylint: disable=import-error,wrong-import-position  (bench/ is on sys.path)
 
 MODELS = {   # name: config.model overrides (GPT-2 vocab 50257; the 7B shape is Llama-2 7B's)
     'small': dict(n_layer=12, n_head=12, d_model=768, seq_len=1024),
@@ -170,14 +171,14 @@ def main(argv=None):
       state_in = strategy.restore_target(state)
       batch_sharding = jax.sharding.NamedSharding(mesh, strategy.batch_spec(3))
       batch = jax.ShapeDtypeStruct((1, n * b, t), jax.numpy.int32, sharding=batch_sharding)
-    t0 = time.perf_counter()
-    compiled = step_of(strategy).lower(state_in, {'inputs': batch, 'targets': batch}).compile()
-    m = compiled.memory_analysis()
+    with timing.Timer() as t:
+      compiled = step_of(strategy).lower(state_in, {'inputs': batch, 'targets': batch}).compile()
+      m = compiled.memory_analysis()
     if m is None:
-      return None, time.perf_counter() - t0
+      return None, t.seconds
     peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
             + m.temp_size_in_bytes)
-    return dict(peak=peak, temp=m.temp_size_in_bytes), time.perf_counter() - t0
+    return dict(peak=peak, temp=m.temp_size_in_bytes), t.seconds
 
   gb = lambda x: f'{x / 1e9:,.2f}'
 

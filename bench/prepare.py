@@ -25,7 +25,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,6 +32,7 @@ from zhgpt_jax import corpus, documents  # pylint: disable=wrong-import-position
 from zhgpt_jax import dataprep  # pylint: disable=wrong-import-position
 from zhgpt_jax import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
 from zhgpt_jax.config import default_config  # pylint: disable=wrong-import-position
+import timing  # pylint: disable=import-error,wrong-import-position  (bench/ is on sys.path)
 
 
 def _peak_mb() -> float:
@@ -47,9 +47,9 @@ def _train_child(max_chars: int, vocab: int) -> None:
   """Trains on the builtin train split and prints {seconds, before_mb, peak_mb} as JSON."""
   before = _peak_mb()
   docs = documents.iter_documents(default_config().data, 'train', corpus.CorpusStats())
-  t0 = time.perf_counter()
-  tokenizer_lib.train_tokenizer(docs, vocab, max_train_chars=max_chars)
-  print(json.dumps(dict(seconds=time.perf_counter() - t0, before_mb=before,
+  with timing.Timer() as t:
+    tokenizer_lib.train_tokenizer(docs, vocab, max_train_chars=max_chars)
+  print(json.dumps(dict(seconds=t.seconds, before_mb=before,
                         peak_mb=_peak_mb())))
 
 
@@ -93,12 +93,12 @@ def main() -> None:
   config.tokenizer.vocab_size = args.vocab
   modes = [int(w) for w in args.workers.split(',')]
   with tempfile.TemporaryDirectory() as tmp:
-    t0 = time.perf_counter()
-    docs = list(documents.iter_documents(config.data, 'train', corpus.CorpusStats()))
-    tok = tokenizer_lib.train_tokenizer(docs, args.vocab,
-                                        max_train_chars=config.tokenizer.max_train_chars)
+    with timing.Timer() as t:
+      docs = list(documents.iter_documents(config.data, 'train', corpus.CorpusStats()))
+      tok = tokenizer_lib.train_tokenizer(docs, args.vocab,
+                                          max_train_chars=config.tokenizer.max_train_chars)
     print(f'tokenizer: vocab {tok.get_vocab_size()} trained on {sum(map(len, docs)):,} '
-          f'characters in {time.perf_counter() - t0:.1f} s')
+          f'characters in {t.seconds:.1f} s')
     tok_dir = os.path.join(tmp, 'tok')
     tokenizer_lib.save_tokenizer(tok, tok_dir)
     config.tokenizer.path = tok_dir
@@ -117,9 +117,9 @@ def main() -> None:
         assert sum(summary.utf8_bytes.values()) == n_bytes, (summary.utf8_bytes, n_bytes)
         best[f'pipeline workers={w}'] = min(best[f'pipeline workers={w}'], summary.seconds)
       for name in ('encode_batch', 'encode_batch_fast'):
-        t0 = time.perf_counter()
-        getattr(plain, name)(texts)
-        best[name] = min(best[name], time.perf_counter() - t0)
+        with timing.Timer() as t:
+          getattr(plain, name)(texts)
+        best[name] = min(best[name], t.seconds)
     mbs = {k: n_bytes / v / 1e6 for k, v in best.items()}
 
   print(f'\nshard stage on {len(texts):,} documents, {n_bytes / 1e6:.1f} MB UTF-8, '

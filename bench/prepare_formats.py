@@ -21,7 +21,6 @@ ratios to jsonl; the shards of every format must be byte-identical to jsonl's.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -30,6 +29,9 @@ import sys
 import time
 
 import prepare_scale  # pylint: disable=import-error  (bench/ is on sys.path)
+import timing  # pylint: disable=import-error  (bench/ is on sys.path)
+
+from zhgpt_jax import dataprep  # pylint: disable=wrong-import-position  (prepare_scale puts the repo on sys.path)
 
 SOURCES = (('news', 1.0),)
 FORMATS = ('jsonl', 'jsonl.zst', 'parquet')
@@ -48,7 +50,7 @@ def _convert(directory: str) -> dict[str, str]:
     if os.path.exists(os.path.join(dst, 'DONE')):
       continue
     os.makedirs(dst, exist_ok=True)
-    t0 = time.time()
+    clock = timing.Timer().start()
     for name in sorted(os.listdir(src)):
       path = os.path.join(src, name)
       if fmt == 'jsonl.zst':
@@ -68,7 +70,7 @@ def _convert(directory: str) -> dict[str, str]:
           writer.write_table(table)
       writer.close()
     open(os.path.join(dst, 'DONE'), 'w').close()
-    print(f'wrote {fmt} in {time.time() - t0:.0f} s', flush=True)
+    print(f'wrote {fmt} in {clock.elapsed():.0f} s', flush=True)
   return out
 
 
@@ -122,16 +124,6 @@ def _size(directory: str) -> int:
              if f != 'DONE')
 
 
-def _shards_digest(data_dir: str) -> str:
-  h = hashlib.sha256()
-  for split in ('train', 'val'):
-    for name in sorted(os.listdir(os.path.join(data_dir, split))):
-      if name.startswith('shard_'):
-        with open(os.path.join(data_dir, split, name), 'rb') as f:
-          h.update(name.encode() + f.read())
-  return h.hexdigest()
-
-
 def _tokenizer(directory: str, jsonl_dir: str) -> str:
   tok_dir = os.path.join(directory, 'tokenizer')
   if os.path.exists(os.path.join(tok_dir, 'tokenizer.json')):
@@ -163,7 +155,7 @@ def main(gb: float, repeats: int, scale_dir: str) -> None:
       load0 = os.getloadavg()[0]
       out = _run(dict(corpus=dirs[fmt], tokenizer=tok, work=work, vocab=8000))
       out.update(load_before=load0, load_after=os.getloadavg()[0])
-      digests.setdefault(fmt, _shards_digest(os.path.join(work, 'data')))
+      digests.setdefault(fmt, dataprep.digest(os.path.join(work, 'data')))
       os.system(f'rm -rf {work}')   # pylint: disable=consider-using-subprocess  (our own run dir)
       runs[fmt].append(out)
       print(f'{fmt:10} run {r}: {out["utf8_bytes"] / out["seconds"] / 1e6:6.2f} MB/s, '

@@ -39,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from zhgpt_jax import builtin_corpus, corpus, dataprep, documents  # pylint: disable=wrong-import-position
+import timing  # pylint: disable=import-error,wrong-import-position  (bench/ is on sys.path)
 
 SOURCES = (('news', 0.5), ('web', 0.3), ('books', 0.2))
 EXACT, NEAR = 0.05, 0.05
@@ -76,7 +77,7 @@ def synthesize(directory: str, gb: float, sources=SOURCES, seed: int = 0) -> Non
   """Writes the corpus (see the module docstring) unless it is there already."""
   if os.path.exists(os.path.join(directory, 'labels.npy')):
     return
-  t0 = time.time()
+  clock = timing.Timer().start()
   rng = random.Random(seed)
   news, reviews = _pools()
   recent, labels, serial = [], [], 0
@@ -109,7 +110,7 @@ def synthesize(directory: str, gb: float, sources=SOURCES, seed: int = 0) -> Non
     f.close()
   np.save(os.path.join(directory, 'labels.npy'), np.array(labels, np.uint8))
   print(f'synthesized {gb} GB in {directory} ({len(labels):,} documents) in '
-        f'{time.time() - t0:.0f} s', flush=True)
+        f'{clock.elapsed():.0f} s', flush=True)
 
 
 def spec(directory: str, sources=SOURCES) -> str:
@@ -133,10 +134,10 @@ def _config(args: dict):
 def _child(kind: str, args: dict) -> dict:
   from zhgpt_jax import scan, tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   config = _config(args) if 'corpus' in args else None
-  t0 = time.perf_counter()
   if kind == 'scan':
-    found = scan.scan(config, 0, args['sample'], False, args['work'])
-    out = dict(seconds=time.perf_counter() - t0)
+    with timing.Timer() as t:
+      found = scan.scan(config, frozenset(), args['sample'], False, args['work'])
+    out = dict(seconds=t.seconds)
     np.save(args['removed'], found.removed)
     if args['sample']:
       keep = (found.removed == 0) & ~found.val
@@ -147,8 +148,9 @@ def _child(kind: str, args: dict) -> dict:
                  sample_chars=int(sample_chars.sum()), corpus_chars=int(corpus_chars.sum()))
     return out
   if kind == 'prepare':
-    s = dataprep.prepare(config, args['work'], progress=False)
-    return dict(seconds=time.perf_counter() - t0, utf8_bytes=sum(s.utf8_bytes.values()),
+    with timing.Timer() as t:
+      s = dataprep.prepare(config, args['work'], progress=False)
+    return dict(seconds=t.seconds, utf8_bytes=sum(s.utf8_bytes.values()),
                 tokens=sum(s.tokens.values()), documents=sum(s.documents.values()))
   if kind == 'raw':
     docs, n = [], 0
@@ -163,9 +165,9 @@ def _child(kind: str, args: dict) -> dict:
             break
         n += got
     tok = tokenizer_lib.as_plain_text(tokenizer_lib.load_tokenizer(args['tokenizer']))
-    t0 = time.perf_counter()
-    tok.encode_batch(docs)
-    return dict(seconds=time.perf_counter() - t0, utf8_bytes=n)
+    with timing.Timer() as t:
+      tok.encode_batch(docs)
+    return dict(seconds=t.seconds, utf8_bytes=n)
   if kind == 'train_tokenizer':
     data = _config(args).data
     docs = documents.iter_documents(data, 'train', corpus.CorpusStats())
@@ -195,27 +197,27 @@ def run_child(kind: str, args: dict, kill_when=None) -> dict:
   """Runs _child(kind, args) in a new process group at nice 10; returns its JSON result with
   peak_rss_mb (of the whole tree) and wall seconds. `kill_when(proc)` -> True kills it."""
   cmd = [sys.executable, os.path.abspath(__file__), kind, json.dumps(args)]
-  t0 = time.perf_counter()
+  clock = timing.Timer().start()
   proc = subprocess.Popen(['nice', '-n', '10', *cmd], stdout=subprocess.PIPE, text=True,
                           start_new_session=True)
-  peak, series, last = 0, [], 0.0
+  peak, series, last = 0, [], -5.0
   while proc.poll() is None:
     rss = _tree_rss(proc.pid)
     peak = max(peak, rss)
-    if time.perf_counter() - last >= 5:   # where the peak falls: the scan or the shards
-      last = time.perf_counter()
-      series.append((round(last - t0), round(rss / 2**20)))
+    if clock.elapsed() - last >= 5:   # where the peak falls: the scan or the shards
+      last = clock.elapsed()
+      series.append((round(last), round(rss / 2**20)))
     if kill_when and kill_when(proc):
       os.killpg(proc.pid, signal.SIGKILL)
       proc.wait()
-      return dict(killed=True, wall=time.perf_counter() - t0, peak_rss_mb=peak / 2**20,
+      return dict(killed=True, wall=clock.elapsed(), peak_rss_mb=peak / 2**20,
                   rss_mb_every_5s=series, stdout=proc.stdout.read())
     time.sleep(0.1)
   out = proc.stdout.read()
   if proc.returncode:
     raise RuntimeError(f'{kind} failed ({proc.returncode}): {out[-2000:]}')
   result = json.loads(out.strip().splitlines()[-1])
-  result.update(peak_rss_mb=peak / 2**20, wall=time.perf_counter() - t0, stdout=out,
+  result.update(peak_rss_mb=peak / 2**20, wall=clock.elapsed(), stdout=out,
                 rss_mb_every_5s=series)
   return result
 
@@ -331,8 +333,8 @@ def kill_trials(n: int, scale_dir: str, tokenizer: str, results: dict) -> None:
 
       def kill_when(_, progress=progress, state=state):
         if state['seen'] is None and os.path.exists(progress):
-          state['seen'] = time.perf_counter()
-        return state['seen'] is not None and time.perf_counter() - state['seen'] >= state['delay']
+          state['seen'] = timing.Timer().start()
+        return state['seen'] is not None and state['seen'].elapsed() >= state['delay']
 
       run = run_child('prepare', dict(base, cache_dir=cache), kill_when)
       killed.append(round(run['wall'], 1) if run.get('killed') else None)

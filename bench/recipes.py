@@ -37,11 +37,12 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import timing  # pylint: disable=import-error,wrong-import-position  (bench/ is on sys.path)
 
 # AdamW's one rate for every parameter: 3e-3 was the best of #3's sweep on the tiny model
 # (configs/base.py's 6e-4 is GPT-2 small's rate; a 3M model takes a higher one).
@@ -180,7 +181,7 @@ def train(args, run: dict) -> dict:
   workdir = os.path.join(args.workdir, 'runs', f'{run["row"]}-s{run["seed"]}-{run["key"]}')
   cmd = [sys.executable, 'main.py', '--config', run['config'], '--workdir', workdir]
   cmd += [f'--config.{k}={v}' for k, v in run['flags'].items()]
-  load0, t0 = os.getloadavg()[0], time.time()
+  load0, clock = os.getloadavg()[0], timing.Timer().start()
   os.makedirs(os.path.dirname(workdir), exist_ok=True)
   # The run's output goes to a file, not a pipe: a run outlives a bench killed with -9.
   with open(workdir + '.log', 'w', encoding='utf-8') as log, \
@@ -188,7 +189,7 @@ def train(args, run: dict) -> dict:
     CHILDREN.add(proc)
     proc.wait()
     CHILDREN.discard(proc)
-  wall = time.time() - t0
+  wall = clock.elapsed()
   with open(workdir + '.log', encoding='utf-8', errors='replace') as f:
     stdout = f.read()
   if proc.returncode:

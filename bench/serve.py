@@ -19,7 +19,6 @@ import itertools
 import os
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [HERE, os.path.join(HERE, 'tests')]
@@ -31,6 +30,7 @@ from serving import Served, random_workdir  # pylint: disable=wrong-import-posit
 from zhgpt_jax import builtin_corpus  # pylint: disable=wrong-import-position
 from zhgpt_jax import tokenizer as tok_lib  # pylint: disable=wrong-import-position
 from zhgpt_jax.config import default_config  # pylint: disable=wrong-import-position
+import timing  # pylint: disable=import-error,wrong-import-position  (bench/ is on sys.path)
 
 
 def build_model(root: str, seq_len: int) -> str:
@@ -48,17 +48,17 @@ def build_model(root: str, seq_len: int) -> str:
 def one(client, prompt: str, max_tokens: int,
         model: str = 'model') -> tuple[str, float, int, float]:
   """A streamed greedy completion: (text, time to first token, tokens, total seconds)."""
-  t0 = time.perf_counter()
   first, pieces, tokens = None, [], 0
-  for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
-                                         temperature=0, stream=True,
-                                         stream_options=dict(include_usage=True)):
-    if chunk.choices and chunk.choices[0].text:
-      first = first or time.perf_counter() - t0
-      pieces.append(chunk.choices[0].text)
-    if chunk.usage:
-      tokens = chunk.usage.completion_tokens
-  return ''.join(pieces), first or float('nan'), tokens, time.perf_counter() - t0
+  with timing.Timer() as t:
+    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                           temperature=0, stream=True,
+                                           stream_options=dict(include_usage=True)):
+      if chunk.choices and chunk.choices[0].text:
+        first = first or t.elapsed()
+        pieces.append(chunk.choices[0].text)
+      if chunk.usage:
+        tokens = chunk.usage.completion_tokens
+  return ''.join(pieces), first or float('nan'), tokens, t.seconds
 
 
 def one_client(args) -> None:
@@ -81,9 +81,9 @@ def one_client(args) -> None:
         one(c, prompts[0], 4, model=name)   # warm-up: connection, first dispatch
       for _ in range(args.rounds):
         for i, c in enumerate(clients):
-          t0 = time.perf_counter()
-          out = [one(c, p, args.max_tokens, model=name) for p in prompts]
-          best[i] = max(best[i], sum(o[2] for o in out) / (time.perf_counter() - t0))
+          with timing.Timer() as t:
+            out = [one(c, p, args.max_tokens, model=name) for p in prompts]
+          best[i] = max(best[i], sum(o[2] for o in out) / t.seconds)
           replies[i] = [o[0] for o in out]
     finally:
       for s in servers:
@@ -114,9 +114,9 @@ def main() -> None:
 
   with tempfile.TemporaryDirectory() as tmp:
     workdir = args.workdir or build_model(tmp, args.seq_len)
-    t0 = time.time()
-    server = Served(workdir, env={'ZHGPT_API_KEY': ''}, timeout=600)
-    print(f'server up in {time.time() - t0:.0f}s (load, compile); '
+    with timing.Timer() as t:
+      server = Served(workdir, env={'ZHGPT_API_KEY': ''}, timeout=600)
+    print(f'server up in {t.seconds:.0f}s (load, compile); '
           f'{server.output().strip().splitlines()[0]}')
     try:
       client = openai.OpenAI(base_url=f'{server.url}/v1', api_key='none', max_retries=0,
@@ -126,10 +126,9 @@ def main() -> None:
       one(client, prompts[0], 4, model=name)   # warm-up: connection, first dispatch
       rows, first_replies = [], None
       for n in [int(x) for x in args.clients.split(',')]:
-        t0 = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        with timing.Timer() as t, concurrent.futures.ThreadPoolExecutor(n) as pool:
           out = list(pool.map(lambda p: one(client, p, args.max_tokens, model=name), prompts))
-        wall = time.perf_counter() - t0
+        wall = t.seconds
         replies = [o[0] for o in out]
         first_replies = first_replies or replies
         ttft = np.array([o[1] for o in out])

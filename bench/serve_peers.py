@@ -35,7 +35,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [HERE, os.path.join(HERE, 'tests'), os.path.join(HERE, 'bench')]
@@ -45,6 +44,7 @@ import openai  # pylint: disable=wrong-import-position
 
 from serve import one  # pylint: disable=wrong-import-position
 from serving import ChildServer, Served, free_port  # pylint: disable=wrong-import-position
+import timing  # pylint: disable=import-error,wrong-import-position  (bench/ is on sys.path)
 
 # Runs inside llama.cpp's venv: loads the GGUF on one thread, then for every line on stdin
 # decodes each prompt greedily and answers one JSON line (seconds, tokens).
@@ -112,10 +112,9 @@ class Vllm(ChildServer):
 def level(url: str, name: str, prompts: list[str], clients: int, max_tokens: int):
   client = openai.OpenAI(base_url=f'{url}/v1', api_key='none', max_retries=0, timeout=600)
   one(client, prompts[0], 4, model=name)   # warm-up: connection, first dispatch
-  t0 = time.perf_counter()
-  with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+  with timing.Timer() as t, concurrent.futures.ThreadPoolExecutor(clients) as pool:
     out = list(pool.map(lambda p: one(client, p, max_tokens, model=name), prompts))
-  wall = time.perf_counter() - t0
+  wall = t.seconds
   ttft = np.array([o[1] for o in out])
   return dict(replies=[o[0] for o in out], tps=sum(o[2] for o in out) / wall,
               p50=np.percentile(ttft, 50) * 1e3, p95=np.percentile(ttft, 95) * 1e3)
@@ -169,10 +168,10 @@ def decode_row(workdir: str, hf_dir: str, gguf_path: str, args) -> str:
       return got['seconds'], got['tokens']
 
     def ours():
-      t0 = time.perf_counter()
-      out = [sample.generate(cfg, params, [p], max_new_tokens=args.decode_tokens)[0]
-             for p in prompts]
-      return time.perf_counter() - t0, out
+      with timing.Timer() as t:
+        out = [sample.generate(cfg, params, [p], max_new_tokens=args.decode_tokens)[0]
+               for p in prompts]
+      return t.seconds, out
 
     ours(), theirs()   # warm-up: compilation, first-touch allocations
     best = [float('inf'), float('inf')]

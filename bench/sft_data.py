@@ -41,6 +41,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from prepare_scale import _pools, _tree_rss  # pylint: disable=wrong-import-position
+import timing  # pylint: disable=import-error,wrong-import-position  (bench/ is on sys.path)
 
 STAGES = ('imports', 'data', 'state', 'writer', 'first step', 'second step')
 
@@ -84,10 +85,10 @@ def pretrained(directory: str, seq_len: int) -> str:
 
 def child(argv: list[str]) -> None:
   """main.py with argv, printing '[stage] <seconds since start> <event>' lines to stderr."""
-  t0 = time.perf_counter()
+  clock = timing.Timer().start()
 
   def mark(event):
-    print(f'[stage] {time.perf_counter() - t0:.3f} {event}', file=sys.stderr, flush=True)
+    print(f'[stage] {clock.elapsed():.3f} {event}', file=sys.stderr, flush=True)
 
   import jax  # pylint: disable=import-outside-toplevel
   from zhgpt_jax import metrics, sft, train  # pylint: disable=import-outside-toplevel
@@ -152,7 +153,7 @@ def run(data: str, workdir: str, cache: str, init_from: str, seq_len: int,
          '--config.train.ckpt_every=1000', '--config.train.sample_tokens=0']
   shutil.rmtree(workdir, ignore_errors=True)
   metrics = os.path.join(workdir, 'metrics.jsonl')
-  t0 = time.perf_counter()
+  clock = timing.Timer().start()
   proc = subprocess.Popen(['nice', '-n', '10', *cmd], cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   peak, step1 = 0, None
@@ -161,13 +162,13 @@ def run(data: str, workdir: str, cache: str, init_from: str, seq_len: int,
     if step1 is None and os.path.exists(metrics):
       with open(metrics, encoding='utf-8') as f:
         if any(json.loads(l).get('step') == 1 for l in f if l.strip()):
-          step1 = time.perf_counter() - t0
+          step1 = clock.elapsed()
     time.sleep(0.1)
   out, err = proc.communicate()
   if proc.returncode:
     raise RuntimeError(err[-3000:])
   line = next((l for l in out.splitlines() if l.startswith('sft data:')), '')
-  return dict(seconds_to_step1=step1, wall=time.perf_counter() - t0, peak_rss_mb=peak / 2**20,
+  return dict(seconds_to_step1=step1, wall=clock.elapsed(), peak_rss_mb=peak / 2**20,
               stages=stage_seconds(err), sft_line=line[:300])
 
 
@@ -187,10 +188,10 @@ def main() -> None:
   results = {}
   for n in sizes:
     path = os.path.join(args.dir, f'chat-{n}.jsonl')
-    t0 = time.time()
-    synthesize(path, n, seed=n)
+    with timing.Timer() as t:
+      synthesize(path, n, seed=n)
     print(f'data: {path} ({os.path.getsize(path) / 1e6:.1f} MB), ready in '
-          f'{time.time() - t0:.0f} s', flush=True)
+          f'{t.seconds:.0f} s', flush=True)
     cache = os.path.join(args.dir, f'cache-{n}-{args.seq_len}')
     shutil.rmtree(cache, ignore_errors=True)
     runs = [('first start', 'auto'), ('second start', 'auto')]

@@ -2,7 +2,7 @@
 
 `interleaved` runs every candidate once per round, in turn, so that on a shared machine load
 from elsewhere hits all of them alike (ratios are measured side by side, never across runs);
-`Timer` times one block. Device work must be waited for inside the timed function
+`Timer` times one block (wall and CPU seconds); every bench times with these. Device work must be waited for inside the timed function
 (`jax.block_until_ready`), or the timer measures the dispatch only.
 """
 
@@ -13,14 +13,24 @@ from typing import Callable, Sequence
 
 
 class Timer:
-  """`with Timer() as t: ...` -> t.seconds."""
+  """`with Timer() as t: ...` -> t.seconds (wall) and t.cpu_seconds (this process's CPU time);
+  inside the block, t.elapsed() is the wall seconds so far (a first token, a progress line)."""
+
+  def start(self) -> 'Timer':
+    """Starts the clock (what `with` does); for a clock read by elapsed() across a loop."""
+    self.seconds = self.cpu_seconds = float('nan')
+    self._t0, self._c0 = time.perf_counter(), time.process_time()
+    return self
 
   def __enter__(self) -> 'Timer':
-    self.seconds, self._t0 = float('nan'), time.perf_counter()
-    return self
+    return self.start()
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self._t0
 
   def __exit__(self, *exc) -> None:
     self.seconds = time.perf_counter() - self._t0
+    self.cpu_seconds = time.process_time() - self._c0
 
 
 def interleaved(fns: Sequence[Callable[[], object]], rounds: int,

@@ -27,7 +27,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,7 +36,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 import torch  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
-from bench import torch_gpt  # pylint: disable=wrong-import-position
+from bench import timing, torch_gpt  # pylint: disable=wrong-import-position
 from zhgpt_jax import data as data_lib  # pylint: disable=wrong-import-position
 from zhgpt_jax import loss as loss_lib  # pylint: disable=wrong-import-position
 from zhgpt_jax import model as model_lib  # pylint: disable=wrong-import-position
@@ -96,10 +95,10 @@ def loader_batches_per_s(config, devices: int, n: int, n_tokens: int) -> float:
         prefetch=config.data.prefetch))
     for _ in range(5):
       next(it)
-    t0 = time.perf_counter()
-    for _ in range(n):
-      batch = next(it)
-    seconds = time.perf_counter() - t0
+    with timing.Timer() as t:
+      for _ in range(n):
+        batch = next(it)
+    seconds = t.seconds
     assert batch['inputs'].shape == (devices, t.grad_accum, t.per_device_batch, m.seq_len)
   return n / seconds
 
@@ -167,22 +166,22 @@ def main(argv) -> None:
 
   def run_ours(n: int) -> tuple[float, float]:
     nonlocal state
-    t0, c0 = time.perf_counter(), time.process_time()
     metrics = None
-    for _ in range(n):
-      state, metrics = step_fn(state, ours_batches[ours_step[0] % len(ours_batches)])
-      ours_step[0] += 1
-    jax.block_until_ready((state, metrics))
-    return time.perf_counter() - t0, time.process_time() - c0
+    with timing.Timer() as t:
+      for _ in range(n):
+        state, metrics = step_fn(state, ours_batches[ours_step[0] % len(ours_batches)])
+        ours_step[0] += 1
+      jax.block_until_ready((state, metrics))
+    return t.seconds, t.cpu_seconds
 
   def run_torch(n: int) -> tuple[float, float]:
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(n):
-      x, y = torch_batches[torch_step[0] % len(torch_batches)]
-      lrs = dict(adam=float(schedule(torch_step[0])), muon=float(muon_schedule(torch_step[0])))
-      torch_gpt.train_step(ref, ref_opt, x, y, lrs, o.grad_clip)
-      torch_step[0] += 1
-    return time.perf_counter() - t0, time.process_time() - c0
+    with timing.Timer() as t:
+      for _ in range(n):
+        x, y = torch_batches[torch_step[0] % len(torch_batches)]
+        lrs = dict(adam=float(schedule(torch_step[0])), muon=float(muon_schedule(torch_step[0])))
+        torch_gpt.train_step(ref, ref_opt, x, y, lrs, o.grad_clip)
+        torch_step[0] += 1
+    return t.seconds, t.cpu_seconds
 
   compile_s, _ = run_ours(1)
   run_ours(max(0, _WARMUP.value - 1))

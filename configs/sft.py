@@ -15,15 +15,10 @@ def get_config():
   c.task = 'sft'
   c.init_from = 'runs/tiny'
   c.sft.eval_examples = 0        # all 1,000 held-out reviews: a few seconds of greedy decoding
-  c.optim.name = 'adamw'
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 30
-  c.train.steps = 1200
-  c.train.log_every = 25
-  c.train.eval_every = 400
-  c.train.ckpt_every = 400
-  c.train.eval_max_batches = 0
-  c.train.prompt = ('<|im_start|>user\n判断这条商品评论的情感（正面/负面）：'
-                    '物流很快，质量也不错，推荐购买。<|im_end|>\n<|im_start|>assistant\n')
-  c.train.sample_tokens = 8
+  c.optim.update(name='adamw', lr=1e-3, warmup_steps=30)
+  c.train.update(steps=1200, log_every=25, eval_every=400, ckpt_every=400,
+                 eval_max_batches=0,   # the whole val split
+                 prompt=('<|im_start|>user\n判断这条商品评论的情感（正面/负面）：'
+                         '物流很快，质量也不错，推荐购买。<|im_end|>\n<|im_start|>assistant\n'),
+                 sample_tokens=8)
   return c

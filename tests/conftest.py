@@ -54,18 +54,9 @@ def tiny_config(corpus_dir: str) -> ml_collections.ConfigDict:
   c.data.tokenize_workers = 1           # no process pool: the fixture stays cheap
   c.tokenizer.vocab_size = 1000
   c.tokenizer.max_train_chars = 1_000_000
-  c.model.n_layer, c.model.n_head, c.model.d_model = 2, 2, 64
-  c.model.seq_len = 64
-  c.model.vocab_multiple = 64
-  c.train.steps = 20
-  c.train.per_device_batch = 4
-  c.train.short_seq_steps = 0
-  c.train.log_every = 5
-  c.train.eval_every = 10
-  c.train.eval_max_batches = 2
-  c.train.eval_batch = 4
-  c.train.ckpt_every = 10
-  c.train.sample_tokens = 8
+  c.model.update(n_layer=2, n_head=2, d_model=64, seq_len=64, vocab_multiple=64)
+  c.train.update(steps=20, per_device_batch=4, short_seq_steps=0, log_every=5, eval_every=10,
+                 eval_max_batches=2, eval_batch=4, ckpt_every=10, sample_tokens=8)
   c.optim.warmup_steps = 2
   validate(c)
   return c

@@ -133,7 +133,7 @@ def test_tokenizer_sample_shares_follow_the_corpus(tmp_path, make_tiny_config, c
               for d in synth_documents(n, 10 + i, ('新闻：', '网页：', '书：')[i]))
   config.tokenizer.max_train_chars = total // 4
   config.tokenizer.vocab_size = 400
-  found = scan.scan(config, 0, True, False, str(tmp_path / 'scratch'))
+  found = scan.scan(config, frozenset(), True, False, str(tmp_path / 'scratch'))
   assert (found.removed == dedup.EXACT).sum() == 30 + 60 + 90
   keep = (found.removed == 0) & ~found.val
   want = np.bincount(found.source[keep], found.chars[keep]) / found.chars[keep].sum()

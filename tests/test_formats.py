@@ -148,23 +148,13 @@ def test_every_format_reads_the_same_documents_and_skips(tmp_path, hub_cache):
   assert len(want_docs) == len(recs) - sum(want_skips.values())
 
 
-def shard_bytes(data_dir: str) -> str:
-  h = hashlib.sha256()
-  for split in ('train', 'val'):
-    for name in sorted(os.listdir(os.path.join(data_dir, split))):
-      if name.startswith('shard_'):
-        with open(os.path.join(data_dir, split, name), 'rb') as f:
-          h.update(name.encode() + f.read())
-  return h.hexdigest()
-
-
 def test_every_format_prepares_identical_shards_and_tokenizer(tmp_path, hub_cache):
   recs = records()
   want = None
   for name, entry in all_formats(tmp_path, hub_cache, recs).items():
     summary = dataprep.prepare(data_config(entry), str(tmp_path / 'runs' / name), progress=False)
     with open(os.path.join(summary.data_dir, 'tokenizer', 'tokenizer.json'), 'rb') as f:
-      got = (shard_bytes(summary.data_dir), hashlib.sha256(f.read()).hexdigest(),
+      got = (dataprep.digest(summary.data_dir), hashlib.sha256(f.read()).hexdigest(),
              summary.documents, summary.tokens)
     meta = json.load(open(os.path.join(summary.data_dir, 'train', 'meta.json')))
     assert len(meta['shards']) > 1, name
@@ -311,7 +301,8 @@ def test_killed_parquet_prepare_resumes_byte_identical(tmp_path):
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     again = run(where, 'never')
     assert again.returncode == 0 and resumed in again.stdout, again.stdout + again.stderr[-2000:]
-    assert shard_bytes(str(tmp_path / where / 'data')) == shard_bytes(str(tmp_path / 'whole' / 'data'))
+    assert dataprep.digest(str(tmp_path / where / 'data')) == dataprep.digest(
+        str(tmp_path / 'whole' / 'data'))
 
 
 def test_peek_shows_format_field_skips_and_first_documents(tmp_path, hub_cache, capsys):

@@ -420,11 +420,13 @@ def load_split(data_dir: str, split: str) -> tuple[np.ndarray, dict]:
 
 
 def digest(data_dir: str) -> str:
-  """sha256 over every train and val shard of `data_dir` (names and bytes, in name order):
-  two prepares that wrote the same shards have the same digest."""
+  """sha256 over every train and val shard of `data_dir` (names and bytes, in name order;
+  meta.json, which names the input files, is not a shard): two prepares that wrote the same
+  shards have the same digest, whatever files they read."""
   h = hashlib.sha256()
   for split in ('train', 'val'):
     for name in sorted(os.listdir(os.path.join(data_dir, split))):
-      with open(os.path.join(data_dir, split, name), 'rb') as f:
-        h.update(name.encode() + f.read())
+      if name.startswith('shard_'):
+        with open(os.path.join(data_dir, split, name), 'rb') as f:
+          h.update(name.encode() + f.read())
   return h.hexdigest()
