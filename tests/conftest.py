@@ -21,6 +21,18 @@ from zhgpt_jax.config import default_config, validate
 TINY_NEWS_LINES = 1500
 TINY_REVIEWS = 500
 
+# A sweep over model variants or config switches (a parameter named one of these) keeps its
+# first case in the fast local loop; the other cases, each seconds of compiling, are `slow`
+# (CI runs them all). A variant added to a sweep is `slow` by itself.
+SWEEPS = ('variant', 'switch')
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    indices = getattr(getattr(item, 'callspec', None), 'indices', {})
+    if any(indices.get(name, 0) for name in SWEEPS):
+      item.add_marker(pytest.mark.slow)
+
 
 @dataclasses.dataclass(frozen=True)
 class TinyData:

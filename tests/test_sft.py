@@ -299,6 +299,7 @@ def toy_example(rng, reviews):
   return f'{noise}。标签：{sft.LABELS[label]}', sft.LABELS[label]
 
 
+@pytest.mark.slow   # fine-tunes and chats end to end
 def test_sft_learns_a_toy_task_and_chats(tmp_path, tok_dir):
   rng = np.random.default_rng(0)
   reviews = [t.replace('正', '').replace('负', '') for t, _ in builtin_corpus.split_reviews()[0][:2000]]

@@ -60,6 +60,9 @@ def reference(small_corpus, tmp_path_factory):
   return workdir, result
 
 
+# The tests of the `reference` run (30 steps, then resumed, killed, evaluated, exported) are
+# end-to-end: `slow`. The fast loop keeps the step's own tests below them.
+@pytest.mark.slow
 def test_training_learns_and_writes_its_outputs(reference):
   workdir, result = reference
   losses = train_losses(workdir)
@@ -85,6 +88,7 @@ def test_training_learns_and_writes_its_outputs(reference):
   assert steps == [20, 25, 30]
 
 
+@pytest.mark.slow
 def test_eval_command_matches_training_eval(reference):
   workdir, result = reference
   again = train.evaluate_workdir(workdir)
@@ -121,6 +125,7 @@ def wait_for_train_records(workdir, n, proc, timeout=240):
   raise AssertionError(f'no {n} train records: {proc.communicate()[0][-2000:]}')
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_is_exact(reference, small_corpus, tmp_path):
   ref_dir, _ = reference
   workdir = str(tmp_path / 'run')
@@ -138,6 +143,7 @@ def test_sigterm_saves_and_resume_is_exact(reference, small_corpus, tmp_path):
   assert train_losses(workdir) == train_losses(ref_dir)
 
 
+@pytest.mark.slow
 def test_kill_9_never_leaves_a_loadable_partial_checkpoint(reference, small_corpus, tmp_path):
   ref_dir, _ = reference
   workdir = str(tmp_path / 'run')
@@ -155,6 +161,7 @@ def test_kill_9_never_leaves_a_loadable_partial_checkpoint(reference, small_corp
   assert train_losses(workdir) == train_losses(ref_dir)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_model_and_extends_steps(reference, small_corpus, tmp_path):
   ref_dir, _ = reference
   workdir = str(tmp_path / 'run')
@@ -257,6 +264,7 @@ def test_short_context_keeps_the_tokens():
   np.testing.assert_array_equal(cut.reshape(x.shape), x)
 
 
+@pytest.mark.slow
 def test_cli_eval_sample_and_export(reference, tmp_path):
   workdir, result = reference
   out = run_cli(['eval', '--workdir', workdir]).communicate(timeout=300)[0]
@@ -296,7 +304,7 @@ def test_cli_eval_sample_and_export(reference, tmp_path):
   assert proc.returncode == 2 and 'no checkpoints' in out, out[-2000:]
 
 
-@pytest.mark.parametrize('tie', [True, False])
+@pytest.mark.parametrize('tie', [pytest.param(True, marks=pytest.mark.slow), False])
 def test_chunked_cross_entropy_equals_full_logits(tie):
   """loss_chunk > 0 gives the same loss and gradients as the full [tokens, vocab] logits."""
   c = default_config('tiny')
