@@ -68,6 +68,12 @@ ROWS = {
     'gpt2-muon-to-zero': ('configs/tiny.py', {'optim.min_lr_ratio': 0.0}),
     'gpt2-muon-wsd': ('configs/tiny.py', {'optim.schedule': 'wsd', 'optim.min_lr_ratio': 0.0}),
     'gpt2-muon-relu2': ('configs/tiny.py', {'model.mlp': 'relu2'}),
+    # QK-norm (Qwen3 / modded-nanogpt): each head's query and key RMS-normed before attention
+    'gpt2-muon-qknorm': ('configs/tiny.py', {'model.qk_norm': True}),
+    'llama-muon-qknorm': ('configs/modern.py:tiny', {'model.qk_norm': True}),
+    # logits = 15·tanh(logits / 15): modded-nanogpt's "softer softcap" record lowered Gemma 2's
+    # 30 to 15 at 124M (structure that helps small models most); at 3M, 30 would barely bite
+    'gpt2-muon-softcap': ('configs/tiny.py', {'model.logit_softcap': 15.0}),
     'gpt2-muon-batch8': ('configs/tiny.py', {'train.per_device_batch': 8}),
     'gpt2-muon-batch32': ('configs/tiny.py', {'train.per_device_batch': 32}),
     # a 4k vocabulary: a cheaper head (8.6 vs 11.7 MFLOPs/token), 1.24 vs 1.41 chars/token

@@ -38,6 +38,7 @@ VARIANTS = {
     'qwen2_tied': (dict(ROPE, mlp='swiglu', n_kv_head=2, qkv_bias=True), 'Qwen2ForCausalLM'),
     'qwen2_untied': (dict(ROPE, mlp='swiglu', qkv_bias=True, tie_embeddings=False),
                      'Qwen2ForCausalLM'),
+    'qwen3_qk_norm': (dict(ROPE, mlp='swiglu', n_kv_head=2, qk_norm=True), 'Qwen3ForCausalLM'),
     'moe_shared1': (dict(ROPE, mlp='moe', moe=dict(n_routed=4, top_k=2, n_shared=1)),
                     'Qwen2MoeForCausalLM'),
     'moe_shared2_every2': (dict(ROPE, mlp='moe', n_kv_head=2, tie_embeddings=False,
@@ -212,6 +213,9 @@ def test_variant_matches_hf_and_round_trips(variant, tmp_path):
     (dict(position='rope', mlp='swiglu', bias=True), ['norm']),     # LayerNorm with biases
     (dict(n_kv_head=2), ['n_kv_head']),                             # GPT-2 with GQA
     (dict(bias=False), ['bias']),
+    (dict(qk_norm=True), ['qk_norm']),                              # GPT-2 with QK-norm
+    (dict(ROPE, mlp='swiglu', qk_norm=True, qkv_bias=True), ['qkv_bias']),   # Qwen3 + biases
+    (dict(ROPE, mlp='swiglu', logit_softcap=30.0), ['logit_softcap']),
 ])
 def test_unmapped_variants_refused(overrides, fields, tmp_path):
   with pytest.raises(UserError, match='no stock HuggingFace class') as e:

@@ -234,6 +234,8 @@ def test_refusals_are_one_line(tok_dir, tmp_path):
       'mla': (dict(position='rope', norm='rmsnorm', mlp='swiglu', attention_kind='mla'),
               'attention_kind=mla'),
       'scaled_gates': (dict(MOE, moe=dict(gate='sigmoid', routed_scale=2.5)), 'routed_scale=2.5'),
+      'qk_norm': (dict(MOE, mlp='swiglu', qk_norm=True), 'qk_norm=True'),
+      'softcap': (dict(logit_softcap=30.0), 'logit_softcap=30.0'),
   }
   for overrides, words in refused.values():
     cfg, flat = model(tok_dir, overrides)

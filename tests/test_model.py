@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ from helpers import VOCAB, tiny_cfg
 from zhgpt_jax import attention as A
 from zhgpt_jax import model as M
 from zhgpt_jax import parallel, train
-from zhgpt_jax.config import default_config
+from zhgpt_jax.config import UserError, default_config, validate
 
 
 MLA = dict(q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
@@ -27,6 +28,9 @@ VARIANTS = {
                      attention_kind='mla', mla=MLA,
                      moe=dict(n_routed=8, top_k=2, n_shared=1, gate='sigmoid', balance='bias',
                               routed_scale=2.5, n_group=4, topk_group=2, first_dense=1)),
+    # Qwen3's QK-norm on the Llama layout, and Gemma 2's final-logit soft-capping.
+    'qk_norm_softcap': dict(position='rope', mlp='swiglu', norm='rmsnorm', bias=False,
+                            tie_embeddings=False, n_kv_head=2, qk_norm=True, logit_softcap=30.0),
 }
 
 
@@ -72,6 +76,8 @@ SWITCHES = {
     'mlp=relu2': dict(mlp='relu2'),
     'mlp=moe': dict(mlp='moe', moe=dict(n_routed=4)),
     'norm=rmsnorm': dict(norm='rmsnorm'),
+    'qk_norm=True': dict(qk_norm=True),
+    'logit_softcap=30': dict(logit_softcap=30.0),
     'bias=False': dict(bias=False),
     'tie_embeddings=False': dict(tie_embeddings=False),
     'n_kv_head=2': dict(n_kv_head=2),
@@ -131,6 +137,30 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   out_f32 = logits(dataclasses.replace(cfg, dtype='float32'), params, tokens)
   assert out_bf16.dtype == jnp.float32
   np.testing.assert_allclose(out_bf16, out_f32, atol=0.1)
+
+
+def test_logit_softcap_bounds_the_logits():
+  cfg = tiny_cfg(**VARIANTS['qk_norm_softcap'])    # cap 30
+  params = M.init_params(cfg, jax.random.PRNGKey(0))
+  params = {**params, 'lm_head': params['lm_head'] * 300}   # logits far past the cap
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, VOCAB)
+  capped = np.asarray(logits(cfg, params, tokens))
+  raw = np.asarray(logits(dataclasses.replace(cfg, logit_softcap=0.0), params, tokens))
+  assert np.abs(raw).max() > 60 and np.abs(capped).max() < 30
+  np.testing.assert_allclose(capped, 30 * np.tanh(raw / 30), rtol=1e-5, atol=1e-5)
+  assert (np.argmax(capped, -1) == np.argmax(raw, -1)).all()   # monotone: greedy unchanged
+
+
+def test_qk_norm_and_softcap_mistakes_are_one_line():
+  for overrides, message in (
+      (dict(logit_softcap=-1.0), 'config.model.logit_softcap=-1.0: must be >= 0'),
+      (dict(position='rope', attention_kind='mla', qk_norm=True),
+       'config.model.qk_norm=True: not for MLA')):
+    c = default_config('tiny')
+    c.model.update(overrides)
+    with pytest.raises(UserError, match=re.escape(message)) as e:
+      validate(c)
+    assert '\n' not in str(e.value)
 
 
 def test_rope_scores_depend_only_on_offset():

@@ -27,6 +27,9 @@ VARIANTS = {
     'mla': dict(position='rope', mlp='swiglu', norm='rmsnorm', bias=False, attention_kind='mla',
                 mla=dict(q_lora_rank=0, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8,
                          v_head_dim=16)),
+    # Normed keys in the cache (Qwen3's QK-norm); a cap that bites at this weight scale.
+    'qk_norm_softcap': dict(position='rope', mlp='swiglu', norm='rmsnorm', bias=False,
+                            n_kv_head=2, qk_norm=True, logit_softcap=5.0),
 }
 PROMPTS = [[5, 17, 200, 3, 99, 42, 7], [250, 1], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 SAMPLED = dict(temperature=1.0, top_k=50, top_p=0.95)   # one compiled program for all of them

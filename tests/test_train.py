@@ -304,11 +304,15 @@ def test_cli_eval_sample_and_export(reference, tmp_path):
   assert proc.returncode == 2 and 'no checkpoints' in out, out[-2000:]
 
 
-@pytest.mark.parametrize('tie', [pytest.param(True, marks=pytest.mark.slow), False])
-def test_chunked_cross_entropy_equals_full_logits(tie):
-  """loss_chunk > 0 gives the same loss and gradients as the full [tokens, vocab] logits."""
+@pytest.mark.parametrize('tie, cap', [pytest.param(True, 0.0, marks=pytest.mark.slow),
+                                      (False, 0.0),
+                                      pytest.param(False, 0.1, marks=pytest.mark.slow)])
+def test_chunked_cross_entropy_equals_full_logits(tie, cap):
+  """loss_chunk > 0 gives the same loss and gradients as the full [tokens, vocab] logits
+  (soft-capped ones too: a cap of 0.1 bends logits of init size, ~0.1)."""
   c = default_config('tiny')
-  c.model.update(n_layer=1, n_head=2, d_model=32, seq_len=16, tie_embeddings=tie)
+  c.model.update(n_layer=1, n_head=2, d_model=32, seq_len=16, tie_embeddings=tie,
+                 logit_softcap=cap)
   cfg = M.model_config(c.model, 300)            # padded to 384 columns
   model = M.GPT(cfg)
   params = M.init_params(cfg, jax.random.PRNGKey(0))

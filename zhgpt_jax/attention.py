@@ -1,6 +1,7 @@
 """The GPT's attention layers and their KV caches, and the layer helpers model.py shares.
 
-  'mha'  multi-head attention; grouped-query when n_kv_head < n_head (GPT-2, Llama, Qwen2).
+  'mha'  multi-head attention; grouped-query when n_kv_head < n_head (GPT-2, Llama, Qwen2);
+         with qk_norm, each head's query and key RMS-normed before RoPE (Qwen3).
          The cache holds every layer's keys and values: 2 · K · H numbers a token a layer.
   'mla'  DeepSeek-V2/V3's multi-head latent attention. Keys and values come from one
          low-rank latent c = RMSNorm(x · W_kv_a) of width R (kv_lora_rank), expanded per head
@@ -59,6 +60,11 @@ def norm(cfg, name: str):
                       param_dtype=jnp.float32, name=name)
 
 
+def _head_norm(cfg, name: str):
+  """RMSNorm over a head's width (the last axis), one scale [H] shared by the heads."""
+  return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=jnp.float32, name=name)
+
+
 def _latent_norm(cfg, name: str):
   return nn.RMSNorm(epsilon=LATENT_NORM_EPS, dtype=cfg.dtype, param_dtype=jnp.float32, name=name)
 
@@ -113,6 +119,9 @@ class Attention(nn.Module):
     q_BxLxNxH = dense(cfg, n * h, 'q', bias=qkv_bias)(x_BxLxD).reshape(b, l, n, h)
     k_BxLxKxH = dense(cfg, k * h, 'k', bias=qkv_bias)(x_BxLxD).reshape(b, l, k, h)
     v_BxLxKxH = dense(cfg, k * h, 'v', bias=qkv_bias)(x_BxLxD).reshape(b, l, k, h)
+    if cfg.qk_norm:   # before RoPE and the cache write, as Qwen3 (a cached key is a normed key)
+      q_BxLxNxH = _head_norm(cfg, 'q_norm')(q_BxLxNxH)
+      k_BxLxKxH = _head_norm(cfg, 'k_norm')(k_BxLxKxH)
     if cfg.position == 'rope':
       q_BxLxNxH = rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
       k_BxLxKxH = rope(k_BxLxKxH, positions_BxL, cfg.rope_theta)

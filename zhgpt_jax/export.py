@@ -33,9 +33,16 @@ from zhgpt_jax.model import GPTConfig, effective_attention, init_params
 _EXTRA_KEY = 'zhgpt_jax'
 
 
+# What every class needs unless its entry says otherwise: multi-head attention (latent
+# attention is DeepSeek's), no QK-norm (Qwen3's), no logit soft-capping (no stock class of
+# these layouts has it), and why.
+NEEDS = {'attention_kind': 'mha', 'qk_norm': False, 'logit_softcap': 0.0}
+WHY = {'logit_softcap': "no stock class of this layout soft-caps its logits: Gemma 2's "
+                        'final_logit_softcapping comes with another architecture'}
+
+
 def _misses(entry: HFClass, cfg: GPTConfig) -> dict:
-  # Latent attention is DeepSeek's: a class needs multi-head attention unless it says otherwise.
-  needs = {'attention_kind': 'mha', **entry.needs}
+  needs = {**NEEDS, **entry.needs}
   miss = {k: v for k, v in needs.items() if gpt_config.get(cfg, k) != v}
   return {**miss, **(entry.check(cfg) if entry.check else {})}
 
@@ -56,7 +63,8 @@ def hf_architecture(cfg: GPTConfig) -> str:
                                                    'attention_kind' in kv[1]))
   have = ', '.join(f'{k}={gpt_config.get(cfg, k)!r}' for k in miss)
   need = ', '.join(f'{k}={v!r}' for k, v in miss.items())
-  why = ''.join(f' ({CLASSES[arch].why[k]})' for k in miss if k in CLASSES[arch].why)
+  whys = {**WHY, **CLASSES[arch].why}
+  why = ''.join(f' ({whys[k]})' for k in miss if k in whys)
   raise UserError(f'no stock HuggingFace class for this model ({have}): the nearest, {arch}, '
                   f'needs {need}{why}; supported: {", ".join(CLASSES)}')
 

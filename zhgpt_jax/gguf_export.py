@@ -49,6 +49,10 @@ _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 
 def architecture(cfg: GPTConfig) -> str:
   """The llama.cpp architecture that computes `cfg`'s model; UserError saying why none does."""
+  if cfg.qk_norm or cfg.logit_softcap:
+    raise UserError(f'GGUF: QK-norm or logit soft-capping (model.qk_norm={cfg.qk_norm}, '
+                    f'logit_softcap={cfg.logit_softcap}) is not written here (a QK-normed '
+                    'Llama-style model exports to HuggingFace as Qwen3ForCausalLM); not exported')
   if cfg.position == 'learned' and cfg.mlp == 'gelu' and cfg.norm == 'layernorm':
     if not cfg.bias:
       raise UserError('GGUF: llama.cpp\'s gpt2 needs the biases (model.bias=true); not exported')

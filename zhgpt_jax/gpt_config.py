@@ -116,6 +116,13 @@ class GPTConfig:
   mlp_hidden: int = knob(0, bound='>=0')         # the MLP's hidden width; 0 = from mlp_ratio
   norm: str = knob('layernorm', choices=('layernorm', 'rmsnorm'))
   norm_eps: float = knob(1e-5)
+  # RMSNorm of each head's query and key over the head width (one learned scale [H] each,
+  # shared by the heads) before RoPE: Qwen3's q_norm/k_norm, modded-nanogpt's QK-norm. It
+  # bounds the attention logits; the KV cache holds normed keys. 'mha' attention only.
+  qk_norm: bool = knob(False)
+  # logits = cap · tanh(logits / cap) wherever the head is applied (loss, sampling, scoring;
+  # Gemma 2, modded-nanogpt); 0 = off.
+  logit_softcap: float = knob(0.0, bound='>=0')
   tie_embeddings: bool = knob(True)
   # jax.nn.dot_product_attention's implementation ('cudnn' needs a GPU: elsewhere it runs xla)
   attention: str = knob('xla', COMPUTE, choices=('xla', 'cudnn'))
@@ -254,3 +261,5 @@ def problems(m) -> Iterator[tuple[str, str]]:
       yield 'model.position', "MLA's decoupled keys are rotary: needs model.position=rope"
     if m.n_kv_head not in (0, m.n_head):
       yield 'model.n_kv_head', 'MLA has no key/value head groups: leave it 0 (= n_head)'
+    if m.qk_norm:
+      yield 'model.qk_norm', 'not for MLA (its latents are RMS-normed already): leave it false'

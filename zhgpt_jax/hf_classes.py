@@ -6,6 +6,7 @@ Each of our variants maps onto a stock class, so an export loads with
   GPT-2 (learned positions, GELU, LayerNorm, biases)  -> GPT2LMHeadModel
   Llama-style (RoPE, SwiGLU, RMSNorm; GQA; biases optional) -> LlamaForCausalLM
   the same with q/k/v biases only (model.qkv_bias)    -> Qwen2ForCausalLM
+  the same, no biases, with QK-norm (model.qk_norm)   -> Qwen3ForCausalLM
   MoE (RoPE, RMSNorm, softmax-gated SwiGLU experts)   -> Qwen2MoeForCausalLM
     (sparse or dense dispatch alike; first dense layers as mlp_only_layers)
 
@@ -287,6 +288,29 @@ register(HFClass(
                      sliding_window=None, max_window_layers=cfg.n_layer,
                      layer_types=['full_attention'] * cfg.n_layer),
     _qwen2_from, _llama_rows))
+
+
+def _qwen3_from(c: dict, ours: dict) -> dict:
+  if c.get('use_sliding_window') or c.get('attention_bias'):
+    raise UserError('Qwen3 with use_sliding_window or attention_bias=true has no counterpart '
+                    'in our model')
+  return dict(_llama_from_config(c), mlp='swiglu', bias=False, qkv_bias=False, qk_norm=True)
+
+
+def _qwen3_attention_rows(cfg: GPTConfig, i: int) -> list[Row]:
+  # q_norm / k_norm: RMSNorm over head_dim, one weight shared by the heads, before RoPE.
+  return _llama_attention_rows(cfg, i) + [
+      (f'model.layers.{i}.self_attn.{x}_norm.weight', f'h_{i}/attn/{x}_norm/scale', _same, _same)
+      for x in 'qk']
+
+
+register(HFClass(
+    'Qwen3ForCausalLM', 'qwen3', dict(position='rope', mlp='swiglu', norm='rmsnorm', bias=False,
+                                      qkv_bias=False, qk_norm=True),
+    lambda cfg: dict(_llama_config(cfg), model_type='qwen3', attention_bias=False,
+                     use_sliding_window=False, sliding_window=None,
+                     max_window_layers=cfg.n_layer, layer_types=['full_attention'] * cfg.n_layer),
+    _qwen3_from, lambda cfg: llama_layout_rows(cfg, _qwen3_attention_rows, _qwen2_moe_rows)))
 
 
 # ---------------------------------------------------------------------------------------------

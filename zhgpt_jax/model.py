@@ -69,6 +69,12 @@ def model_config(model_cfg, vocab_size: int) -> GPTConfig:
       mlp_hidden=hidden, attention=effective_attention(cfg.attention), moe=moe)
 
 
+def softcap(logits: jax.Array, cap: float) -> jax.Array:
+  """cap · tanh(logits / cap), logits unchanged when cap is 0 (model.logit_softcap): every
+  logit stays in (-cap, cap), near-linear well inside it (Gemma 2; modded-nanogpt)."""
+  return cap * jnp.tanh(logits / cap) if cap else logits
+
+
 class MLP(nn.Module):
   """GELU (GPT-2), ReLU² (Primer; modded-nanogpt) or SwiGLU (Llama) feed-forward."""
   cfg: GPTConfig
@@ -170,7 +176,8 @@ class GPT(nn.Module):
   `segment_ids_BxL` (0 = padding) and `positions_BxL`. Decoding passes `cache` (from
   `init_cache`) and `kv_mask_BxS` (which cache slots hold real tokens); aux['cache'] is the
   updated cache. `hidden=True` returns the final normed hidden states [B, L, D] instead of
-  logits, with the head matrix in aux['head_DxV'] (for `loss.chunked_cross_entropy`).
+  logits, with the head matrix in aux['head_DxV'] (for `loss.chunked_cross_entropy`, which
+  applies cfg.logit_softcap itself).
   """
   cfg: GPTConfig
 
@@ -227,7 +234,7 @@ class GPT(nn.Module):
       return x_BxLxD, out
     logits_BxLxV = jnp.einsum('bld,dv->blv', x_BxLxD, head_DxV.astype(cfg.dtype),
                               preferred_element_type=jnp.float32)
-    return logits_BxLxV, out
+    return softcap(logits_BxLxV, cfg.logit_softcap), out
 
 
 def init_cache(cfg: GPTConfig, batch: int, size: int, dtype=jnp.float32) -> list[dict]:
