@@ -214,7 +214,7 @@ def test_variant_matches_hf_and_round_trips(variant, tmp_path):
     (dict(n_kv_head=2), ['n_kv_head']),                             # GPT-2 with GQA
     (dict(bias=False), ['bias']),
     (dict(qk_norm=True), ['qk_norm']),                              # GPT-2 with QK-norm
-    (dict(ROPE, mlp='swiglu', qk_norm=True, qkv_bias=True), ['qkv_bias']),   # Qwen3 + biases
+    (dict(ROPE, mlp='swiglu', qk_norm=True, qkv_bias=True), ['qk_norm']),  # Qwen2 ~ Qwen3
     (dict(ROPE, mlp='swiglu', logit_softcap=30.0), ['logit_softcap']),
 ])
 def test_unmapped_variants_refused(overrides, fields, tmp_path):
