@@ -23,7 +23,10 @@ export: our server as `main.py serve --workdir hf:DIR`, vLLM as
   against llama.cpp (llama-cpp-python, n_threads=1) on the export converted to GGUF
   (`main.py export --format gguf` where it exists, else --gguf_converter, llama.cpp's
   convert_hf_to_gguf.py), greedy, `--decode_prompts` prompts x `--decode_tokens` tokens;
-  rounds alternate ours and theirs, the best round of each counts.
+  rounds alternate ours and theirs, the best round of each counts. Tokens per wall second,
+  and per CPU second of each side's process (all its threads; on a machine shared with
+  other jobs the CPU-time ratio is the steadier one: a process waiting for a core is not
+  charged). `--decode_only RUNS` (with no --workdirs) runs only this part.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from serving import ChildServer, Served, free_port  # pylint: disable=wrong-impo
 import timing  # pylint: disable=import-error,wrong-import-position  (bench/ is on sys.path)
 
 # Runs inside llama.cpp's venv: loads the GGUF on one thread, then for every line on stdin
-# decodes each prompt greedily and answers one JSON line (seconds, tokens).
+# decodes each prompt greedily and answers one JSON line (wall seconds, CPU seconds, tokens).
 LLAMA_WORKER = r'''
 import json, sys, time
 import llama_cpp
@@ -57,7 +60,7 @@ llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=1, n_threads_batch
 print(json.dumps(dict(version=llama_cpp.__version__)), flush=True)
 for line in sys.stdin:
   prompts = json.loads(line)
-  t0, out = time.perf_counter(), []
+  t0, c0, out = time.perf_counter(), time.process_time(), []
   for p in prompts:
     ids = []
     for tok in llm.generate(p, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
@@ -66,7 +69,8 @@ for line in sys.stdin:
       if len(ids) == n_new:
         break
     out.append(ids)
-  print(json.dumps(dict(seconds=time.perf_counter() - t0, tokens=out)), flush=True)
+  print(json.dumps(dict(seconds=time.perf_counter() - t0, cpu=time.process_time() - c0,
+                        tokens=out)), flush=True)
 '''
 
 
@@ -165,20 +169,20 @@ def decode_row(workdir: str, hf_dir: str, gguf_path: str, args) -> str:
       worker.stdin.write(json.dumps(prompts) + '\n')
       worker.stdin.flush()
       got = json.loads(worker.stdout.readline())
-      return got['seconds'], got['tokens']
+      return got['seconds'], got['cpu'], got['tokens']
 
     def ours():
       with timing.Timer() as t:
         out = [sample.generate(cfg, params, [p], max_new_tokens=args.decode_tokens)[0]
                for p in prompts]
-      return t.seconds, out
+      return t.seconds, t.cpu_seconds, out
 
     ours(), theirs()   # warm-up: compilation, first-touch allocations
-    best = [float('inf'), float('inf')]
+    wall, cpu = [float('inf')] * 2, [float('inf')] * 2
     for _ in range(args.rounds):
       for i, fn in enumerate((ours, theirs)):
-        seconds, toks = fn()
-        best[i] = min(best[i], seconds)
+        seconds, cpu_seconds, toks = fn()
+        wall[i], cpu[i] = min(wall[i], seconds), min(cpu[i], cpu_seconds)
         tokens = toks if i == 0 else tokens
         if i == 1:
           same = sum(a == b for a, b in zip(tokens, toks))
@@ -186,8 +190,9 @@ def decode_row(workdir: str, hf_dir: str, gguf_path: str, args) -> str:
     worker.stdin.close()
     worker.wait(timeout=60)
   n = args.decode_prompts * args.decode_tokens
-  return (f'| {os.path.basename(workdir)} | {n / best[0]:,.0f} | {n / best[1]:,.0f} | '
-          f'{best[1] / best[0]:.2f}x | {same}/{len(prompts)} | {os.getloadavg()[0]:.1f} |')
+  return (f'| {os.path.basename(workdir)} | {n / wall[0]:,.0f} | {n / wall[1]:,.0f} | '
+          f'{wall[1] / wall[0]:.2f}x | {n / cpu[0]:,.0f} | {n / cpu[1]:,.0f} | '
+          f'{cpu[1] / cpu[0]:.2f}x | {same}/{len(prompts)} | {os.getloadavg()[0]:.1f} |')
 
 
 def main() -> None:
@@ -231,8 +236,9 @@ def main() -> None:
   if decode_rows:
     print(f'\nbatch-1 greedy decode, {args.decode_prompts} prompts x {args.decode_tokens} tokens, '
           f'best of {args.rounds} interleaved rounds:\n')
-    print('| model | ours tok/s | llama.cpp 1-thread tok/s | ours / llama.cpp | identical | load |')
-    print('|---|---:|---:|---:|---:|---:|')
+    print('| model | ours tok/s | llama.cpp 1-thread tok/s | ours / llama.cpp | ours tok/CPU-s '
+          '| llama.cpp tok/CPU-s | ours / llama.cpp (CPU) | identical | load |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
     print('\n'.join(decode_rows))
 
 
