@@ -10,14 +10,15 @@ A row is one line of ROWS: a name, a config (`configs/X.py[:arg]`) and its overr
 are kept in <workdir>/results.jsonl, keyed by everything that decides them, and skipped.
 
 The budget is equal training FLOPs per row: `--budget N` is the FLOPs of N steps of
-configs/tiny.py (its model.flops_per_token × its tokens per step, counted from the model:
-6 × active parameters, the routed experts a token does not use excluded, plus attention), and
-each row trains for as many of its own steps as that buys. FLOPs do not move with the load on
-a shared machine; wall seconds do (a row's wall time is in the table, with the load it ran
-at). Each row's schedule is its config's, compressed to its steps: warmup keeps its share of
-the run. Every run is `python main.py` in a subprocess with its own workdir under
---workdir (a killed run resumes from its last checkpoint), on one prepared data dir per
-tokenizer size under --data_root (shards and tokenizer built once, JAX's compile cache there).
+configs/tiny.py:gpt2, the tiny recipe on GPT-2's blocks (its model.flops_per_token × its tokens
+per step, counted from the model: 6 × active parameters, the routed experts a token does not
+use excluded, plus attention), and each row trains for as many of its own steps as that buys.
+FLOPs do not move with the load on a shared machine; wall seconds do (a row's wall time is in
+the table, with the load it ran at). Each row's schedule is its config's, compressed to its
+steps: warmup keeps its share of the run. Every run is `python main.py` in a subprocess with
+its own workdir under --workdir (a killed run resumes from its last checkpoint), on one
+prepared data dir per tokenizer size under --data_root (shards and tokenizer built once, JAX's
+compile cache there).
 
 The table: mean ± standard deviation over seeds of the final val bits/char (the whole val
 split), the greedy preview's longest run of one token (max over seeds), tokens seen, training
@@ -51,43 +52,48 @@ CTX256 = {'model.seq_len': 256, 'train.per_device_batch': 8}     # same tokens p
 
 # name -> (config, overrides). The first row is the reference the budget is counted in.
 ROWS = {
-    'gpt2-muon': ('configs/tiny.py', {}),
-    'gpt2-adamw': ('configs/tiny.py', ADAMW),
+    'gpt2-muon': ('configs/tiny.py:gpt2', {}),
+    'gpt2-adamw': ('configs/tiny.py:gpt2', ADAMW),
+    'tiny': ('configs/tiny.py', {}),      # the CPU demo as it is (Llama-style, Muon + Adam)
     'llama-muon': ('configs/modern.py:tiny', {}),
     'llama-adamw': ('configs/modern.py:tiny', ADAMW),
     'moe-muon': ('configs/moe.py', {}),
     'moe-adamw': ('configs/moe.py', ADAMW),
     'deepseek-muon': ('configs/moe.py:deepseek', {}),
     'deepseek-adamw': ('configs/moe.py:deepseek', ADAMW),
-    'gpt2-muon-ctx256': ('configs/tiny.py', CTX256),
+    'gpt2-muon-ctx256': ('configs/tiny.py:gpt2', CTX256),
     'llama-muon-ctx256': ('configs/modern.py:tiny', CTX256),
-    'gpt2-adamw-6e-4': ('configs/tiny.py', {'optim.name': 'adamw', 'optim.lr': 6e-4}),
+    'gpt2-adamw-6e-4': ('configs/tiny.py:gpt2', {'optim.name': 'adamw', 'optim.lr': 6e-4}),
     # cheap general tricks, each alone on the GPT-2 + Muon row
-    'gpt2-muon-tied': ('configs/tiny.py', {'model.tie_embeddings': True}),
-    'gpt2-muon-zero-init': ('configs/tiny.py', {'model.residual_init': 0.0}),
-    'gpt2-muon-to-zero': ('configs/tiny.py', {'optim.min_lr_ratio': 0.0}),
-    'gpt2-muon-wsd': ('configs/tiny.py', {'optim.schedule': 'wsd', 'optim.min_lr_ratio': 0.0}),
-    'gpt2-muon-relu2': ('configs/tiny.py', {'model.mlp': 'relu2'}),
+    'gpt2-muon-tied': ('configs/tiny.py:gpt2', {'model.tie_embeddings': True}),
+    'gpt2-muon-zero-init': ('configs/tiny.py:gpt2', {'model.residual_init': 0.0}),
+    'gpt2-muon-to-zero': ('configs/tiny.py:gpt2', {'optim.min_lr_ratio': 0.0}),
+    'gpt2-muon-wsd': ('configs/tiny.py:gpt2', {'optim.schedule': 'wsd', 'optim.min_lr_ratio': 0.0}),
+    'gpt2-muon-relu2': ('configs/tiny.py:gpt2', {'model.mlp': 'relu2'}),
     # QK-norm (Qwen3 / modded-nanogpt): each head's query and key RMS-normed before attention
-    'gpt2-muon-qknorm': ('configs/tiny.py', {'model.qk_norm': True}),
+    'gpt2-muon-qknorm': ('configs/tiny.py:gpt2', {'model.qk_norm': True}),
     'llama-muon-qknorm': ('configs/modern.py:tiny', {'model.qk_norm': True}),
     # logits = 15·tanh(logits / 15): modded-nanogpt's "softer softcap" record lowered Gemma 2's
     # 30 to 15 at 124M (structure that helps small models most); at 3M, 30 would barely bite
-    'gpt2-muon-softcap': ('configs/tiny.py', {'model.logit_softcap': 15.0}),
-    'gpt2-muon-batch8': ('configs/tiny.py', {'train.per_device_batch': 8}),
-    'gpt2-muon-batch32': ('configs/tiny.py', {'train.per_device_batch': 32}),
+    'gpt2-muon-softcap': ('configs/tiny.py:gpt2', {'model.logit_softcap': 15.0}),
+    'gpt2-muon-batch8': ('configs/tiny.py:gpt2', {'train.per_device_batch': 8}),
+    'gpt2-muon-batch32': ('configs/tiny.py:gpt2', {'train.per_device_batch': 32}),
     # a 4k vocabulary: a cheaper head (8.6 vs 11.7 MFLOPs/token), 1.24 vs 1.41 chars/token
-    'gpt2-muon-v4000': ('configs/tiny.py', {'tokenizer.vocab_size': 4000}),
+    'gpt2-muon-v4000': ('configs/tiny.py:gpt2', {'tokenizer.vocab_size': 4000}),
     # candidates for the CPU demo, to be run against gpt2-muon at --budget 1500 (tiny.py's run)
-    'demo-wsd-relu2': ('configs/tiny.py', {'optim.schedule': 'wsd', 'optim.decay_fraction': 0.5,
+    'demo-wsd-relu2': ('configs/tiny.py:gpt2', {'optim.schedule': 'wsd', 'optim.decay_fraction': 0.5,
                                            'optim.min_lr_ratio': 0.0, 'model.mlp': 'relu2'}),
-    'demo-wsd-relu2-v4000': ('configs/tiny.py', {
+    'demo-wsd-relu2-v4000': ('configs/tiny.py:gpt2', {
         'optim.schedule': 'wsd', 'optim.decay_fraction': 0.5, 'optim.min_lr_ratio': 0.0,
         'model.mlp': 'relu2', 'tokenizer.vocab_size': 4000}),
     'demo-llama-wsd': ('configs/modern.py:tiny', {'optim.schedule': 'wsd', 'optim.decay_fraction': 0.5,
                                                  'optim.min_lr_ratio': 0.0}),
+    'demo-llama-v4000': ('configs/modern.py:tiny', {'tokenizer.vocab_size': 4000}),
+    'demo-llama-wsd-v4000': ('configs/modern.py:tiny', {
+        'optim.schedule': 'wsd', 'optim.decay_fraction': 0.5, 'optim.min_lr_ratio': 0.0,
+        'tokenizer.vocab_size': 4000}),
 }
-REFERENCE = 'configs/tiny.py'
+REFERENCE = 'configs/tiny.py:gpt2'
 CHILDREN: set = set()      # the training processes running now (ended with the bench)
 
 
@@ -242,7 +248,7 @@ def main(argv=None) -> None:
   p.add_argument('--rows', default=','.join(ROWS), help='comma-separated names of ROWS')
   p.add_argument('--seeds', type=int, default=3)
   p.add_argument('--budget', type=float, default=300,
-                 help='FLOPs per run, in steps of configs/tiny.py')
+                 help='FLOPs per run, in steps of configs/tiny.py:gpt2')
   p.add_argument('--jobs', type=int, default=1, help='runs trained at the same time')
   p.add_argument('--threads', type=int, default=0,
                  help='XLA CPU threads per run (0 = XLA default: all cores)')

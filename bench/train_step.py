@@ -1,6 +1,6 @@
 """Train-step benchmark: our pmapped step against an eager PyTorch GPT-2 of the same size.
 
-  PYTHONPATH=. python bench/train_step.py --config configs/tiny.py [--config.model.d_model=128]
+  PYTHONPATH=. python bench/train_step.py --config configs/tiny.py:gpt2 [--config.model.d_model=128]
       [--steps 10] [--warmup 2] [--rounds 3] [--loader_batches 200]
 
 Both sides train the model of `--config` (any `--config.a.b=v` override applies) at its batch
@@ -43,7 +43,7 @@ from zhgpt_jax import model as model_lib  # pylint: disable=wrong-import-positio
 from zhgpt_jax import optim, parallel, train  # pylint: disable=wrong-import-position
 from zhgpt_jax.config import validate  # pylint: disable=wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file.')
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py:gpt2', 'Config file.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per group.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps per side before timing.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved (ours, torch) timing rounds.')

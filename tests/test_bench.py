@@ -26,9 +26,9 @@ def bench(*args: str, timeout: int = 300) -> str:
 
 
 def test_train_step_bench_against_torch_with_muon_and_untied_head():
-  # configs/tiny.py: Muon + Adam, untied head; the bench asserts equal parameter counts and
-  # first losses (rtol 1e-4) before timing anything.
-  out = bench('bench/train_step.py', '--config', 'configs/tiny.py',
+  # configs/tiny.py:gpt2 (the torch reference is GPT-2): Muon + Adam, untied head; the bench
+  # asserts equal parameter counts and first losses (rtol 1e-4) before timing anything.
+  out = bench('bench/train_step.py', '--config', 'configs/tiny.py:gpt2',
               '--config.model.n_layer=1', '--config.model.d_model=64', '--config.model.n_head=2',
               '--config.train.per_device_batch=4', '--steps', '2', '--rounds', '1',
               '--warmup', '1', '--loader_batches', '5', '--loader_tokens', '100000')

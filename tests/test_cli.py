@@ -24,7 +24,7 @@ SFT_STEPS = 4
 PROMPTS = ['村民们都很高兴', '今天', '人民']
 # The tiny run's shape; configs/sft.py must be given the same to fine-tune it.
 SHAPE = {'model.n_layer': 2, 'model.n_head': 2, 'model.d_model': 64, 'model.seq_len': 128,
-         'model.vocab_multiple': 64, 'model.position': 'rope', 'model.mlp': 'swiglu'}
+         'model.vocab_multiple': 64, 'model.mlp': 'relu2'}
 # Fewer, smaller batches than the configs' own, for both runs.
 QUICK = {'train.per_device_batch': 4, 'train.log_every': 1, 'train.eval_max_batches': 1,
          'train.eval_batch': 4, 'train.sample_tokens': 4, 'train.peak_flops': 1e11}
@@ -49,8 +49,10 @@ README_COMMANDS = {
     'ollama run zhgpt-tiny 村民们都很高兴': 'test_gguf_export.py::test_modelfile_for_ollama',
     'python main.py --config configs/tiny.py --config.train.steps=500 --config.optim.lr=1e-3':
         'test_cli.py::test_train_with_readme_overrides',
-    'python main.py --config configs/tiny.py --workdir runs/exp1 --config.model.position=rope '
-    '--config.model.mlp=swiglu': 'test_cli.py::test_train_with_readme_overrides',
+    'python main.py --config configs/tiny.py --workdir runs/exp1 --config.model.mlp=relu2':
+        'test_cli.py::test_train_with_readme_overrides',
+    'python main.py --config configs/tiny.py:gpt2 --workdir runs/gpt2':
+        'test_cli.py::test_every_config_of_the_readme_loads_and_validates',
     'python main.py prepare --config configs/tiny.py':
         'test_cli.py::test_prepare_base_config_with_a_corpus_list',
     # configs/base.py is GPT-2 small with cuDNN attention: prepared and validated here
@@ -208,7 +210,8 @@ def test_a_typo_in_a_config_file_names_the_key(tmp_path):
   assert not os.path.exists(tmp_path / 'run')
 
 
-@pytest.mark.parametrize('config', ['configs/tiny.py', 'configs/base.py', 'configs/base.py:medium',
+@pytest.mark.parametrize('config', ['configs/tiny.py', 'configs/tiny.py:gpt2',
+                                    'configs/base.py', 'configs/base.py:medium',
                                     'configs/base.py:xl', 'configs/modern.py',
                                     'configs/modern.py:tiny', 'configs/moe.py',
                                     'configs/moe.py:deepseek', 'configs/sft.py'])
@@ -237,7 +240,7 @@ def tiny_run(tiny_data, xla_cache, tmp_path_factory):
   data['data.cache_dir'] = tiny_data.data_dir           # its tokenizer and shards are reused
   out = run('--config', 'configs/tiny.py', '--workdir', workdir,
             f'--config.train.steps={TINY_STEPS}', '--config.optim.lr=1e-3',
-            '--config.model.position=rope', '--config.model.mlp=swiglu',
+            '--config.model.mlp=relu2',
             *flags(data), *flags(SHAPE), *flags(QUICK),
             *flags({'train.eval_every': 4, 'train.ckpt_every': 4, 'optim.warmup_steps': 2}),
             env=xla_cache)
@@ -256,14 +259,14 @@ def test_train_with_readme_overrides(tiny_run):
   with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
     saved = json.load(f)
   assert saved['train']['steps'] == TINY_STEPS and saved['optim']['lr'] == 1e-3
-  assert (saved['model']['position'], saved['model']['mlp']) == ('rope', 'swiglu')
+  assert (saved['model']['position'], saved['model']['mlp']) == ('rope', 'relu2')  # tiny.py's, the override's
   train = records(workdir, 'train')
   assert [r['step'] for r in train] == list(range(1, TINY_STEPS + 1))
   assert max(r['lr'] for r in train) == pytest.approx(1e-3, rel=1e-6)   # the peak, after warmup
   assert [r['step'] for r in records(workdir, 'val')] == [4, TINY_STEPS]
   assert 'reused tokenizer and shards' in stdout and f'done: {TINY_STEPS} steps' in stdout
   _, params, _ = checkpoint.load_params(workdir)
-  assert 'wpe' not in params and 'gate' in params['h_0']['mlp']        # rope, swiglu
+  assert 'wpe' not in params and 'gate' not in params['h_0']['mlp']    # rope, no SwiGLU gate
 
 
 @pytest.mark.slow
