@@ -95,10 +95,10 @@ def loader_batches_per_s(config, devices: int, n: int, n_tokens: int) -> float:
         prefetch=config.data.prefetch))
     for _ in range(5):
       next(it)
-    with timing.Timer() as t:
+    with timing.Timer() as timer:
       for _ in range(n):
         batch = next(it)
-    seconds = t.seconds
+    seconds = timer.seconds
     assert batch['inputs'].shape == (devices, t.grad_accum, t.per_device_batch, m.seq_len)
   return n / seconds
 
