@@ -154,7 +154,7 @@ def run_copy(pristine, tmp_path):
 
 
 def base_args(base, workdir) -> list[str]:
-  return ['--config', os.path.join(ROOT, 'configs', 'tiny.py'), '--workdir', workdir,
+  return ['--config', os.path.join(ROOT, 'configs', 'tiny.py') + ':gpt2', '--workdir', workdir,
           *flat(base, 'data', 'tokenizer', 'train', 'optim'),
           *[f'--config.model.{k}={base.model[k]}' for k in
             ('n_layer', 'n_head', 'd_model', 'seq_len', 'vocab_multiple', 'tie_embeddings')]]

@@ -215,7 +215,7 @@ def launch(tiny_data, shared, workdir, devices, overrides, dist=None):
                'train.sample_tokens': 0, 'train.per_device_batch': PDB,
                'parallel.strategy': 'fsdp', **overrides})
   for i, extra in enumerate(dist or [[]]):
-    args = ['--config', os.path.join(ROOT, 'configs', 'tiny.py'), '--workdir', workdir,
+    args = ['--config', os.path.join(ROOT, 'configs', 'tiny.py') + ':gpt2', '--workdir', workdir,
             *[f'--config.{k}={v}' for k, v in flat.items()], *extra]
     env = devices_env(devices, JAX_COMPILATION_CACHE_DIR=str(shared / 'xla_cache'),
                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')

@@ -58,7 +58,7 @@ def cli_args(shared, workdir: str, **overrides) -> list[str]:
       'train.log_every': 1, 'train.eval_every': 1000, 'train.ckpt_every': CKPT_EVERY,
       'train.eval_max_batches': 1, 'train.eval_batch': 2, 'train.peak_flops': 1e11,
       'train.sample_tokens': 4, 'dist.timeout_s': TIMEOUT_S, **overrides}
-  return ['--config', os.path.join(ROOT, 'configs', 'tiny.py'), '--workdir', workdir] + [
+  return ['--config', os.path.join(ROOT, 'configs', 'tiny.py') + ':gpt2', '--workdir', workdir] + [
       f'--config.{k}={v}' for k, v in flat.items()]
 
 

@@ -111,7 +111,7 @@ def cli_args(small_corpus, workdir):
           'model.d_model': 64, 'model.seq_len': 32, 'model.tie_embeddings': False,
           'optim.name': 'muon', 'optim.lr': 3e-3, 'optim.warmup_steps': 3}
   flat.update({f'train.{k}': v for k, v in c.train.items()})
-  return ['--config', os.path.join(ROOT, 'configs', 'tiny.py'), '--workdir', workdir] + [
+  return ['--config', os.path.join(ROOT, 'configs', 'tiny.py') + ':gpt2', '--workdir', workdir] + [
       f'--config.{k}={v}' for k, v in flat.items()]
 
 
@@ -298,7 +298,7 @@ def test_cli_eval_sample_and_export(reference, tmp_path):
   assert proc.returncode == 2 and 'pass --format gguf' in out, out[-2000:]
   empty = str(tmp_path / 'empty')
   os.makedirs(empty)
-  proc = run_cli(['export', '--config', os.path.join(ROOT, 'configs', 'tiny.py'), '--workdir',
+  proc = run_cli(['export', '--config', os.path.join(ROOT, 'configs', 'tiny.py') + ':gpt2', '--workdir',
                   empty, '--out', str(tmp_path / 'hf2')])
   out = proc.communicate(timeout=300)[0]
   assert proc.returncode == 2 and 'no checkpoints' in out, out[-2000:]
