@@ -27,7 +27,6 @@ import itertools
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -65,20 +64,15 @@ def write_items(directory: str, n: int, seed: int = 0) -> None:
                     'ABCD'[order.index(0)]])
 
 
-def _children_cpu() -> float:
-  r = resource.getrusage(resource.RUSAGE_CHILDREN)
-  return r.ru_utime + r.ru_stime
-
-
 def timed(cmd: list[str], env: dict) -> tuple[float, float]:
   """(wall seconds, CPU seconds of the process and its children) of one command. CPU seconds
   barely move with the machine's load; wall seconds do."""
-  c0 = _children_cpu()
+  c0 = timing.children_cpu_seconds()
   with timing.Timer() as t:
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
   if out.returncode:
     raise SystemExit(f'{" ".join(cmd[:4])} ... failed:\n{out.stderr[-3000:]}')
-  return t.seconds, _children_cpu() - c0
+  return t.seconds, timing.children_cpu_seconds() - c0
 
 
 def accuracy(directory: str) -> float:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -98,7 +97,7 @@ def _tree_memory(pid: int) -> tuple[int, int]:
 def _run(args: dict) -> dict:
   """prepare_scale's 'prepare' child, its tree's peak RSS and PSS polled."""
   cmd = [sys.executable, prepare_scale.__file__, 'prepare', json.dumps(args)]
-  cpu0 = _children_cpu()
+  cpu0 = timing.children_cpu_seconds()
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
   peak_rss = peak_pss = 0
   while proc.poll() is None:
@@ -109,14 +108,7 @@ def _run(args: dict) -> dict:
   if proc.returncode:
     raise RuntimeError(f'prepare failed ({proc.returncode}): {out[-2000:]}')
   return dict(json.loads(out.strip().splitlines()[-1]), peak_rss_mb=peak_rss / 2**20,
-              peak_pss_mb=peak_pss / 2**20, cpu_s=_children_cpu() - cpu0)
-
-
-def _children_cpu() -> float:
-  """User + system CPU seconds of the waited-for children (and theirs): the work a run did,
-  which a busy machine's load stretches far less than its wall time."""
-  r = resource.getrusage(resource.RUSAGE_CHILDREN)
-  return r.ru_utime + r.ru_stime
+              peak_pss_mb=peak_pss / 2**20, cpu_s=timing.children_cpu_seconds() - cpu0)
 
 
 def _size(directory: str) -> int:
