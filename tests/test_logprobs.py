@@ -26,6 +26,8 @@ from zhgpt_jax import checkpoint, logprobs as logprobs_lib
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax import model as model_lib
 
+pytestmark = pytest.mark.slow  # a server and lm_eval runs against it (minutes); CI runs them
+
 PROMPTS = ['村民们都很高兴', '今天', '人民的生活', '我们', '经济发展', '中国', '学生们说', '城市和']
 
 

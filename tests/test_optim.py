@@ -90,7 +90,7 @@ def test_muon_orthogonalises_block_matrices_and_adams_the_rest():
                   grad_clip=0.0)
   opt = optim.make_optimizer(cfg, 10)
   grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
-  updates, _ = opt.update(grads, opt.init(params), params)
+  updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)   # one program, not ~1k ops
   # Muon: the update of a block matrix has its singular values near muon_lr (Newton-Schulz
   # only approximates the orthogonal factor: its quintic maps them into ~[0.7, 1.2], all but
   # the tiniest of a random square gradient's).
