@@ -3,7 +3,8 @@ builtin corpus.
 
 4 layers, d_model 128, an 8k vocab, context 128, untied head; RoPE, SwiGLU, RMSNorm and no
 biases (the Llama switches of configs/modern.py); Muon on the blocks' matrices and Adam on the
-rest, 1500 steps. It is the config the README, the notebook and configs/sft.py start from.
+rest, 1400 steps (as long as GPT-2's 1500 here). It is the config the README, the notebook and
+configs/sft.py start from.
 `--config configs/tiny.py:gpt2` is the same recipe on GPT-2's blocks (learned positions, GELU,
 LayerNorm, biases), the reference bench/recipes.py counts its budget in. How these choices
 were made (sizes, optimiser, rates, the untied head, the Llama switches) is in BENCHMARKS.md,
