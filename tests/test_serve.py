@@ -285,7 +285,7 @@ def test_deepseek_preset_serves_what_main_py_sample_writes(tiny_data, tmp_path):
   config.sample.update(temperature=0.0, max_new_tokens=12)
   want = [sample.generate_text(cfg, params, tokenizer, [p], config.sample)[0] for p in PROMPTS[:3]]
   assert len(set(want)) == 3 and all(len(w) > 3 for w in want)
-  server = Served(workdir)
+  server = Served(workdir, '--config.serve.slots=4')   # 3 at once: decode batches of 1 and 4
   try:
     client = openai.OpenAI(base_url=f'{server.url}/v1', api_key='none', max_retries=0, timeout=60)
     got = [complete(client, p, max_tokens=12).choices[0].text for p in PROMPTS[:3]]
