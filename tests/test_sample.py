@@ -128,6 +128,18 @@ def test_repetition_penalty_matches_reference():
 
 # ---------------------------------------------------------------- sampling options
 
+def test_argmax_is_jnp_argmax():
+  """Ties go to the first index, a NaN wins (the first one), all -inf gives 0."""
+  rng = np.random.RandomState(0)
+  x = rng.randint(-3, 4, (6, 40)).astype(np.float32)   # many ties
+  x[1, [7, 30]] = np.nan
+  x[2] = -np.inf
+  x[3, 5] = np.inf
+  got = jax.jit(S.argmax)(x)
+  np.testing.assert_array_equal(got, jnp.argmax(x, axis=-1))
+  assert got.tolist()[:4] == [int(np.argmax(x[0])), 7, 0, 5]
+
+
 def test_repetition_penalty_values():
   logits = np.array([[2.0, -1.0, 0.5, -3.0], [2.0, -1.0, 0.5, -3.0]], np.float32)
   seen = np.array([[True, True, False, False], [False, False, True, True]])

@@ -97,6 +97,15 @@ def row_keys(key, step, rows: int):
   return jax.vmap(jax.random.fold_in, (None, 0))(step_key, jnp.arange(rows))
 
 
+def argmax(x_BxV):
+  """jnp.argmax over the last axis (the first index of the largest value, or of the first
+  NaN), as two plain reductions: XLA's CPU backend runs jnp.argmax's (value, index) pair
+  reduction as a scalar loop, ~6x slower at V = 8k, a seventh of a tiny model's decode step."""
+  v = x_BxV.shape[-1]
+  hit_BxV = (x_BxV == jnp.max(x_BxV, axis=-1, keepdims=True)) | jnp.isnan(x_BxV)
+  return jnp.min(jnp.where(hit_BxV, jnp.arange(v), v), axis=-1).astype(jnp.int32)
+
+
 def choose(cfg, mode: Mode, logits_BxV, seen_BxV, opts: dict, keys_B):
   """The next token per row: `sampling_logits`, skipping what `mode` turns off.
 
@@ -106,7 +115,7 @@ def choose(cfg, mode: Mode, logits_BxV, seen_BxV, opts: dict, keys_B):
   if mode.penalty:   # a traced value: one program serves every penalty, 1 included
     x_BxV = repetition_penalty_logits(x_BxV, seen_BxV, opts['penalty'])
   if mode.greedy:
-    return jnp.argmax(x_BxV, axis=-1).astype(jnp.int32)
+    return argmax(x_BxV)
   x_BxV = x_BxV / opts['temperature']
   if mode.filters:
     x_BxV = filter_logits(x_BxV, opts['top_k'], opts['top_p'])
