@@ -103,8 +103,9 @@ def test_batch_matches_uncached_reference(variant):
   assert len({tuple(r) for r in got}) == 3 and all(len(set(r)) > 2 for r in got)
 
 
-def test_cached_logits_equal_recomputed():
-  cfg, params = model()
+@pytest.mark.parametrize('variant', ['gpt2', 'modern'])   # modern: grouped-query heads
+def test_cached_logits_equal_recomputed(variant):
+  cfg, params = model(variant)
   prompt = PROMPTS[0]
   _, want = generate_uncached(cfg, params, prompt, NEW)
   got = cached_logits(cfg, params, prompt, NEW)

@@ -14,8 +14,10 @@
          so a step reads the cache once.
 
 Both take `cfg` (a model.GPTConfig) and return (output [B, L, D], the updated cache or None).
-A cache is a list (one dict a layer) of arrays [B, S, ...] (batch, then cache slot) plus
-'index', the next slot to write; `init_cache` builds an empty one for either kind.
+A cache is a list (one dict a layer) of arrays [B, ..., S, W] (batch first, cache slot second
+to last: 'mha' keeps [B, K, S, H], 'mla' [B, S, W]) plus 'index', the next slot to write;
+`init_cache` builds an empty one for either kind. With the slot beside the head width a decode
+step attends over the cache as it lies: no per-step transpose into the dot's layout.
 
 Shape letters: B batch, L query length, S key length (cache slots when decoding), D model
 width, N query heads, K key/value heads, H head width, R kv latent width, Q query latent
@@ -82,10 +84,10 @@ def rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
   return (x * cos_BxLx1xH + rotated * sin_BxLx1xH).astype(x_BxLxNxH.dtype)
 
 
-def _write(cache: dict, name: str, x_BxLx_: jax.Array) -> jax.Array:
-  """The cache entry `name` with this step's rows written at cache['index']."""
+def _write(cache: dict, name: str, x_Bx_xLxW: jax.Array) -> jax.Array:
+  """The cache entry `name` with this step's rows written at cache['index'] (axis -2)."""
   return jax.lax.dynamic_update_slice_in_dim(
-      cache[name], x_BxLx_.astype(cache[name].dtype), cache['index'], 1)
+      cache[name], x_Bx_xLxW.astype(cache[name].dtype), cache['index'], -2)
 
 
 def _attend(cfg, q_BxLxNxH, k_BxSxKxH, v_BxSxKxU, mask_Bx1xLxS, scale: float | None = None):
@@ -103,6 +105,43 @@ def _attend(cfg, q_BxLxNxH, k_BxSxKxH, v_BxSxKxU, mask_Bx1xLxS, scale: float | N
     y = jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask_Bx1xLxS,
                                      implementation='xla')
   return y[..., :u]
+
+
+def _attend_cache(cfg, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, cache: dict, mask_Bx1xLxS):
+  """Softmax attention of L new queries over the cache's first cache['index'] slots (before
+  this call writes to it) and over the L new keys/values; mask_Bx1xLxS covers all S slots,
+  the new tokens' at [index, index + L).
+
+  The same scores, mask and softmax as `_attend` over the written cache, split in two so that
+  the dots read the [B, K, S, H] cache as it lies (XLA's CPU dot wants S or H as it is) and
+  the cache write has no reader: XLA writes it in place instead of copying the cache every
+  decode step. Query head n reads key/value head n // (N / K) (grouped-query).
+  """
+  b, l, n, h = q_BxLxNxH.shape
+  kv, g = k_BxLxKxH.shape[2], n // k_BxLxKxH.shape[2]
+  slots_S = jnp.arange(cache['k'].shape[-2])
+  q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, kv, g, h)
+  q_BxKxHxGL = q_BxLxKxGxH.transpose(0, 2, 4, 3, 1).reshape(b, kv, h, g * l)
+  k_BxKxSxH, v_BxKxSxH = (cache[x].astype(cfg.dtype) for x in ('k', 'v'))
+  batch = ((0, 1), (0, 1))
+  scores_BxKxSxGL = jax.lax.dot_general(k_BxKxSxH, q_BxKxHxGL, (((3,), (2,)), batch),
+                                        preferred_element_type=jnp.float32)
+  scores_BxKxGxLxT = jnp.concatenate([
+      scores_BxKxSxGL.swapaxes(2, 3).reshape(b, kv, g, l, -1),
+      jnp.einsum('blkgh,bmkh->bkglm', q_BxLxKxGxH, k_BxLxKxH,
+                 preferred_element_type=jnp.float32)], axis=-1) * h ** -0.5
+  mask_Bx1xLxT = jnp.concatenate([
+      mask_Bx1xLxS & (slots_S < cache['index']),
+      jax.lax.dynamic_slice_in_dim(mask_Bx1xLxS, cache['index'], l, axis=-1)], axis=-1)
+  scores_BxKxGxLxT = jnp.where(mask_Bx1xLxT[:, :, None], scores_BxKxGxLxT,
+                               -0.7 * jnp.finfo(jnp.float32).max)
+  probs_BxKxGxLxT = jax.nn.softmax(scores_BxKxGxLxT, axis=-1).astype(cfg.dtype)
+  y_BxKxGLxH = jax.lax.dot_general(probs_BxKxGxLxT[..., :-l].reshape(b, kv, g * l, -1),
+                                   v_BxKxSxH, (((3,), (2,)), batch))
+  y_BxLxKxGxH = (
+      y_BxKxGLxH.reshape(b, kv, g, l, h).transpose(0, 3, 1, 2, 4)
+      + jnp.einsum('bkglm,bmkh->blkgh', probs_BxKxGxLxT[..., -l:], v_BxLxKxH.astype(cfg.dtype)))
+  return y_BxLxKxGxH.reshape(b, l, n, h)
 
 
 class Attention(nn.Module):
@@ -125,13 +164,20 @@ class Attention(nn.Module):
     if cfg.position == 'rope':
       q_BxLxNxH = rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
       k_BxLxKxH = rope(k_BxLxKxH, positions_BxL, cfg.rope_theta)
-    new_cache = None
-    if cache is not None:
-      # Decoding: write this step's keys/values at cache['index'] and attend over the buffer.
-      new_cache = dict(k=_write(cache, 'k', k_BxLxKxH), v=_write(cache, 'v', v_BxLxKxH),
+    if cache is None:
+      y_BxLxNxH = _attend(cfg, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxS)
+      new_cache = None
+    else:
+      # Decoding: attend over the cache and this step's keys/values, then write those at
+      # cache['index'].
+      y_BxLxNxH = _attend_cache(cfg, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, cache, mask_Bx1xLxS)
+      # 0 x an output value: the write waits for the reads above. XLA orders the in-place
+      # cache write after them only through a data dependency; without one it copies both
+      # cache entries every step.
+      after = 0.0 * y_BxLxNxH[0, 0, 0, 0]
+      t = lambda x_BxLxKxH: jnp.swapaxes(x_BxLxKxH, 1, 2) + after
+      new_cache = dict(k=_write(cache, 'k', t(k_BxLxKxH)), v=_write(cache, 'v', t(v_BxLxKxH)),
                        index=cache['index'] + l)
-      k_BxLxKxH, v_BxLxKxH = new_cache['k'], new_cache['v']
-    y_BxLxNxH = _attend(cfg, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxS)
     y_BxLxD = dense(cfg, cfg.d_model, 'o', std=residual_std(cfg))(y_BxLxNxH.reshape(b, l, n * h))
     return nn.Dropout(cfg.dropout, deterministic=not self.train)(y_BxLxD), new_cache
 
@@ -220,6 +266,7 @@ def cache_bytes_per_token(cfg, dtype=jnp.float32) -> int:
 
 
 def init_cache(cfg, batch: int, size: int, dtype=jnp.float32) -> list[dict]:
-  """An empty cache of `size` slots per layer: arrays [batch, size, ...] and 'index' 0."""
-  return [dict({k: jnp.zeros((batch, size) + s, dtype) for k, s in cache_shapes(cfg).items()},
+  """An empty cache of `size` slots per layer: arrays [batch, ..., size, W] and 'index' 0."""
+  return [dict({k: jnp.zeros((batch, *s[:-1], size, s[-1]), dtype)
+                for k, s in cache_shapes(cfg).items()},
                index=jnp.int32(0)) for _ in range(cfg.n_layer)]

@@ -42,7 +42,7 @@ repetition penalty, temperature and filters):
   with finish 'length' and no ids. With max_new_tokens > 0 it also generates as usual (echo).
 
 The cache is handled as a pytree whose per-slot leaves have the slot on axis 0 and the
-position on axis 1 (plus a per-slot 'index'), so another cache layout (e.g. a latent
+position second to last (plus a per-slot 'index'), so another cache layout (e.g. a latent
 attention cache) needs no change here.
 
 Shape letters: B slots, S cache positions, n prefill rows, P prompt bucket, b decode bucket,

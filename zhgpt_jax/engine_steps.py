@@ -3,7 +3,8 @@ slots, and decode chunks over a compacted batch of slot rows, both with optional
 log-probabilities.
 
 State: dict(cache=the model's KV cache pytree for B slots, each leaf with the slot on axis 0
-and the position on axis 1, and a per-slot index [B]; rows=per-slot decoding state).
+and the position second to last (attention.py's layout), and a per-slot index [B];
+rows=per-slot decoding state).
 Shape letters: B slots, S cache positions, n prefill rows, P prompt bucket, b decode bucket,
 V vocab (padded), C decode steps of a chunk, N top logprobs.
 """
@@ -134,7 +135,7 @@ def prefill(cfg, top_n: int, params, state: dict, slots_n, prompts_nxP, lengths_
   # Each prefilled row is positions [0, P) of its slot's cache; its index is its length.
   full = jax.tree.map(
       lambda f, c: (f.at[slots_n].set(lengths_n, mode='drop') if c.ndim == 0 else
-                    f.at[slots_n, :p].set(c.astype(f.dtype), mode='drop')),
+                    f.at[slots_n, ..., :p, :].set(c.astype(f.dtype), mode='drop')),
       state['cache'], cache)
   state = dict(cache=full, rows=_scatter(state['rows'], slots_n, rows))
   out = dict(token=rows['last'], emit=emit_n, finish=rows['finish'], lp=lp_n,
