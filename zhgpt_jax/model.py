@@ -211,8 +211,11 @@ class GPT(nn.Module):
     block_cls = nn.remat(Block) if cfg.remat == 'block' and train else Block
     new_cache, moe_aux = [], []
     for i in range(cfg.n_layer):
+      # The layers' caches advance together: layer 0's index serves all of them, so a decode
+      # step computes the write position and the masks derived from it once, not per layer.
+      layer_cache = None if cache is None else dict(cache[i], index=cache[0]['index'])
       x_BxLxD, layer_cache, aux = block_cls(cfg, cfg.is_moe_layer(i), train, name=f'h_{i}')(
-          x_BxLxD, positions_BxL, mask_Bx1xLxS, None if cache is None else cache[i])
+          x_BxLxD, positions_BxL, mask_Bx1xLxS, layer_cache)
       new_cache.append(layer_cache)
       if aux:
         moe_aux.append(aux)
