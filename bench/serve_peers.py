@@ -20,13 +20,14 @@ export: our server as `main.py serve --workdir hf:DIR`, vLLM as
   (interleaved, so both see the same machine load): tokens/s, TTFT p50/p95, and how many
   replies are identical on both sides.
 - Batch-1 decode (--workdirs and --decode_only): `sample.generate` of one prompt at a time
-  against llama.cpp (llama-cpp-python, n_threads=1) on the export converted to GGUF
-  (`main.py export --format gguf` where it exists, else --gguf_converter, llama.cpp's
+  on the export against llama.cpp (llama-cpp-python, n_threads=1) on the export converted to
+  GGUF (`main.py export --format gguf` where it exists, else --gguf_converter, llama.cpp's
   convert_hf_to_gguf.py), greedy, `--decode_prompts` prompts x `--decode_tokens` tokens;
-  rounds alternate ours and theirs, the best round of each counts. Tokens per wall second,
-  and per CPU second of each side's process (all its threads; on a machine shared with
-  other jobs the CPU-time ratio is the steadier one: a process waiting for a core is not
-  charged). `--decode_only RUNS` (with no --workdirs) runs only this part.
+  each side a worker process, both pinned to the same one core; rounds alternate ours and
+  theirs, the best round of each counts. Tokens per wall second, and per CPU second of each
+  worker (all its threads; on a machine shared with other jobs the CPU-time ratio is the
+  steadier one: a process waiting for a core is not charged). `--decode_only RUNS` (with no
+  --workdirs) runs only this part.
 """
 
 from __future__ import annotations
@@ -69,6 +70,25 @@ for line in sys.stdin:
       if len(ids) == n_new:
         break
     out.append(ids)
+  print(json.dumps(dict(seconds=time.perf_counter() - t0, cpu=time.process_time() - c0,
+                        tokens=out)), flush=True)
+'''
+
+
+# Ours, the same protocol: `sample.generate` of one prompt at a time on the export.
+OURS_WORKER = r'''
+import json, sys, time
+import jax
+from zhgpt_jax import export as export_lib
+from zhgpt_jax import sample
+cfg, params = export_lib.import_hf(sys.argv[1])
+params = jax.tree.map(jax.numpy.asarray, params)
+n_new = int(sys.argv[2])
+print(json.dumps(dict(version=jax.__version__)), flush=True)
+for line in sys.stdin:
+  prompts = json.loads(line)
+  t0, c0 = time.perf_counter(), time.process_time()
+  out = [sample.generate(cfg, params, [p], max_new_tokens=n_new)[0] for p in prompts]
   print(json.dumps(dict(seconds=time.perf_counter() - t0, cpu=time.process_time() - c0,
                         tokens=out)), flush=True)
 '''
@@ -152,43 +172,43 @@ def serving_rows(workdir: str, hf_dir: str, args) -> list[str]:
 
 
 def decode_row(workdir: str, hf_dir: str, gguf_path: str, args) -> str:
-  import jax
   from zhgpt_jax import export as export_lib
-  from zhgpt_jax import sample
-  cfg, params = export_lib.import_hf(hf_dir)
-  params = jax.tree.map(jax.numpy.asarray, params)
+  cfg, _ = export_lib.import_hf(hf_dir)
   rng = np.random.RandomState(0)
   prompts = [rng.randint(0, cfg.real_vocab_size, 12).tolist() for _ in range(args.decode_prompts)]
-  worker = subprocess.Popen([args.llama, '-c', LLAMA_WORKER, gguf_path, str(cfg.seq_len),
-                             str(args.decode_tokens)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+  # Both workers on the same one core: llama.cpp runs one thread, and XLA's idle pool
+  # threads would otherwise spin on the other core, charging ours CPU time for nothing.
+  core = max(os.sched_getaffinity(0))
+  pin = lambda: os.sched_setaffinity(0, {core})
+  n = str(args.decode_tokens)
+  workers = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              preexec_fn=pin, env=env)
+             for cmd, env in (
+                 ([sys.executable, '-c', OURS_WORKER, hf_dir, n],
+                  dict(os.environ, PYTHONPATH=HERE, JAX_PLATFORMS='cpu')),
+                 ([args.llama, '-c', LLAMA_WORKER, gguf_path, str(cfg.seq_len), n], None))]
   try:
-    json.loads(worker.stdout.readline())
+    for worker in workers:
+      json.loads(worker.stdout.readline())
 
-    def theirs():
+    def decode(worker):
       worker.stdin.write(json.dumps(prompts) + '\n')
       worker.stdin.flush()
       got = json.loads(worker.stdout.readline())
       return got['seconds'], got['cpu'], got['tokens']
 
-    def ours():
-      with timing.Timer() as t:
-        out = [sample.generate(cfg, params, [p], max_new_tokens=args.decode_tokens)[0]
-               for p in prompts]
-      return t.seconds, t.cpu_seconds, out
-
-    ours(), theirs()   # warm-up: compilation, first-touch allocations
+    for worker in workers:   # warm-up: compilation, first-touch allocations
+      decode(worker)
     wall, cpu = [float('inf')] * 2, [float('inf')] * 2
     for _ in range(args.rounds):
-      for i, fn in enumerate((ours, theirs)):
-        seconds, cpu_seconds, toks = fn()
+      got = [decode(worker) for worker in workers]
+      for i, (seconds, cpu_seconds, _) in enumerate(got):
         wall[i], cpu[i] = min(wall[i], seconds), min(cpu[i], cpu_seconds)
-        tokens = toks if i == 0 else tokens
-        if i == 1:
-          same = sum(a == b for a, b in zip(tokens, toks))
+      same = sum(a == b for a, b in zip(got[0][2], got[1][2]))
   finally:
-    worker.stdin.close()
-    worker.wait(timeout=60)
+    for worker in workers:
+      worker.stdin.close()
+      worker.wait(timeout=60)
   n = args.decode_prompts * args.decode_tokens
   return (f'| {os.path.basename(workdir)} | {n / wall[0]:,.0f} | {n / wall[1]:,.0f} | '
           f'{wall[1] / wall[0]:.2f}x | {n / cpu[0]:,.0f} | {n / cpu[1]:,.0f} | '
