@@ -20,9 +20,10 @@ to last: 'mha' keeps [B, K, S, H], 'mla' [B, S, W]) plus 'index', the next slot 
 step attends over the cache as it lies: no per-step transpose into the dot's layout.
 
 Shape letters: B batch, L query length, S key length (cache slots when decoding), D model
-width, N query heads, K key/value heads, H head width, R kv latent width, Q query latent
-width, P rotary key width (qk_rope_head_dim), C no-position key width (qk_nope_head_dim),
-U value width (v_head_dim).
+width, N query heads, K key/value heads, G query heads a key/value head (N / K), H head
+width, T keys a cached call attends to (S cache slots + its L new ones), R kv latent width,
+Q query latent width, P rotary key width (qk_rope_head_dim), C no-position key width
+(qk_nope_head_dim), U value width (v_head_dim).
 """
 
 from __future__ import annotations
