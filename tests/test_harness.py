@@ -183,6 +183,29 @@ def test_scores_are_the_log_softmax_of_the_models_logits(model):
     score.score_rows(cfg, params, [[1] * 66])
 
 
+def test_tails_score_the_continuation_only_and_shared_inputs_once(model):
+  """tails: a row's last n tokens, the entries of its whole-row scores; rows whose inputs are
+  the same (four one-token answers after one question) get their own last tokens' scores."""
+  cfg, params, _, _, _ = checkpoint.load_model(model[0])
+  rng = np.random.RandomState(1)
+  question = list(rng.randint(0, cfg.real_vocab_size, 30))
+  rows = [question + [a] for a in (5, 6, 7, 8)] + [
+      list(rng.randint(0, cfg.real_vocab_size, n)) for n in (2, 17, 40, 65)]
+  tails = [1, 1, 1, 1, 1, 9, 39, 64]
+  whole = score.score_rows(cfg, params, rows, top_n=3)
+  tail = score.score_rows(cfg, params, rows, top_n=3, tails=tails, tokens=256)
+  for s, t, n in zip(whole, tail, tails):
+    assert t.logprobs.shape == (n,) and t.top_ids.shape == (n, 3)
+    np.testing.assert_allclose(t.logprobs, s.logprobs[-n:], atol=1e-5)
+    np.testing.assert_array_equal(t.greedy, s.greedy[-n:])
+    np.testing.assert_array_equal(t.top_ids, s.top_ids[-n:])
+  assert len({float(t.logprobs[0]) for t in tail[:4]}) == 4   # each choice its own token
+  assert [t.logprobs.shape for t in score.score_rows(cfg, params, [[3], [3, 4]], tails=[0, 0])
+          ] == [(0,), (0,)]
+  with pytest.raises(ValueError, match='row 0 has 2 tokens; .*, and a tail of 0 to 1'):
+    score.score_rows(cfg, params, [[3, 4]], tails=[2])
+
+
 # ---------------------------------------------------------------- native against --model hf
 
 def test_main_py_eval_tasks_equals_lm_eval_hf(model, tasks, hf, tmp_path):

@@ -21,7 +21,7 @@ import pytest
 import transformers
 
 from serving import API_KEY, ROOT, Served, get, random_workdir
-from zhgpt_jax import chatml, checkpoint, engine, sample, serve
+from zhgpt_jax import chatml, checkpoint, engine, pretrained, sample, serve
 from zhgpt_jax import tokenizer as tok_lib
 
 pytestmark = pytest.mark.slow  # end-to-end: runs, servers, kill trials (minutes); CI runs them
@@ -526,7 +526,7 @@ def test_serve_flags_and_hf_directory(workdir, reference, tmp_path):
   assert (out.returncode, out.stderr) == (2, 'main.py: error: config.serve.slots=0: must be > 0\n')
   from zhgpt_jax import export
   hf_dir = export.export_workdir(workdir, str(tmp_path / 'hf'))
-  cfg, params, tokenizer, model_id = serve.load(f'hf:{hf_dir}')
+  cfg, params, tokenizer, model_id = pretrained.load_source(f'hf:{hf_dir}')
   want_cfg, want_params, want_tok, _ = reference
   assert model_id == 'hf' and cfg.real_vocab_size == want_cfg.real_vocab_size
   assert tokenizer.get_vocab() == want_tok.get_vocab()

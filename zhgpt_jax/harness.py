@@ -2,8 +2,9 @@
 
 `harness_lm` is an lm_eval model (its registered-model API, `TemplateLM`) whose
 `loglikelihood`, `loglikelihood_rolling` and `generate_until` run our jitted code on
-batches: scoring through `score.score_rows` (one forward pass a row, rows of every request
-batched by length bucket), generation through `sample.generate`. No HTTP, no export.
+batches: scoring through `score.score_rows` (rows of every request batched by length bucket,
+one forward pass for the choices that share a context, the head only at the continuation's
+positions), generation through `sample.generate`. No HTTP, no export.
 Its requests are built as lm_eval's HuggingFace model (`--model hf`) builds them: the same
 tokenization, left truncation to the model's context, rolling windows and stop handling,
 so its numbers are `lm_eval --model hf`'s on the export (the tests check this).
@@ -20,12 +21,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any
+from unittest import mock
 
 import numpy as np
 
 from zhgpt_jax import files
-from zhgpt_jax import eval_tasks, sample, score, serve
+from zhgpt_jax import eval_tasks, pretrained, sample, score
 from zhgpt_jax import tokenizer as tok_lib
 from zhgpt_jax.config import UserError
 
@@ -77,20 +78,17 @@ def _lm_class():
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
       """(sum of the continuation's log-probs, whether each is the greedy token) a request."""
       rows = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in requests]
-      order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))   # few partial batches
-      out: list[Any] = [None] * len(rows)
       bar = tqdm(total=len(rows), desc='scoring', disable=disable_tqdm)
-      for start in range(0, len(order), 1024):
-        part = order[start:start + 1024]
-        for i, s in zip(part, score.score_rows(self.cfg, self.params, [rows[i] for i in part],
-                                               tokens=self.batch_tokens)):
-          out[i] = s
-        bar.update(len(part))
+      # Only the continuation's tokens are scored (a continuation longer than the context
+      # window keeps its last max_length tokens, as --model hf's).
+      out = score.score_rows(self.cfg, self.params, rows, tokens=self.batch_tokens,
+                             tails=[min(len(cont), len(row) - 1)
+                                    for (_, _, cont), row in zip(requests, rows)],
+                             done=bar.update)
       bar.close()
       scored = []
-      for (key, _, cont), s in zip(requests, out):
-        n = len(cont)
-        answer = (float(np.sum(s.logprobs[-n:], dtype=np.float64)), bool(s.greedy[-n:].all()))
+      for (key, _, _), s in zip(requests, out):
+        answer = (float(np.sum(s.logprobs, dtype=np.float64)), bool(s.greedy.all()))
         scored.append(answer)
         if key is not None:
           self.cache_hook.add_partial('loglikelihood', key, answer)
@@ -155,9 +153,15 @@ def harness_lm(cfg, params, tokenizer, **kwargs):
   return _lm_class()(cfg, params, tokenizer, **kwargs)
 
 
-def task_manager(task_path: str | None = None, data_dir: str | None = None):
+def task_manager(task_path: str | None = None, data_dir: str | None = None,
+                 tasks: str | None = None):
   """lm_eval's TaskManager with our tasks (zhgpt_jax/lm_tasks) and `task_path` (a directory
-  of the user's YAML tasks); `data_dir` is the local data our Chinese tasks read."""
+  of the user's YAML tasks); `data_dir` is the local data our Chinese tasks read.
+
+  When `tasks` (comma-separated) names only tasks of ours or of task_path, by their exact
+  names, lm_eval's own ~14,700 task configs are left unindexed (reading their YAML is ~6.5
+  CPU seconds on a 2-core machine, more than scoring 600 items); otherwise all are indexed.
+  """
   require_lm_eval()
   from lm_eval.tasks import TaskManager
   paths = [TASKS_DIR]
@@ -165,8 +169,12 @@ def task_manager(task_path: str | None = None, data_dir: str | None = None):
     if not os.path.isdir(task_path):
       raise UserError(f'--task_path {task_path}: no such directory')
     paths.append(task_path)
-  return TaskManager(include_path=paths,
-                     metadata=dict(data_dir=os.path.abspath(data_dir)) if data_dir else None)
+  metadata = dict(data_dir=os.path.abspath(data_dir)) if data_dir else None
+  if tasks:
+    ours = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
+    if all(t.strip() in ours.all_subtasks for t in tasks.split(',') if t.strip()):
+      return ours
+  return TaskManager(include_path=paths, metadata=metadata)
 
 
 def resolve_tasks(manager, tasks: str) -> list[str]:
@@ -196,16 +204,19 @@ def evaluate_tasks(source: str, tasks: str, *, step: int | None = None,
   logging.getLogger('lm_eval').setLevel(logging.ERROR)
   if data_dir is not None and not os.path.isdir(data_dir):
     raise UserError(f'--task_data {data_dir}: no such directory')
-  manager = task_manager(task_path, data_dir)
+  manager = task_manager(task_path, data_dir, tasks)
   names = resolve_tasks(manager, tasks)
-  cfg, params, tokenizer, model_id = serve.load(source, step)
+  cfg, params, tokenizer, model_id = pretrained.load_source(source, step)
   lm = harness_lm(cfg, params, tokenizer, max_length=max_length)
+  from lm_eval import evaluator
   try:
     # torch_random_seed=None: our model draws no torch randomness, and seeding torch would
-    # import it (~9 s of a 600-item run's CPU on this machine) for nothing.
-    results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot,
-                                      limit=limit, task_manager=manager, log_samples=True,
-                                      torch_random_seed=None)
+    # import it (~9 s of a 600-item run's CPU on this machine) for nothing; for the same
+    # reason the results record our environment (env_info), not torch's collect_env.
+    with mock.patch.object(evaluator, 'add_env_info', env_info):
+      results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot,
+                                        limit=limit, task_manager=manager, log_samples=True,
+                                        torch_random_seed=None)
   except eval_tasks.TaskDataError as e:
     raise UserError(f'--tasks {tasks}: {e}') from None
   out_dir = out_dir or os.path.join(source.removeprefix('hf:'), 'lm_eval')
@@ -217,6 +228,31 @@ def evaluate_tasks(source: str, tasks: str, *, step: int | None = None,
   print(f'eval: results and samples written to {out_dir}')
   results['samples'] = samples
   return results
+
+
+def env_info(storage: dict) -> None:
+  """lm_eval's environment record (the keys of its `add_env_info`) for a JAX model: the
+  versions and devices that ran it. lm_eval's own imports torch and transformers and runs
+  torch's collect_env (~3 CPU seconds on a 2-core machine) for a model that uses none of them.
+  """
+  import platform
+  from importlib import metadata
+  from pathlib import Path
+  import jax
+  from lm_eval.loggers.utils import get_commit_from_path
+
+  def version(package: str) -> str:
+    try:
+      return metadata.version(package)
+    except metadata.PackageNotFoundError:
+      return 'N/A'
+
+  storage.update(
+      pretty_env_info=(f'zhgpt_jax {version("zhgpt_jax")} on jax {jax.__version__} (jaxlib '
+                       f'{version("jaxlib")}, flax {version("flax")}), devices {jax.devices()}; '
+                       f'Python {platform.python_version()} on {platform.platform()}'),
+      transformers_version=version('transformers'), lm_eval_version=version('lm_eval'),
+      upper_git_hash=get_commit_from_path(Path(os.getcwd(), '..')))
 
 
 def write_results(out_dir: str, model_id: str, results: dict, samples: dict) -> None:

@@ -177,7 +177,7 @@ class GPT(nn.Module):
   `init_cache`) and `kv_mask_BxS` (which cache slots hold real tokens); aux['cache'] is the
   updated cache. `hidden=True` returns the final normed hidden states [B, L, D] instead of
   logits, with the head matrix in aux['head_DxV'] (for `loss.chunked_cross_entropy`, which
-  applies cfg.logit_softcap itself).
+  applies cfg.logit_softcap itself, and `head_logits`).
   """
   cfg: GPTConfig
 
@@ -235,9 +235,15 @@ class GPT(nn.Module):
     if hidden:   # the loss applies the head itself, a chunk of tokens at a time
       out['head_DxV'] = head_DxV
       return x_BxLxD, out
-    logits_BxLxV = jnp.einsum('bld,dv->blv', x_BxLxD, head_DxV.astype(cfg.dtype),
-                              preferred_element_type=jnp.float32)
-    return softcap(logits_BxLxV, cfg.logit_softcap), out
+    return head_logits(cfg, x_BxLxD, head_DxV), out
+
+
+def head_logits(cfg: GPTConfig, x_XxD: jax.Array, head_DxV: jax.Array) -> jax.Array:
+  """Float32 logits [..., V] of final (normed) hidden states [..., D]: the head matmul and
+  the softcap, as GPT returns them; scoring applies it to the positions it needs only."""
+  logits_XxV = jnp.einsum('...d,dv->...v', x_XxD, head_DxV.astype(cfg.dtype),
+                          preferred_element_type=jnp.float32)
+  return softcap(logits_XxV, cfg.logit_softcap)
 
 
 def init_cache(cfg: GPTConfig, batch: int, size: int, dtype=jnp.float32) -> list[dict]:

@@ -11,6 +11,8 @@ the command line (`explicit`) that contradicts DIR is a UserError naming both va
 `fit_params` fits the imported parameters to the run's model: the first seq_len rows of a
 learned position table, and embedding (and head) rows for the tokens the run added, set to
 the mean row of the pretrained ones.
+
+`load_source` loads the model a command runs: a workdir of ours or an `hf:DIR` directory.
 """
 
 from __future__ import annotations
@@ -303,3 +305,21 @@ def compatible(src: GPTConfig, cfg: GPTConfig) -> list[str]:
   get = gpt_config.get
   return [f'{p}: {get(src, p)!r} vs {get(cfg, p)!r}' for p in gpt_config.param_paths()
           if p not in absorbed and get(src, p) != get(cfg, p)]
+
+
+def load_source(source: str, step: int | None = None):
+  """(GPTConfig, params on the device, tokenizer, model id) of a workdir of ours or an
+  `hf:DIR` directory: what `main.py serve` and `main.py eval --tasks` run."""
+  import jax
+  import jax.numpy as jnp
+  if source.startswith('hf:'):
+    from zhgpt_jax import export
+    path = source[3:]
+    check_hf_dir(path, f'--workdir {source}')   # before loading anything
+    cfg, params = export.import_hf(path)
+    tokenizer = tok_lib.load_tokenizer(path)
+  else:
+    from zhgpt_jax import checkpoint
+    cfg, params, tokenizer, _, _ = checkpoint.load_model(source, step)
+  model_id = os.path.basename(os.path.normpath(source.removeprefix('hf:'))) or 'zhgpt'
+  return cfg, jax.tree.map(jnp.asarray, params), tokenizer, model_id

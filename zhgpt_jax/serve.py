@@ -373,23 +373,6 @@ def create_app(server: Server, api_key: str | None = None) -> fastapi.FastAPI:
   return app
 
 
-def load(source: str, step: int | None = None):
-  """(GPTConfig, params, tokenizer, model id) of a workdir of ours or an `hf:DIR` directory."""
-  import jax
-  import jax.numpy as jnp
-  if source.startswith('hf:'):
-    from zhgpt_jax import export, pretrained
-    path = source[3:]
-    pretrained.check_hf_dir(path, f'--workdir {source}')   # before loading anything
-    cfg, params = export.import_hf(path)
-    tokenizer = tok_lib.load_tokenizer(path)
-  else:
-    from zhgpt_jax import checkpoint
-    cfg, params, tokenizer, _, _ = checkpoint.load_model(source, step)
-  model_id = os.path.basename(os.path.normpath(source.removeprefix('hf:'))) or 'zhgpt'
-  return cfg, jax.tree.map(jnp.asarray, params), tokenizer, model_id
-
-
 def hf_sample_defaults(directory: str, sample_cfg, explicit=()):
   """`sample_cfg` with the sampling settings of `directory`/generation_config.json (what HF's
   generate would use: do_sample false = greedy, temperature, top_k, top_p,
@@ -452,7 +435,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 def _serve(source, config, sock, host, port, api_key, step, explicit, uvicorn) -> None:
-  cfg, params, tokenizer, model_id = load(source, step)
+  from zhgpt_jax import pretrained
+  cfg, params, tokenizer, model_id = pretrained.load_source(source, step)
   sample_cfg = config.sample
   if source.startswith('hf:'):
     sample_cfg = hf_sample_defaults(source[3:], sample_cfg, explicit)

@@ -16,4 +16,6 @@ except ImportError:
   from zhgpt_jax import eval_tasks
 
 load_mc = eval_tasks.load_mc
+mc_text = eval_tasks.mc_text
+mc_target = eval_tasks.mc_target
 load_sentiment = eval_tasks.load_sentiment
