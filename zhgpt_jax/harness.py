@@ -57,7 +57,7 @@ def _lm_class():
     """Our model as an lm_eval model. `max_length` defaults to the model's context."""
 
     def __init__(self, cfg, params, tokenizer, *, max_length: int | None = None,
-                 batch_tokens: int = score.TOKENS_PER_CALL, generate_batch: int = 32):
+                 batch_tokens: int | None = None, generate_batch: int = 32):
       super().__init__()
       self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
       self.max_length = max_length or cfg.seq_len
@@ -149,7 +149,8 @@ def _lm_class():
 
 def harness_lm(cfg, params, tokenizer, **kwargs):
   """An lm_eval model (TemplateLM) running our model in-process; kwargs: max_length,
-  batch_tokens (rows x positions of one scoring call), generate_batch."""
+  batch_tokens (rows x positions of one scoring call, default score.tokens_per_call()),
+  generate_batch."""
   return _lm_class()(cfg, params, tokenizer, **kwargs)
 
 

@@ -31,7 +31,6 @@ import numpy as np
 from zhgpt_jax import model as model_lib
 
 MAX_TOP = 20          # OpenAI's limit on logprobs / top_logprobs
-TOKENS_PER_CALL = 8192   # rows x positions of one call (the logits are rows x positions x V)
 
 
 def exact(cfg: model_lib.GPTConfig) -> model_lib.GPTConfig:
@@ -97,7 +96,14 @@ def buckets(seq_len: int) -> list[int]:
   return out + [seq_len]
 
 
-def rows_per_call(length: int, tokens: int = TOKENS_PER_CALL) -> int:
+def tokens_per_call() -> int:
+  """Rows x positions of one scoring call: 2048 on a CPU, where a call's activations then
+  stay in cache (600 zh_mc items, 2-core machine: 2.2 CPU s at 2048, 3.8 at 8192;
+  BENCHMARKS.md "Evaluation"), 8192 on an accelerator."""
+  return 2048 if jax.default_backend() == 'cpu' else 8192
+
+
+def rows_per_call(length: int, tokens: int) -> int:
   """Rows of one call at input length `length`: a power of two within the token budget."""
   return 1 << max(0, (max(1, tokens // length)).bit_length() - 1)
 
@@ -140,7 +146,7 @@ def _cut(out: dict, x: int, n: int) -> Scored:
 
 
 def score_rows(cfg, params, rows: Sequence[Sequence[int]], top_n: int = 0,
-               tokens: int = TOKENS_PER_CALL, tails: Sequence[int] | None = None,
+               tokens: int | None = None, tails: Sequence[int] | None = None,
                done: Callable[[int], object] = lambda n: None) -> list[Scored]:
   """Scores token lists of 1 to seq_len + 1 tokens each (the last one is only predicted).
 
@@ -148,10 +154,12 @@ def score_rows(cfg, params, rows: Sequence[Sequence[int]], top_n: int = 0,
   tails[i] tokens of row i only (a log-likelihood's continuation). Rows with the same
   inputs (all but the last token: the choices of a multiple-choice question whose answers
   are one token) share one forward pass. Inputs are grouped by length bucket, `rows_per_call`
-  to a call; returns one `Scored` per row, in the order given. done(n) is told after each
+  to a call (`tokens` rows x positions, default `tokens_per_call`); returns one `Scored` per
+  row, in the order given. done(n) is told after each
   call how many more rows it scored (a progress bar).
   """
   cfg = exact(cfg)
+  tokens = tokens or tokens_per_call()
   limits = buckets(cfg.seq_len)
   wanted = [len(row) - 1 for row in rows] if tails is None else list(tails)
   shared: dict[tuple, list[int]] = {}   # inputs -> the rows that have them
