@@ -8,7 +8,8 @@ command with `--model local-completions` against `main.py serve` at 8 concurrent
 (c) the lm_eval command with `--model hf` on the export (transformers on torch). Each is a
 fresh process, timed from start to exit (a server's start-up is reported apart); items/s is
 items over that time. Each also reports the CPU seconds of its process tree (user + system):
-on a shared machine wall seconds move with the neighbours, CPU seconds hardly. (a) and (c)
+on a shared machine wall seconds move with the neighbours, CPU seconds less, though torch's
+(c) grow with the load too (its threads spin while they wait for a core). (a) and (c)
 alternate --rounds times (best of each). The three accuracies must be equal.
 
 Both (a) and (c) pay lm_eval's own fixed costs (imports, task building, metrics); the model
