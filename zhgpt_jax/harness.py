@@ -63,6 +63,9 @@ def _lm_class():
       self.max_length = max_length or cfg.seq_len
       self.batch_tokens, self.generate_batch = batch_tokens, generate_batch
       self.ids = tok_lib.special_ids(tokenizer)
+      # The choices of a question share its context: it is encoded once, not once a choice.
+      self._encode = functools.lru_cache(maxsize=4096)(
+          lambda text, special: tuple(tokenizer.encode(text, add_special_tokens=special).ids))
 
     @property
     def eot_token_id(self) -> int:
@@ -70,7 +73,7 @@ def _lm_class():
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs):
       # As HF's tokenizer.encode: the tokenizer's post-processor runs unless told not to.
-      return self.tokenizer.encode(string, add_special_tokens=add_special_tokens is not False).ids
+      return list(self._encode(string, add_special_tokens is not False))
 
     def tok_decode(self, ids, skip_special_tokens: bool = True) -> str:
       return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
