@@ -18,6 +18,7 @@ lm_eval is optional: without it these functions raise one UserError naming the p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -217,7 +218,9 @@ def evaluate_tasks(source: str, tasks: str, *, step: int | None = None,
     # torch_random_seed=None: our model draws no torch randomness, and seeding torch would
     # import it (~9 s of a 600-item run's CPU on this machine) for nothing; for the same
     # reason the results record our environment (env_info), not torch's collect_env.
-    with mock.patch.object(evaluator, 'add_env_info', env_info):
+    # (An lm_eval without that function name is run as it is.)
+    with (mock.patch.object(evaluator, 'add_env_info', env_info)
+          if hasattr(evaluator, 'add_env_info') else contextlib.nullcontext()):
       results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot,
                                         limit=limit, task_manager=manager, log_samples=True,
                                         torch_random_seed=None)
