@@ -119,6 +119,22 @@ def test_batch_row_equals_prompt_alone():
   assert batch == alone
 
 
+def test_a_non_finite_row_leaves_the_other_rows_alone():
+  """Row 0's prompt holds a token whose embedding is NaN (one the other rows neither hold nor
+  generate): row 0's logits are NaN, and the other rows decode exactly as with clean weights
+  (nothing of row 0 reaches their caches). An untied head: a tied one would carry the NaN row
+  into every row's logits."""
+  cfg, params = model('modern')
+  clean = S.generate(cfg, params, PROMPTS, max_new_tokens=NEW)
+  others = {t for row in PROMPTS[1:] + clean[1:] for t in row}
+  bad = next(t for t in PROMPTS[0] if t not in others)
+  wte = np.array(params['wte']['embedding'])
+  wte[bad] = np.nan
+  poisoned = dict(params, wte=dict(params['wte'], embedding=jnp.asarray(wte)))
+  got = S.generate(cfg, poisoned, PROMPTS, max_new_tokens=NEW)
+  assert got[1:] == clean[1:] and got[0] != clean[0]
+
+
 def test_repetition_penalty_matches_reference():
   cfg, params = model()
   got = S.generate(cfg, params, [PROMPTS[0]], max_new_tokens=NEW, repetition_penalty=3.0)[0]

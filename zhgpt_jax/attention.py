@@ -174,8 +174,10 @@ class Attention(nn.Module):
       y_BxLxNxH = _attend_cache(cfg, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, cache, mask_Bx1xLxS)
       # 0 x an output value: the write waits for the reads above. XLA orders the in-place
       # cache write after them only through a data dependency; without one it copies both
-      # cache entries every step.
-      after = 0.0 * y_BxLxNxH[0, 0, 0, 0]
+      # cache entries every step. (A non-finite value counts as 0: one row's inf or NaN must
+      # not reach the other rows' caches.)
+      y = y_BxLxNxH[0, 0, 0, 0]
+      after = 0.0 * jnp.where(jnp.isfinite(y), y, 0.0)
       t = lambda x_BxLxKxH: jnp.swapaxes(x_BxLxKxH, 1, 2) + after
       new_cache = dict(k=_write(cache, 'k', t(k_BxLxKxH)), v=_write(cache, 'v', t(v_BxLxKxH)),
                        index=cache['index'] + l)
