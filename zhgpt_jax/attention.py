@@ -134,8 +134,8 @@ def _attend_cache(cfg, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, cache: dict, mask_Bx1xLx
   mask_Bx1xLxT = jnp.concatenate([
       mask_Bx1xLxS & (slots_S < cache['index']),
       jax.lax.dynamic_slice_in_dim(mask_Bx1xLxS, cache['index'], l, axis=-1)], axis=-1)
-  scores_BxKxGxLxT = jnp.where(mask_Bx1xLxT[:, :, None], scores_BxKxGxLxT,
-                               -0.7 * jnp.finfo(jnp.float32).max)
+  scores_BxKxGxLxT = jnp.where(mask_Bx1xLxT[:, :, None], scores_BxKxGxLxT,   # jax's xla
+                               -0.7 * jnp.finfo(jnp.float32).max)          # mask value
   probs_BxKxGxLxT = jax.nn.softmax(scores_BxKxGxLxT, axis=-1).astype(cfg.dtype)
   y_BxKxGLxH = jax.lax.dot_general(probs_BxKxGxLxT[..., :-l].reshape(b, kv, g * l, -1),
                                    v_BxKxSxH, (((3,), (2,)), batch))

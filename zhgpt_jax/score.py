@@ -155,8 +155,8 @@ def score_rows(cfg, params, rows: Sequence[Sequence[int]], top_n: int = 0,
   inputs (all but the last token: the choices of a multiple-choice question whose answers
   are one token) share one forward pass. Inputs are grouped by length bucket, `rows_per_call`
   to a call (`tokens` rows x positions, default `tokens_per_call`); returns one `Scored` per
-  row, in the order given. done(n) is told after each
-  call how many more rows it scored (a progress bar).
+  row, in the order given. done(n) is told after each call how many more rows it scored (a
+  progress bar).
   """
   cfg = exact(cfg)
   tokens = tokens or tokens_per_call()
