@@ -179,7 +179,8 @@ def default_config(preset: str = 'small') -> ml_collections.ConfigDict:
   c.serve = ml_collections.ConfigDict(dict(
       slots=16,                  # requests decoded together (batch slots of the KV cache)
       chunk=4,                   # decode steps between looks at the queue (and streamed pieces);
-                                 # 4: TTFT p95 13-36% below 8's at 4 and 16 clients, same tokens/s (BENCHMARKS.md)
+                                 # 4: TTFT p95 13-36% below 8's at 4 and 16 clients,
+                                 # same tokens/s (BENCHMARKS.md)
       prefill_rows=4,            # the most waiting requests prefilled in one call
       max_request_bytes=1_000_000,   # larger request bodies get 413
   ))
