@@ -47,7 +47,7 @@ def main() -> None:
   def step(b, state):
     state, out = engine_steps.decode(cfg, args.chunk, 20, params, state,
                                      np.zeros(1, np.int32), stops, np.zeros(b, bool),
-                                     np.bool_(False))
+                                     np.bool_(False), np.int32(args.chunk))
     jax.device_get(out['token'])
     return state
 

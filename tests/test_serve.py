@@ -248,6 +248,34 @@ def test_engine_cancel_frees_the_slot_for_the_next_request(reference):
   assert sum(len(ids) for ids, _ in events['b']) == 5 and events['b'][-1][1] == 'length'
 
 
+def test_engine_steps_once_after_a_join_while_slots_are_free(reference):
+  """A request that joins while slots stay free is followed by a one-step decode call (more
+  may be arriving: they wait for a shorter call); with no free slot, and once no one joins,
+  calls run the whole chunk. The tokens are the same either way."""
+  cfg, params, _, _ = reference
+
+  def deliveries(slots):
+    eng = engine.Engine(cfg, params, slots=slots, chunk=4, stop_ids=[])
+    calls, done = [], threading.Event()
+
+    def on_tokens(ids, finish):
+      calls.append(list(ids))
+      if finish:
+        done.set()
+
+    try:
+      eng.submit(engine.Request([5, 6, 7], 11, on_tokens))
+      assert done.wait(120)
+    finally:
+      eng.close()
+    return calls
+
+  free, full = deliveries(4), deliveries(1)
+  assert [len(c) for c in free] == [1, 1, 4, 4, 1]   # prefill, one step, then chunks
+  assert [len(c) for c in full] == [1, 4, 4, 2]
+  assert sum(free, []) == sum(full, [])
+
+
 def test_engine_serves_moe_with_ragged_dot_experts():
   """An MoE model whose experts run through ragged_dot (the GPU default; it has no vmap rule):
   the engine's replies equal sample.generate's."""

@@ -7,13 +7,17 @@ thread then runs two kinds of jitted call, both on the slots it names, never on 
 - **Prefill** of up to `prefill_rows` waiting requests in one call: their prompts, left-aligned
   and padded to one prompt bucket P (16, 32, ... S), run through a fresh n x P cache that is
   then written into their slots' rows (positions [0, P); decoding overwrites the pad), and
-  each picks its first token. Shapes: n in 1, 2, 4, ... with n x P <= max(S, 64).
+  each picks its first token (the head runs at its last prompt position only). Shapes
+  (`prefill_shapes`): n in 1, 4, 16, ... with n x P <= max(S / 2, 64).
 - **Decode** of the live slots: their indices are compacted into the smallest decode bucket
-  b (1, 2, 4, ... B) that holds them, padded with free slots (never live, so they change
-  nothing the host reads); their rows are gathered, stepped `chunk` times in one while_loop
-  (each row its own cache index and options), and scattered back. A step's cost follows the
-  live requests, not B. The loop returns early when no row is live, or (`eager`) when a row
-  ends while requests wait for a slot.
+  b (1, 4, 16, ... B) that holds them, padded with free slots (never live, so they change
+  nothing the host reads); their rows are gathered, stepped up to `chunk` times in one
+  while_loop (each row its own cache index and options), and scattered back. A step's cost
+  follows the live requests, not B. The loop returns early when no row is live, or
+  (`eager`) when a row ends while requests wait for a slot. A call right after requests
+  joined, with slots still free, runs one step: more requests may be arriving (a burst of
+  clients), and one that comes during a call waits for all of it. The step count is a
+  traced value, so this compiles nothing.
 
 The two programs are in engine_steps.py; this module is the host side. Every shape is fixed
 when the engine starts (`warm_up` compiles them all; `compiled()` counts them for /health);
@@ -106,7 +110,7 @@ def _options(reqs: Sequence[Request]) -> dict:
               penalty=col(lambda r: r.repetition_penalty, np.float32),
               logprobs=col(lambda r: r.logprobs, bool),
               score=col(lambda r: r.prompt_logprobs, bool),
-              key=np.stack([np.asarray(jax.random.PRNGKey(r.seed % 2**31)) for r in reqs]))
+              seed=col(lambda r: r.seed % 2**31, np.int32))
 
 
 def _line(e: Exception) -> str:
@@ -208,7 +212,8 @@ class Engine:
             for n, p in self.prefill_shapes()]
     jobs += [lambda state, n=n: steps.decode(
         cfg, self.chunk, self.top_n, params, state, np.arange(n, dtype=np.int32), self.stops,
-        np.zeros(b, bool), np.bool_(False)) for n in self.decode_buckets()]
+        np.zeros(b, bool), np.bool_(False), np.int32(self.chunk))
+             for n in self.decode_buckets()]
     names = ([f'prefill of {n} x {p} tokens' for n, p in self.prefill_shapes()]
              + [f'decode of {n} rows' for n in self.decode_buckets()])
 
@@ -249,12 +254,15 @@ class Engine:
         self.to_cancel[:] = False
         eager = bool(self.waiting)
         live = [i for i, r in enumerate(self.slots) if r is not None]
+        # Requests just joined and slots are still free: a burst may be arriving, and a request
+        # that comes during a decode call waits for all of it. One step, then look again.
+        filling = None in self.slots and any(r.max_new_tokens for _, r in admitted)
       try:
         for group in self._groups(admitted):
           self._prefill(group)
         live = [i for i in live if self.slots[i] is not None]
         if live or cancel_B.any():
-          self._decode(live, cancel_B, eager)
+          self._decode(live, cancel_B, eager, 1 if filling else self.chunk)
       except Exception as e:  # pylint: disable=broad-except
         self.error = _line(e)
         logging.exception('engine: a device call failed; failing its requests')
@@ -329,12 +337,12 @@ class Engine:
         self._record(req, [out['lp'][i]], [out['top_ids'][i]], [out['top_lp'][i]])
       self._deliver(slot, [int(out['token'][i])] if emit else [], int(out['finish'][i]))
 
-  def _decode(self, live: list[int], cancel_B: np.ndarray, eager: bool) -> None:
+  def _decode(self, live: list[int], cancel_B: np.ndarray, eager: bool, n_steps: int) -> None:
     b = _fit(len(live), self.decode_buckets())
     free = [i for i in range(len(self.slots)) if i not in set(live)]
     idx_b = np.array(live + free[:b - len(live)], np.int32)
     self.state, out = steps.decode(self.cfg, self.chunk, self.top_n, self.params, self.state,
-                              idx_b, self.stops, cancel_B, np.bool_(eager))
+                              idx_b, self.stops, cancel_B, np.bool_(eager), np.int32(n_steps))
     want = any(self.slots[i] is not None and self.slots[i].logprobs for i in live)
     out = jax.device_get(out if want else {k: out[k] for k in ('token', 'emit', 'finish')})
     for row, slot in enumerate(live):

@@ -76,11 +76,12 @@ def _choose(cfg, logits_BxV, rows: dict):
 def _logprobs(cfg, top_n: int, logits_XxV, ids_X, wanted):
   """The raw model's log-probabilities at each of X positions, as `main.py eval --tasks`
   computes them (score.log_probs): (logprob of ids_X, is it the argmax, top_n ids, their
-  logprobs); zeros unless `wanted` (a traced bool), so unasked it costs nothing."""
+  logprobs); zeros unless `wanted` (a traced bool), so unasked it costs nothing.
+  `logits_XxV()` gives the logits (called only when wanted)."""
   x = ids_X.shape
 
   def compute():
-    return score.log_probs(cfg, logits_XxV, ids_X, top_n)
+    return score.log_probs(cfg, logits_XxV(), ids_X, top_n)
 
   def skip():
     return (jnp.zeros(x, jnp.float32), jnp.zeros(x, bool), jnp.zeros((*x, top_n), jnp.int32),
@@ -110,27 +111,33 @@ def prefill(cfg, top_n: int, params, state: dict, slots_n, prompts_nxP, lengths_
   scoring-only row) and picks each one's first token.
 
   `options` holds each row's max_new, temperature, top_k, top_p, penalty, logprobs, score
-  ([n]) and key ([n, 2]). Returns (state, out): out has the token, whether it was emitted,
+  and seed ([n]; the row's key is PRNGKey(seed), made here: one dispatch fewer a request on
+  the host). Returns (state, out): out has the token, whether it was emitted,
   the finish code, its logprobs ([n], [n, N]) and the prompt's scores ([n, P], [n, P, N]).
   """
   n, p = prompts_nxP.shape
   cache = model_lib.init_cache(cfg, n, p, jnp.dtype(cfg.dtype))
   # The pad after each prompt is causally invisible to it; decoding overwrites its positions.
-  logits_nxPxV, cache = sample.model_call(cfg, params, prompts_nxP,
-                                          jnp.broadcast_to(jnp.arange(p), (n, p)), cache,
-                                          jnp.ones((n, p), bool))
+  hidden_nxPxD, head_DxV, cache = sample.hidden_call(
+      cfg, params, prompts_nxP, jnp.broadcast_to(jnp.arange(p), (n, p)), cache,
+      jnp.ones((n, p), bool))
   seen_ids_nxP = jnp.where(jnp.arange(p)[None] < lengths_n[:, None], prompts_nxP, cfg.vocab_size)
-  rows = dict(options, last=jnp.zeros(n, jnp.int32), live=jnp.ones(n, bool),
+  options = dict(options)
+  rows = dict(options, key=jax.vmap(jax.random.PRNGKey)(options.pop('seed')),
+              last=jnp.zeros(n, jnp.int32), live=jnp.ones(n, bool),
               length=jnp.zeros(n, jnp.int32), finish=jnp.zeros(n, jnp.int32),
               seen=jnp.zeros((n, cfg.vocab_size), bool).at[
                   jnp.arange(n)[:, None], seen_ids_nxP].set(True, mode='drop'))
-  logits_nxV = logits_nxPxV[jnp.arange(n), lengths_n - 1]
+  # The head runs at each row's last prompt position only, and at every position only for
+  # a call with a scoring row (under _logprobs' cond).
+  logits_nxV = model_lib.head_logits(cfg, hidden_nxPxD[jnp.arange(n), lengths_n - 1], head_DxV)
   tok_n = _choose(cfg, logits_nxV, rows)
-  lp_n, _, top_ids_nxN, top_lp_nxN = _logprobs(cfg, top_n, logits_nxV, tok_n,
+  lp_n, _, top_ids_nxN, top_lp_nxN = _logprobs(cfg, top_n, lambda: logits_nxV, tok_n,
                                                jnp.any(rows['logprobs']))
   rows, emit_n = _commit(rows, tok_n, stops)
   next_nxP = jnp.concatenate([prompts_nxP[:, 1:], jnp.zeros((n, 1), jnp.int32)], axis=1)
-  scores = _logprobs(cfg, top_n, logits_nxPxV, next_nxP, jnp.any(rows['score']))
+  scores = _logprobs(cfg, top_n, lambda: model_lib.head_logits(cfg, hidden_nxPxD, head_DxV),
+                     next_nxP, jnp.any(rows['score']))
   del rows['score']
   # Each prefilled row is positions [0, P) of its slot's cache; its index is its length.
   full = jax.tree.map(
@@ -145,9 +152,10 @@ def prefill(cfg, top_n: int, params, state: dict, slots_n, prompts_nxP, lengths_
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'chunk', 'top_n'),
                    donate_argnames=('state',))
-def decode(cfg, chunk: int, top_n: int, params, state: dict, idx_b, stops, cancel_B, eager):
-  """Up to `chunk` steps of the slots `idx_b` (distinct); stops early when none is live, or
-  (`eager`) when one ends. Slots in `cancel_B` end first. Returns (state, out): out has
+def decode(cfg, chunk: int, top_n: int, params, state: dict, idx_b, stops, cancel_B, eager,
+           steps):
+  """Up to `steps` <= `chunk` steps (a traced count: one program for any) of the slots
+  `idx_b` (distinct); stops early when none is live, or (`eager`) when one ends. Slots in `cancel_B` end first. Returns (state, out): out has
   tokens and emitted [b, C], and each token's logprob [b, C] and top [b, C, N]."""
   state = dict(state, rows=dict(state['rows'], live=state['rows']['live'] & ~cancel_B))
   sub = _gather(state, idx_b)
@@ -158,7 +166,7 @@ def decode(cfg, chunk: int, top_n: int, params, state: dict, idx_b, stops, cance
   def running(carry):
     c, s, _ = carry
     ended = jnp.any(live_at_start_b & ~s['rows']['live'])
-    return (c < chunk) & jnp.any(s['rows']['live']) & ~(eager & ended)
+    return (c < jnp.minimum(steps, chunk)) & jnp.any(s['rows']['live']) & ~(eager & ended)
 
   def step(carry):
     c, s, out = carry
@@ -170,7 +178,7 @@ def decode(cfg, chunk: int, top_n: int, params, state: dict, idx_b, stops, cance
     cache = jax.tree.map(lambda new, old: jnp.where(live_b, new, old) if new.ndim == 1 else new,
                          cache, s['cache'])
     tok_b = _choose(cfg, logits_bxV, rows)
-    lp_b, _, top_ids, top_lp = _logprobs(cfg, top_n, logits_bxV, tok_b,
+    lp_b, _, top_ids, top_lp = _logprobs(cfg, top_n, lambda: logits_bxV, tok_b,
                                          jnp.any(live_b & rows['logprobs']))
     rows, emit_b = _commit(rows, tok_b, stops)
     put = lambda a, x: a.at[:, c].set(x)

@@ -135,6 +135,16 @@ def model_call(cfg, params, tokens_BxL, positions_BxL, cache, kv_mask_BxS):
   return logits_BxLxV, aux['cache']
 
 
+def hidden_call(cfg, params, tokens_BxL, positions_BxL, cache, kv_mask_BxS):
+  """`model_call` up to the head: (final hidden states [B, L, D], the head [D, V], the
+  updated cache). A prefill needs the logits of one position a row, and the head (V x D
+  a token) outweighs a small model's layers: `model_lib.head_logits` of the rows needed."""
+  hidden_BxLxD, aux = model_lib.GPT(cfg).apply(
+      {'params': params}, tokens_BxL, positions_BxL=positions_BxL, cache=cache,
+      kv_mask_BxS=kv_mask_BxS, hidden=True)
+  return hidden_BxLxD, aux['head_DxV'], aux['cache']
+
+
 # ---------------------------------------------------------------- the decoding loop (jitted)
 
 def _kv_mask(pad_B, size: int):
@@ -167,15 +177,15 @@ def _start(cfg, mode: Mode, size: int, params, prompt_BxP, pad_B, opts) -> dict:
   # Pad slots get position 0 (any valid index): they are masked, but must stay finite.
   positions_BxP = jnp.maximum(slots_P[None, :] - pad_B[:, None], 0)
   cache = model_lib.init_cache(cfg, b, size, jnp.dtype(cfg.dtype))
-  logits_BxPxV, cache = model_call(cfg, params, prompt_BxP, positions_BxP, cache,
-                                   _kv_mask(pad_B, size))
+  hidden_BxPxD, head_DxV, cache = hidden_call(cfg, params, prompt_BxP, positions_BxP, cache,
+                                              _kv_mask(pad_B, size))
   # Pad slots scatter to the out-of-range id V and are dropped.
   seen_ids_BxP = jnp.where(real_BxP, prompt_BxP, cfg.vocab_size)
   seen_BxV = jnp.zeros((b, cfg.vocab_size), bool).at[
       jnp.arange(b)[:, None], seen_ids_BxP].set(True, mode='drop')
   state = dict(cache=cache, pad_B=pad_B, seen_BxV=seen_BxV,
                tokens_BxS=jnp.zeros((b, size), jnp.int32).at[:, :p].set(prompt_BxP),
-               logits_BxV=logits_BxPxV[:, -1], done_B=jnp.zeros(b, bool),
+               logits_BxV=model_lib.head_logits(cfg, hidden_BxPxD[:, -1], head_DxV), done_B=jnp.zeros(b, bool),
                length_B=jnp.zeros(b, jnp.int32), step=jnp.int32(0))
   return _append(cfg, mode, state, opts)
 
