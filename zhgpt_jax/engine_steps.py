@@ -112,8 +112,8 @@ def prefill(cfg, top_n: int, params, state: dict, slots_n, prompts_nxP, lengths_
 
   `options` holds each row's max_new, temperature, top_k, top_p, penalty, logprobs, score
   and seed ([n]; the row's key is PRNGKey(seed), made here: one dispatch fewer a request on
-  the host). Returns (state, out): out has the token, whether it was emitted,
-  the finish code, its logprobs ([n], [n, N]) and the prompt's scores ([n, P], [n, P, N]).
+  the host). Returns (state, out): out has the token, whether it was emitted, the finish
+  code, its logprobs ([n], [n, N]) and the prompt's scores ([n, P], [n, P, N]).
   """
   n, p = prompts_nxP.shape
   cache = model_lib.init_cache(cfg, n, p, jnp.dtype(cfg.dtype))
@@ -155,8 +155,9 @@ def prefill(cfg, top_n: int, params, state: dict, slots_n, prompts_nxP, lengths_
 def decode(cfg, chunk: int, top_n: int, params, state: dict, idx_b, stops, cancel_B, eager,
            steps):
   """Up to `steps` <= `chunk` steps (a traced count: one program for any) of the slots
-  `idx_b` (distinct); stops early when none is live, or (`eager`) when one ends. Slots in `cancel_B` end first. Returns (state, out): out has
-  tokens and emitted [b, C], and each token's logprob [b, C] and top [b, C, N]."""
+  `idx_b` (distinct); stops early when none is live, or (`eager`) when one ends. Slots in
+  `cancel_B` end first. Returns (state, out): out has tokens and emitted [b, C], and each
+  token's logprob [b, C] and top [b, C, N]."""
   state = dict(state, rows=dict(state['rows'], live=state['rows']['live'] & ~cancel_B))
   sub = _gather(state, idx_b)
   live_at_start_b = sub['rows']['live']

@@ -185,8 +185,8 @@ def _start(cfg, mode: Mode, size: int, params, prompt_BxP, pad_B, opts) -> dict:
       jnp.arange(b)[:, None], seen_ids_BxP].set(True, mode='drop')
   state = dict(cache=cache, pad_B=pad_B, seen_BxV=seen_BxV,
                tokens_BxS=jnp.zeros((b, size), jnp.int32).at[:, :p].set(prompt_BxP),
-               logits_BxV=model_lib.head_logits(cfg, hidden_BxPxD[:, -1], head_DxV), done_B=jnp.zeros(b, bool),
-               length_B=jnp.zeros(b, jnp.int32), step=jnp.int32(0))
+               logits_BxV=model_lib.head_logits(cfg, hidden_BxPxD[:, -1], head_DxV),
+               done_B=jnp.zeros(b, bool), length_B=jnp.zeros(b, jnp.int32), step=jnp.int32(0))
   return _append(cfg, mode, state, opts)
 
 
