@@ -6,30 +6,17 @@ files, a 1000-token tokenizer and its shards, and a matching tiny config.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import itertools
 import json
 import os
-import shutil
-import tempfile
 
-# One persistent XLA compilation cache for the session, in this process and every process the
-# tests start (main.py runs, servers, workers): the same small programs compile in many of
-# them. Set before JAX is imported (it reads the variables then); a cache directory the caller
-# set is used as it is. Loaded programs are the compiled ones: results do not change.
-if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-  _XLA_CACHE = tempfile.mkdtemp(prefix='zhgpt-tests-xla-cache-')
-  os.environ.update(JAX_COMPILATION_CACHE_DIR=_XLA_CACHE,
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  atexit.register(shutil.rmtree, _XLA_CACHE, True)
+import ml_collections
+import pytest
 
-import ml_collections  # pylint: disable=wrong-import-position
-import pytest  # pylint: disable=wrong-import-position
-
-from zhgpt_jax import builtin_corpus  # pylint: disable=wrong-import-position
-from zhgpt_jax import dataprep  # pylint: disable=wrong-import-position
-from zhgpt_jax.config import default_config, validate  # pylint: disable=wrong-import-position
+from zhgpt_jax import builtin_corpus
+from zhgpt_jax import dataprep
+from zhgpt_jax.config import default_config, validate
 
 TINY_NEWS_LINES = 1500
 TINY_REVIEWS = 500

@@ -193,9 +193,6 @@ print('/jax/compilation_cache/cache_hits' in events)
 
 def test_a_later_start_loads_compiled_programs_from_the_cache(tmp_path, monkeypatch):
   monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
-  session = jax.config.jax_compilation_cache_dir   # conftest's; none set, as for a user
-  monkeypatch.setitem(parallel._COMPILE_CACHE, 'dir', None)   # pylint: disable=protected-access
-  parallel.use_compile_cache('', '')
   data = str(tmp_path / 'data')
   later = lambda setting: subprocess.run(
       [sys.executable, '-c', LATER_START, setting, data], cwd=ROOT, capture_output=True,
@@ -215,7 +212,7 @@ def test_a_later_start_loads_compiled_programs_from_the_cache(tmp_path, monkeypa
     assert parallel.use_compile_cache('auto', data) == str(tmp_path / 'theirs')
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'theirs')
   finally:
-    parallel.use_compile_cache(session or '', data)
+    parallel.use_compile_cache('', data)
 
 
 def test_non_finite_step_leaves_params_untouched():
