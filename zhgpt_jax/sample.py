@@ -127,22 +127,22 @@ def _pick(cfg, mode: Mode, logits_BxV, seen_BxV, opts, step):
   return choose(cfg, mode, logits_BxV, seen_BxV, opts, keys_B)
 
 
-def model_call(cfg, params, tokens_BxL, positions_BxL, cache, kv_mask_BxS):
-  """One forward pass through the KV cache: (float32 logits [B, L, V], the updated cache)."""
-  logits_BxLxV, aux = model_lib.GPT(cfg).apply(
-      {'params': params}, tokens_BxL, positions_BxL=positions_BxL, cache=cache,
-      kv_mask_BxS=kv_mask_BxS)
-  return logits_BxLxV, aux['cache']
-
-
 def hidden_call(cfg, params, tokens_BxL, positions_BxL, cache, kv_mask_BxS):
-  """`model_call` up to the head: (final hidden states [B, L, D], the head [D, V], the
-  updated cache). A prefill needs the logits of one position a row, and the head (V x D
-  a token) outweighs a small model's layers: `model_lib.head_logits` of the rows needed."""
+  """One forward pass through the KV cache up to the head: (final hidden states [B, L, D],
+  the head [D, V], the updated cache). A prefill needs the logits of one position a row,
+  and the head (V x D a token) outweighs a small model's layers: `model_lib.head_logits` of
+  the rows needed."""
   hidden_BxLxD, aux = model_lib.GPT(cfg).apply(
       {'params': params}, tokens_BxL, positions_BxL=positions_BxL, cache=cache,
       kv_mask_BxS=kv_mask_BxS, hidden=True)
   return hidden_BxLxD, aux['head_DxV'], aux['cache']
+
+
+def model_call(cfg, params, tokens_BxL, positions_BxL, cache, kv_mask_BxS):
+  """`hidden_call` with the head at every position: (float32 logits [B, L, V], the cache)."""
+  hidden_BxLxD, head_DxV, cache = hidden_call(cfg, params, tokens_BxL, positions_BxL, cache,
+                                              kv_mask_BxS)
+  return model_lib.head_logits(cfg, hidden_BxLxD, head_DxV), cache
 
 
 # ---------------------------------------------------------------- the decoding loop (jitted)
