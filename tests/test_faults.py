@@ -460,7 +460,27 @@ def _damage(step_dir, how):
     os.makedirs(step_dir)
   elif how == 'unsealed_truncate':     # a step saved before manifests existed: orbax decides
     os.remove(os.path.join(step_dir, checkpoint.MANIFEST))
-    _damage(step_dir, 'truncate')
+    path, cut = _inside_a_param(os.path.join(step_dir, 'state'))
+    os.truncate(path, cut)
+
+
+def _inside_a_param(state_dir):
+  """(data file, offset) halfway through a `params` value of an orbax OCDBT item.
+
+  Eval restores the params alone; which data file holds them (and whether the largest one
+  does) depends on how orbax's writers interleaved. The item's b-tree, read with
+  tensorstore's public `ocdbt.dump`, names the file and the byte range of every value.
+  """
+  import tensorstore as ts
+  kv = ts.KvStore.open({'driver': 'file', 'path': state_dir + '/'}).result()
+  version = ts.ocdbt.dump(kv).result()['versions'][-1]
+  assert version['root_height'] == 0, version     # one leaf node: every value listed in it
+  node = ts.ocdbt.dump(kv, version['root']['location']).result()
+  refs = [e['indirect_value'] for e in node['entries']
+          if e['key'].startswith(b'params.') and 'indirect_value' in e]
+  assert refs, node['entries'][:3]
+  _, prefix, name, offset, length = max(refs, key=lambda r: int(r.rsplit(':', 1)[1])).split(':')
+  return os.path.join(state_dir, prefix, name), int(offset) + int(length) // 2
 
 
 def _logged_val(workdir, step):
