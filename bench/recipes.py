@@ -2,7 +2,7 @@
 each, and write one table (val bits/char, tokens, FLOPs, wall time, greedy longest run).
 
   PYTHONPATH=. python bench/recipes.py [--rows gpt2-muon,llama-muon] [--seeds 3]
-      [--budget 300] [--jobs 2] [--threads 1]
+      [--first_seed 0] [--budget 300] [--jobs 2] [--threads 1]
       [--workdir runs/recipes] [--data_root runs/recipes/data]
 
 A row is one line of ROWS: a name, a config (`configs/X.py[:arg]`) and its overrides (the
@@ -92,6 +92,13 @@ ROWS = {
     'demo-llama-wsd-v4000': ('configs/modern.py:tiny', {
         'optim.schedule': 'wsd', 'optim.decay_fraction': 0.5, 'optim.min_lr_ratio': 0.0,
         'tokenizer.vocab_size': 4000}),
+    # configs/tiny.py's recipe with one change, at its own budget (--budget 1442.78); the
+    # Muon rates were measured when tiny.py's was 0.02 (it is 0.01 since)
+    'tiny-batch8': ('configs/tiny.py', {'train.per_device_batch': 8}),    # twice the steps
+    'tiny-muon-0.04': ('configs/tiny.py', {'optim.muon_lr': 0.04}),
+    'tiny-muon-0.02': ('configs/tiny.py', {'optim.muon_lr': 0.02}),
+    'tiny-muon-0.01': ('configs/tiny.py', {'optim.muon_lr': 0.01}),
+    'tiny-muon-0.005': ('configs/tiny.py', {'optim.muon_lr': 0.005}),
 }
 REFERENCE = 'configs/tiny.py:gpt2'
 CHILDREN: set = set()      # the training processes running now (ended with the bench)
@@ -182,8 +189,9 @@ def plan(args, name: str, seed: int, budget_flops: float, vocabs: dict) -> dict:
                 'train.eval_every': steps, 'train.ckpt_every': max(steps // 2, 1),
                 'train.keep': 1, 'train.log_every': max(steps // 10, 1),
                 'data.cache_dir': data_dir(args, config)})
-  key = hashlib.sha256(json.dumps([spec, sorted(flags.items(), key=str)], default=str)
-                       .encode()).hexdigest()[:16]
+  # The resolved config is part of the key: a config file edited since keeps no stale result.
+  key = hashlib.sha256(json.dumps([spec, sorted(flags.items(), key=str), config.to_json()],
+                                  default=str).encode()).hexdigest()[:16]
   return dict(row=name, config=spec, seed=seed, steps=steps, tokens=steps * tokens,
               flops=steps * step_flops, key=key, flags=flags)
 
@@ -246,7 +254,10 @@ def table(results: list[dict], names: list[str]) -> str:
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--rows', default=','.join(ROWS), help='comma-separated names of ROWS')
-  p.add_argument('--seeds', type=int, default=3)
+  p.add_argument('--seeds', type=int, default=3, help='seeds per row')
+  p.add_argument('--first_seed', type=int, default=0,
+                 help='the seeds are first_seed .. first_seed + seeds - 1 (more seeds of a row '
+                      'later, or split between two machines)')
   p.add_argument('--budget', type=float, default=300,
                  help='FLOPs per run, in steps of configs/tiny.py:gpt2')
   p.add_argument('--jobs', type=int, default=1, help='runs trained at the same time')
@@ -294,7 +305,8 @@ def main(argv=None) -> None:
   # Rows in groups of --jobs: a group's first seeds run together and compile the steps; its
   # later seeds then load them from the compile cache instead of compiling them again.
   groups = [names[i:i + args.jobs] for i in range(0, len(names), args.jobs)]
-  runs = [plan(args, n, s, budget, vocabs) for g in groups for s in range(args.seeds) for n in g]
+  runs = [plan(args, n, s, budget, vocabs) for g in groups
+          for s in range(args.first_seed, args.first_seed + args.seeds) for n in g]
   todo = [r for r in runs if r['key'] not in done]
   print(f'{len(runs)} runs, {len(runs) - len(todo)} done before, {len(todo)} to train')
   for r in todo if args.dry_run else ():
