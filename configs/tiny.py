@@ -6,9 +6,9 @@ biases (the Llama switches of configs/modern.py); Muon on the blocks' matrices (
 Adam on the rest (at 3e-2), 1400 steps (as long as GPT-2's 1500 here). It is the config the
 README, the notebook and configs/sft.py start from.
 `--config configs/tiny.py:gpt2` is the recipe before it, on GPT-2's blocks (learned positions,
-GELU, LayerNorm, biases; Muon at 0.02), the reference bench/recipes.py counts its budget in. How these choices
-were made (sizes, optimiser, rates, the untied head, the Llama switches) is in BENCHMARKS.md,
-"Recipes".
+GELU, LayerNorm, biases; Muon at 0.02), the reference bench/recipes.py counts its budget in.
+How these choices were made (sizes, optimiser, rates, the untied head, the Llama switches) is
+in BENCHMARKS.md, "Recipes".
 """
 
 from zhgpt_jax.config import default_config
