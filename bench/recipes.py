@@ -92,8 +92,8 @@ ROWS = {
     'demo-llama-wsd-v4000': ('configs/modern.py:tiny', {
         'optim.schedule': 'wsd', 'optim.decay_fraction': 0.5, 'optim.min_lr_ratio': 0.0,
         'tokenizer.vocab_size': 4000}),
-    # configs/tiny.py's recipe with one change, at its own budget (--budget 1442.78); the
-    # Muon rates were measured when tiny.py's was 0.02 (it is 0.01 since)
+    # configs/tiny.py's recipe with one change, at its own budget (--budget 1401.557 = its 1360
+    # steps; these rows were measured at 1442.78, its 1400 steps then, its Muon rate 0.02)
     'tiny-batch8': ('configs/tiny.py', {'train.per_device_batch': 8}),    # twice the steps
     'tiny-muon-0.04': ('configs/tiny.py', {'optim.muon_lr': 0.04}),
     'tiny-muon-0.02': ('configs/tiny.py', {'optim.muon_lr': 0.02}),
