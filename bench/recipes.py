@@ -99,6 +99,9 @@ ROWS = {
     'tiny-muon-0.02': ('configs/tiny.py', {'optim.muon_lr': 0.02}),
     'tiny-muon-0.01': ('configs/tiny.py', {'optim.muon_lr': 0.01}),
     'tiny-muon-0.005': ('configs/tiny.py', {'optim.muon_lr': 0.005}),
+    # the schedule's tail on the demo: hold the peak, then decay linearly to 0 over the last half
+    'tiny-wsd': ('configs/tiny.py', {'optim.schedule': 'wsd', 'optim.decay_fraction': 0.5,
+                                     'optim.min_lr_ratio': 0.0}),
 }
 REFERENCE = 'configs/tiny.py:gpt2'
 CHILDREN: set = set()      # the training processes running now (ended with the bench)
